@@ -1,0 +1,6 @@
+//! zonalfs: a FUSE mount for Google Cloud Storage zonal (Rapid) buckets.
+//!
+//! Layers (see `../shared/DESIGN.md`): `proto` holds the generated wire types,
+//! `emulator` the loopback gRPC server that stands in for GCS.
+
+pub mod proto;
