@@ -1,6 +1,9 @@
 //! zonalfs: a FUSE mount for Google Cloud Storage zonal (Rapid) buckets.
 //!
 //! Layers (see `../shared/DESIGN.md`): `proto` holds the generated wire types,
-//! `emulator` the loopback gRPC server that stands in for GCS.
+//! `emulator` the loopback gRPC server that stands in for GCS, `cli` the command
+//! line of the `zonalfs` binary.
 
+pub mod cli;
+pub mod emulator;
 pub mod proto;

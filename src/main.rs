@@ -1,1 +1,73 @@
-fn main(){}
+//! The `zonalfs` binary: parses the command line (`cli`), sets up logging and the
+//! tokio runtime, and runs the chosen command. Errors end here as one line on
+//! stderr and a non-zero exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use zonalfs::cli::{Cli, Command, EmulatorArgs};
+use zonalfs::emulator;
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Emulator(args) => run_emulator(args),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn run_emulator(args: EmulatorArgs) -> ExitCode {
+    init_logging(&args.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zonalfs emulator: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        let emu = emulator::Emulator::new(&args.root, args.config())?;
+        let listener = emulator::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        println!("listening on {addr}");
+        tracing::info!(%addr, root = %args.root.display(), "emulator serving");
+        emulator::serve(emu.clone(), listener, shutdown_signal()).await?;
+        Ok::<_, emulator::EmuError>(emu)
+    });
+    match result {
+        Ok(emu) => {
+            eprintln!("{}", emu.counters.to_json());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zonalfs emulator: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -23,12 +23,16 @@ import io
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 import uuid
 
 MiB = 1024 * 1024
+CLOSE_TIMEOUT = 15.0
 
 _failures: list[str] = []
+_retry_log = None  # set in main(); errors the client retried
 
 
 def emit(status: str, name: str, detail: str = "") -> None:
@@ -233,7 +237,7 @@ async def run(args, src: bytes) -> None:
 
     from google.api_core import exceptions as gexc
 
-    retry_log = RetryLog()
+    retry_log = _retry_log
     open_retry = make_retry(mrd_mod, retry_log, "open")
     read_retry = make_retry(mrd_mod, retry_log, "read")
     size = len(src)
@@ -278,9 +282,11 @@ async def run(args, src: bytes) -> None:
     )
     server_crc = getattr(mrd, "full_obj_server_crc32c", None)
     if src_crc is not None:
+        # The client ignores an all-default checksums message, so crc32c 0 (e.g. the
+        # empty object) reads back as None.
         check(
             "metadata.checksums.crc32c == crc32c(source)",
-            server_crc == src_crc,
+            server_crc == src_crc or (src_crc == 0 and server_crc is None),
             f"server={server_crc} source={src_crc}",
         )
 
@@ -326,13 +332,39 @@ async def run(args, src: bytes) -> None:
             check("sequential read after concurrent reads", False, f"{type(exc).__name__}: {exc}")
 
     # ---------------- close ----------------
+    t0 = time.monotonic()
     try:
-        await asyncio.wait_for(mrd.close(), timeout=15)
-        check("close (half-close, server ends stream)", not getattr(mrd, "is_stream_open", False))
-    except asyncio.TimeoutError:
-        check("close (half-close, server ends stream)", False, "server did not end the stream within 15 s of the client's half-close")
+        try:
+            await asyncio.wait_for(mrd.close(), timeout=CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass
+        elapsed = time.monotonic() - t0
+        check("close after reads",
+              elapsed < CLOSE_TIMEOUT - 1 and not getattr(mrd, "is_stream_open", False),
+              f"{elapsed:.2f} s")
     except Exception as exc:
-        check("close (half-close, server ends stream)", False, f"{type(exc).__name__}: {exc}")
+        check("close after reads", False, f"{type(exc).__name__}: {exc}")
+
+    # ---------------- open + close without reads ----------------
+    # With no reads in flight the client really half-closes and then waits for
+    # one message or end of stream, so the server must finish the stream.
+    # (After reads, close() instead cancels the RPC.)
+    try:
+        mrd1 = await open_mrd(MRD, client, args.bucket, args.object, open_retry)
+        # close() swallows CancelledError, so wait_for cannot interrupt it: time it instead.
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(mrd1.close(), timeout=CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass
+        elapsed = time.monotonic() - t0
+        check("open then close with no reads (server ends stream on half-close)",
+              elapsed < CLOSE_TIMEOUT - 1,
+              f"{elapsed:.2f} s" if elapsed < CLOSE_TIMEOUT - 1 else
+              f"close() hung {elapsed:.0f} s: the server did not end the stream after the client's half-close")
+    except Exception as exc:
+        check("open then close with no reads (server ends stream on half-close)", False,
+              f"{type(exc).__name__}: {exc}")
 
     # ---------------- error paths ----------------
     if not args.skip_error_checks:
@@ -349,7 +381,7 @@ async def run(args, src: bytes) -> None:
             finally:
                 if getattr(mrd2, "is_stream_open", False):
                     try:
-                        await asyncio.wait_for(mrd2.close(), timeout=15)
+                        await asyncio.wait_for(mrd2.close(), timeout=CLOSE_TIMEOUT)
                     except Exception:
                         pass
         except Exception as exc:
@@ -361,7 +393,7 @@ async def run(args, src: bytes) -> None:
             mrd3 = await open_mrd(MRD, client, args.bucket, missing, open_retry)
             check("open of a missing object -> NOT_FOUND", False, "open succeeded")
             try:
-                await asyncio.wait_for(mrd3.close(), timeout=15)
+                await asyncio.wait_for(mrd3.close(), timeout=CLOSE_TIMEOUT)
             except Exception:
                 pass
         except gexc.NotFound as exc:
@@ -415,11 +447,28 @@ def main() -> int:
         print(f"FAIL cannot import google-cloud-storage / grpcio: {exc}", flush=True)
         return 2
 
+    global _retry_log
+    _retry_log = RetryLog()
+
+    # Hard watchdog: the client swallows cancellation in places, so asyncio.wait_for
+    # alone cannot guarantee we never hang.
+    def watchdog():
+        print(f"FAIL hard timeout: still running {args.timeout + 30:.0f} s after start "
+              f"(checks failed so far: {_failures or 'none'})", flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(args.timeout + 30, watchdog)
+    timer.daemon = True
+    timer.start()
     try:
         asyncio.run(asyncio.wait_for(run(args, src), timeout=args.timeout))
     except asyncio.TimeoutError:
+        for phase, summary, _ in _retry_log.events[-5:]:
+            print(f"INFO client retried ({phase}): {summary}", flush=True)
         print(f"FAIL overall timeout: conformance run exceeded {args.timeout:.0f} s "
-              f"(checks failed so far: {_failures or 'none'})", flush=True)
+              f"(checks failed so far: {_failures or 'none'}; {len(_retry_log.events)} retried "
+              "error(s) - note the client retries UNAVAILABLE/INTERNAL/DEADLINE_EXCEEDED/"
+              "RESOURCE_EXHAUSTED/ABORTED, e.g. a response message over 4 MiB)", flush=True)
         return 3
     except Exception as exc:
         print(f"FAIL unexpected exception: {type(exc).__name__}: {exc}", flush=True)
