@@ -64,7 +64,11 @@ pub struct EmulatorArgs {
     pub root: PathBuf,
     /// Address to listen on (port 0: any free port). The bound address is printed
     /// on stdout as "listening on ADDR".
-    #[arg(long, default_value = "127.0.0.1:9000", env = "ZONALFS_EMULATOR_LISTEN")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9000",
+        env = "ZONALFS_EMULATOR_LISTEN"
+    )]
     pub listen: String,
     /// Seed for the random fault decisions.
     #[arg(long, default_value_t = 0)]

@@ -44,7 +44,10 @@ async fn shutdown_signal() {
 
 fn run_emulator(args: EmulatorArgs) -> ExitCode {
     init_logging(&args.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("zonalfs emulator: cannot start the runtime: {e}");

@@ -59,7 +59,10 @@ fn decode_handle(h: &[u8]) -> Option<(String, String, i64)> {
     let bucket = parts.next()?.to_string();
     let object = parts.next()?.to_string();
     let generation = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((bucket, object, generation))
+    parts
+        .next()
+        .is_none()
+        .then_some((bucket, object, generation))
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -73,7 +76,10 @@ fn check_preconditions(spec: &BidiReadObjectSpec, meta: &ObjectMeta) -> Result<(
             "At least one of the pre-conditions you specified did not hold ({what})"
         )))
     };
-    if spec.if_generation_match.is_some_and(|g| g != meta.generation) {
+    if spec
+        .if_generation_match
+        .is_some_and(|g| g != meta.generation)
+    {
         return failed("if_generation_match");
     }
     if spec.if_generation_not_match == Some(meta.generation) {
@@ -156,7 +162,9 @@ pub async fn open(
             return Err(invalid(format!("Unknown routing token: {t}")));
         }
         if spec.read_handle.is_none() {
-            return Err(invalid("A redirected stream must be reopened with its read_handle"));
+            return Err(invalid(
+                "A redirected stream must be reopened with its read_handle",
+            ));
         }
     }
 
@@ -257,7 +265,11 @@ impl Engine {
         file: File,
         tx: mpsc::Sender<Result<BidiReadObjectResponse, Status>>,
     ) -> Engine {
-        let chunk = emu.faults.shaping.chunk_size.clamp(1, super::faults::MAX_CHUNK);
+        let chunk = emu
+            .faults
+            .shaping
+            .chunk_size
+            .clamp(1, super::faults::MAX_CHUNK);
         Engine {
             emu,
             meta,
@@ -289,7 +301,10 @@ impl Engine {
         if self.meta.finalized {
             return self.meta.size;
         }
-        self.file.metadata().map(|m| m.size()).unwrap_or(self.meta.size)
+        self.file
+            .metadata()
+            .map(|m| m.size())
+            .unwrap_or(self.meta.size)
     }
 
     /// Validates and queues new ranges.
@@ -388,10 +403,17 @@ impl Engine {
             }
 
             // Fault budgets: bytes this stream may still send.
-            let broken = shaping.break_after_bytes.map(|n| n.saturating_sub(self.sent));
-            let stalled = shaping.stall_after_bytes.map(|n| n.saturating_sub(self.sent));
+            let broken = shaping
+                .break_after_bytes
+                .map(|n| n.saturating_sub(self.sent));
+            let stalled = shaping
+                .stall_after_bytes
+                .map(|n| n.saturating_sub(self.sent));
             if stalled == Some(0) {
-                self.emu.counters.fault_stall.fetch_add(1, Ordering::Relaxed);
+                self.emu
+                    .counters
+                    .fault_stall
+                    .fetch_add(1, Ordering::Relaxed);
                 // Stop sending without closing, until the client gives up.
                 loop {
                     tokio::select! {
@@ -404,7 +426,10 @@ impl Engine {
                 }
             }
             if broken == Some(0) {
-                self.emu.counters.fault_break.fetch_add(1, Ordering::Relaxed);
+                self.emu
+                    .counters
+                    .fault_break
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(Stop::Fail(Status::unavailable(
                     "injected fault: stream broken",
                 )));
@@ -419,7 +444,11 @@ impl Engine {
             let bytes: u64 = resp
                 .object_data_ranges
                 .iter()
-                .map(|d| d.checksummed_data.as_ref().map_or(0, |c| c.content.len() as u64))
+                .map(|d| {
+                    d.checksummed_data
+                        .as_ref()
+                        .map_or(0, |c| c.content.len() as u64)
+                })
                 .sum();
             if let Some(rate) = shaping.stream_bytes_per_sec {
                 let now = Instant::now();
@@ -430,7 +459,10 @@ impl Engine {
                     self.next_send.max(now) + Duration::from_secs_f64(bytes as f64 / rate);
             }
             self.sent += bytes;
-            self.emu.counters.bytes_served.fetch_add(bytes, Ordering::Relaxed);
+            self.emu
+                .counters
+                .bytes_served
+                .fetch_add(bytes, Ordering::Relaxed);
             if self.tx.send(Ok(resp)).await.is_err() {
                 return Err(Stop::Gone);
             }
@@ -457,12 +489,15 @@ impl Engine {
                 self.ranges.push_front(r);
                 break;
             }
-            let mut buf = read_chunk(&self.file, &self.meta, r.next, len as usize)
-                .map_err(Stop::Fail)?;
+            let mut buf =
+                read_chunk(&self.file, &self.meta, r.next, len as usize).map_err(Stop::Fail)?;
             let crc = crc32c::crc32c(&buf);
             if let Some(i) = self.emu.faults.corrupt(buf.len()) {
                 buf[i] ^= 0x5a;
-                self.emu.counters.fault_corrupt.fetch_add(1, Ordering::Relaxed);
+                self.emu
+                    .counters
+                    .fault_corrupt
+                    .fetch_add(1, Ordering::Relaxed);
             }
             let range_end = r.next + len == r.end;
             out.push(ObjectRangeData {
@@ -481,7 +516,10 @@ impl Engine {
             room -= len;
             budget -= len;
             if range_end {
-                self.emu.counters.ranges_served.fetch_add(1, Ordering::Relaxed);
+                self.emu
+                    .counters
+                    .ranges_served
+                    .fetch_add(1, Ordering::Relaxed);
             } else {
                 self.ranges.push_back(r);
             }

@@ -169,7 +169,10 @@ impl Faults {
 
     /// Was this routing token handed out by a redirect?
     pub fn known_token(&self, token: &str) -> bool {
-        self.tokens.lock().map(|t| t.contains(token)).unwrap_or(false)
+        self.tokens
+            .lock()
+            .map(|t| t.contains(token))
+            .unwrap_or(false)
     }
 
     /// For the next data chunk of `len` bytes: the index of a byte to corrupt.

@@ -135,10 +135,12 @@ pub const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Binds `addr` (port 0 for an ephemeral port).
 pub async fn bind(addr: &str) -> Result<TcpListener, EmuError> {
-    TcpListener::bind(addr).await.map_err(|source| EmuError::Listen {
-        addr: addr.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| EmuError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Serves the emulator on `listener` until `shutdown` resolves.
@@ -147,15 +149,12 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), EmuError> {
-    let storage_svc = storage::storage_server::StorageServer::new(service::StorageService {
-        emu: emu.clone(),
-    })
-    .max_decoding_message_size(16 << 20)
-    .max_encoding_message_size(16 << 20);
+    let storage_svc =
+        storage::storage_server::StorageServer::new(service::StorageService { emu: emu.clone() })
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20);
     let control_svc =
-        control::storage_control_server::StorageControlServer::new(service::ControlService {
-            emu,
-        });
+        control::storage_control_server::StorageControlServer::new(service::ControlService { emu });
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

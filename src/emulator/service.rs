@@ -77,7 +77,10 @@ pub fn object_proto(m: &ObjectMeta) -> storage::Object {
 /// percent-encoded) into a map.
 pub fn request_params(md: &tonic::metadata::MetadataMap) -> HashMap<String, String> {
     let mut out = HashMap::new();
-    if let Some(v) = md.get("x-goog-request-params").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = md
+        .get("x-goog-request-params")
+        .and_then(|v| v.to_str().ok())
+    {
         for kv in v.split('&') {
             if let Some((k, v)) = kv.split_once('=') {
                 out.insert(percent_decode(k), percent_decode(v));
@@ -154,7 +157,10 @@ fn decode_cursor(t: &str) -> Result<ListCursor, EmuError> {
 }
 
 impl StorageService {
-    fn list(&self, req: &storage::ListObjectsRequest) -> Result<storage::ListObjectsResponse, EmuError> {
+    fn list(
+        &self,
+        req: &storage::ListObjectsRequest,
+    ) -> Result<storage::ListObjectsResponse, EmuError> {
         let bucket = store::parse_bucket_resource(&req.parent)?;
         if req.page_size < 0 {
             return Err(EmuError::InvalidArgument(format!(

@@ -185,18 +185,16 @@ fn system_time(secs: i64, nsec: i64) -> SystemTime {
 impl Store {
     /// Opens a store over `root`, which must be a readable directory.
     pub fn new(root: &Path) -> Result<Store, EmuError> {
-        let md = std::fs::metadata(root).map_err(|e| {
-            EmuError::InvalidArgument(format!("--root {}: {e}", root.display()))
-        })?;
+        let md = std::fs::metadata(root)
+            .map_err(|e| EmuError::InvalidArgument(format!("--root {}: {e}", root.display())))?;
         if !md.is_dir() {
             return Err(EmuError::InvalidArgument(format!(
                 "--root {}: not a directory",
                 root.display()
             )));
         }
-        std::fs::read_dir(root).map_err(|e| {
-            EmuError::InvalidArgument(format!("--root {}: {e}", root.display()))
-        })?;
+        std::fs::read_dir(root)
+            .map_err(|e| EmuError::InvalidArgument(format!("--root {}: {e}", root.display())))?;
         Ok(Store {
             root: root.to_path_buf(),
             crc_cache: Mutex::new(HashMap::new()),
@@ -458,7 +456,10 @@ impl Walk<'_> {
                 .after
                 .as_deref()
                 .is_none_or(|a| d >= a || a.starts_with(d))
-            && self.skip_prefix.as_deref().is_none_or(|p| !d.starts_with(p))
+            && self
+                .skip_prefix
+                .as_deref()
+                .is_none_or(|p| !d.starts_with(p))
     }
 
     fn name_wanted(&self, n: &str) -> bool {
@@ -467,7 +468,10 @@ impl Walk<'_> {
             && n >= q.start.as_str()
             && (q.end.is_empty() || n < q.end.as_str())
             && self.after.as_deref().is_none_or(|a| n > a)
-            && self.skip_prefix.as_deref().is_none_or(|p| !n.starts_with(p))
+            && self
+                .skip_prefix
+                .as_deref()
+                .is_none_or(|p| !n.starts_with(p))
     }
 
     /// The collapsed prefix of a name or directory path, if the delimiter occurs
@@ -639,11 +643,24 @@ mod tests {
     #[test]
     fn names_that_cannot_escape() {
         let (_t, s) = tree(&["a/b"]);
-        for bad in ["../x", "a/../../etc/passwd", "/etc/passwd", "a//b", "a/./b", "a/"] {
-            assert!(matches!(s.stat("bkt", bad, 0), Err(EmuError::NotFound(_))), "{bad}");
+        for bad in [
+            "../x",
+            "a/../../etc/passwd",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "a/",
+        ] {
+            assert!(
+                matches!(s.stat("bkt", bad, 0), Err(EmuError::NotFound(_))),
+                "{bad}"
+            );
         }
         for bad in ["", ".", "..", "a\nb"] {
-            assert!(matches!(s.stat("bkt", bad, 0), Err(EmuError::InvalidArgument(_))), "{bad}");
+            assert!(
+                matches!(s.stat("bkt", bad, 0), Err(EmuError::InvalidArgument(_))),
+                "{bad}"
+            );
         }
         assert_eq!(s.stat("bkt", "a/b", 0).unwrap().size, 3);
     }
@@ -716,6 +733,9 @@ mod tests {
         let (mut m, f) = s.open("bkt", "f", 0).unwrap();
         s.checksum(&mut m, &f).unwrap();
         assert_eq!(m.crc32c, Some(crc32c::crc32c(b"f")));
-        assert_eq!(s.stat("bkt", "f", 0).unwrap().crc32c, Some(crc32c::crc32c(b"f")));
+        assert_eq!(
+            s.stat("bkt", "f", 0).unwrap().crc32c,
+            Some(crc32c::crc32c(b"f"))
+        );
     }
 }

@@ -1,0 +1,171 @@
+//! Shared helpers for integration tests: sample trees, an in-process emulator,
+//! and a raw tonic client that speaks google.storage.v2 to it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Request;
+use zonalfs::emulator::{self, Config, Running};
+use zonalfs::proto::control::storage_control_client::StorageControlClient;
+use zonalfs::proto::storage::storage_client::StorageClient;
+use zonalfs::proto::storage::{
+    BidiReadObjectRequest, BidiReadObjectResponse, BidiReadObjectSpec, ReadRange,
+};
+
+pub const BUCKET: &str = "test-bucket";
+
+pub fn bucket_resource(b: &str) -> String {
+    format!("projects/_/buckets/{b}")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so sources are reproducible.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A temporary emulator root with one bucket.
+pub struct Tree {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tree {
+    pub fn new() -> Tree {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join(BUCKET)).expect("bucket dir");
+        Tree { dir }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, object: &str) -> PathBuf {
+        self.dir.path().join(BUCKET).join(object)
+    }
+
+    /// Writes an object and returns its bytes.
+    pub fn put(&self, object: &str, data: &[u8]) -> Vec<u8> {
+        let p = self.path(object);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, data).expect("write object");
+        data.to_vec()
+    }
+
+    /// Marks an object appendable (unfinalized).
+    pub fn mark_appendable(&self, object: &str) {
+        let m = self
+            .dir
+            .path()
+            .join(emulator::store::APPENDABLE_DIR)
+            .join(BUCKET)
+            .join(object);
+        std::fs::create_dir_all(m.parent().expect("parent")).expect("mkdir");
+        std::fs::write(m, b"").expect("marker");
+    }
+}
+
+pub async fn start(tree: &Tree, config: Config) -> Running {
+    emulator::start(tree.root(), config)
+        .await
+        .expect("emulator starts")
+}
+
+pub async fn channel(emu: &Running) -> Channel {
+    Channel::from_shared(emu.endpoint())
+        .expect("endpoint")
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(64 << 20)
+        .connect()
+        .await
+        .expect("connect")
+}
+
+pub async fn storage(emu: &Running) -> StorageClient<Channel> {
+    StorageClient::new(channel(emu).await).max_decoding_message_size(16 << 20)
+}
+
+pub async fn control(emu: &Running) -> StorageControlClient<Channel> {
+    StorageControlClient::new(channel(emu).await)
+}
+
+/// Wraps a message with the routing header, as every real client sends it.
+pub fn routed<T>(msg: T, bucket: &str, token: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    let mut v = format!("bucket={}", bucket_resource(bucket));
+    if let Some(t) = token {
+        v.push_str(&format!("&routing_token={t}"));
+    }
+    r.metadata_mut()
+        .insert("x-goog-request-params", v.parse().expect("ascii header"));
+    r
+}
+
+pub fn spec(object: &str) -> BidiReadObjectSpec {
+    BidiReadObjectSpec {
+        bucket: bucket_resource(BUCKET),
+        object: object.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn range(id: i64, offset: i64, length: i64) -> ReadRange {
+    ReadRange {
+        read_offset: offset,
+        read_length: length,
+        read_id: id,
+    }
+}
+
+/// An open BidiReadObject stream: send requests, receive responses.
+pub struct Bidi {
+    pub tx: mpsc::Sender<BidiReadObjectRequest>,
+    pub rx: tonic::Streaming<BidiReadObjectResponse>,
+}
+
+impl Bidi {
+    /// Opens a stream with this spec and first ranges; the server's answer to the
+    /// open (or its error) is returned.
+    pub async fn open(
+        client: &mut StorageClient<Channel>,
+        spec: BidiReadObjectSpec,
+        ranges: Vec<ReadRange>,
+        token: Option<&str>,
+    ) -> Result<Bidi, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(BidiReadObjectRequest {
+            read_object_spec: Some(spec),
+            read_ranges: ranges,
+        })
+        .await
+        .expect("queue first request");
+        let resp = client
+            .bidi_read_object(routed(ReceiverStream::new(rx), BUCKET, token))
+            .await?;
+        Ok(Bidi {
+            tx,
+            rx: resp.into_inner(),
+        })
+    }
+
+    pub async fn add(&self, ranges: Vec<ReadRange>) {
+        self.tx
+            .send(BidiReadObjectRequest {
+                read_object_spec: None,
+                read_ranges: ranges,
+            })
+            .await
+            .expect("send ranges");
+    }
+}
