@@ -42,7 +42,23 @@ async fn shutdown_signal() {
     }
 }
 
+/// Keeps large (chunk-sized) allocations in the heap for reuse instead of
+/// mapping and faulting in fresh pages for every 2 MiB chunk (glibc's default
+/// mmap threshold would do that); measured in docs/benchmarks.md.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator tuning parameters; it is called
+        // before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        }
+    }
+}
+
 fn run_emulator(args: EmulatorArgs) -> ExitCode {
+    tune_malloc();
     init_logging(&args.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -231,9 +231,8 @@ fn read_chunk(file: &File, meta: &ObjectMeta, off: u64, len: usize) -> Result<By
         ))
         .into_status()
     };
-    let mut buf = BytesMut::zeroed(len);
     // A pread of at most 2 MiB from a local file: short enough to run inline.
-    store::read_exact_at(file, &mut buf, off).map_err(|_| gone())?;
+    let buf = store::pread_bytes(file, off, len).map_err(|_| gone())?;
     if meta.finalized {
         let md = file.metadata().map_err(|_| gone())?;
         let mtime = store::mtime_of(&md);

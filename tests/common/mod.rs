@@ -169,3 +169,73 @@ impl Bidi {
             .expect("send ranges");
     }
 }
+
+/// The `zonalfs emulator` binary running as a child process; killed on drop, so a
+/// failing test never leaks it.
+pub struct EmuChild {
+    pub child: Option<std::process::Child>,
+    pub addr: String,
+    stdout: Option<std::process::ChildStdout>,
+}
+
+impl EmuChild {
+    /// Starts the emulator on an ephemeral port and waits for its "listening on"
+    /// line (the readiness signal).
+    pub fn spawn(root: &Path, extra: &[&str]) -> EmuChild {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+            .arg("emulator")
+            .arg("--root")
+            .arg(root)
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn zonalfs emulator");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut guard = EmuChild {
+            child: Some(child),
+            addr: String::new(),
+            stdout: None,
+        };
+        let mut line = String::new();
+        {
+            let mut reader = std::io::BufReader::new(&mut stdout);
+            reader.read_line(&mut line).expect("read readiness line");
+        }
+        guard.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        guard.stdout = Some(stdout);
+        guard
+    }
+
+    /// Sends a signal and waits for exit; returns (exit status, stderr).
+    pub fn signal_and_wait(&mut self, sig: i32) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) with the pid of a child we own and have not reaped.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill failed");
+        let status = child.wait().expect("wait");
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut err).expect("read stderr");
+        }
+        (status, err)
+    }
+}
+
+impl Drop for EmuChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
