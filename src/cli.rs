@@ -5,9 +5,178 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use crate::emulator::{self, Shaping};
+use crate::gcs::auth::CredentialsSource;
+use crate::gcs::client::{ClientConfig, DEFAULT_CONNECTIONS};
+use crate::gcs::retry::RetryPolicy;
+use crate::gcs::PoolConfig;
+
+/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("'{s}' is not a valid duration"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{s}': {e}"))
+}
+
+/// Parses a size: `16MiB`, `1M`, `4k`, `1GiB`, or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let i = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(i);
+    let v: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 8MiB, 4k, 1048576)"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use k, M or G)")),
+    };
+    v.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// How to reach the bucket: endpoint, credentials, connections, retries, pool.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// gRPC endpoint (https://, or http:// for a plaintext endpoint such as the
+    /// emulator). Default: $STORAGE_EMULATOR_HOST (plaintext, anonymous) if set,
+    /// else https://storage.googleapis.com.
+    #[arg(long, env = "ZONALFS_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// HTTP/2 connections to the endpoint; streams are spread across them.
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS, env = "ZONALFS_CONNECTIONS",
+          value_parser = clap::value_parser!(u64).range(1..=64).map(|v| v as usize))]
+    pub connections: usize,
+    /// Service account (or other ADC-format) JSON key file. Default: Application
+    /// Default Credentials.
+    #[arg(long, env = "ZONALFS_KEY_FILE", conflicts_with = "anonymous")]
+    pub key_file: Option<PathBuf>,
+    /// Send no credentials (public buckets, emulators).
+    #[arg(long, env = "ZONALFS_ANONYMOUS")]
+    pub anonymous: bool,
+    /// Give up on a failing read or call after this long without progress.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "ZONALFS_RETRY_DEADLINE")]
+    pub retry_deadline: Duration,
+    /// Reopen a stream that delivered nothing for this long while ranges wait.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "ZONALFS_READ_STALL_TIMEOUT")]
+    pub read_stall_timeout: Duration,
+    /// BidiReadObject streams per object. Default: by object size (1 below
+    /// 100 MiB, 2 below 500 MiB, else 4).
+    #[arg(long, env = "ZONALFS_POOL_SIZE",
+          value_parser = clap::value_parser!(u64).range(1..=64).map(|v| v as usize))]
+    pub pool_size: Option<usize>,
+    /// Most streams open at once, all objects together.
+    #[arg(long, default_value_t = 256, env = "ZONALFS_MAX_STREAMS",
+          value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    pub max_streams: usize,
+    /// Idle streams kept open for reuse.
+    #[arg(long, default_value_t = 64, env = "ZONALFS_MAX_IDLE_STREAMS",
+          value_parser = clap::value_parser!(u64).map(|v| v as usize))]
+    pub max_idle_streams: usize,
+    /// Close a stream idle for this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "ZONALFS_STREAM_IDLE_TIMEOUT")]
+    pub stream_idle_timeout: Duration,
+}
+
+impl ClientArgs {
+    pub fn client_config(&self, bucket: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(bucket);
+        c.endpoint = self.endpoint.clone();
+        c.connections = self.connections;
+        c.credentials = if self.anonymous {
+            CredentialsSource::Anonymous
+        } else if let Some(k) = &self.key_file {
+            CredentialsSource::KeyFile(k.clone())
+        } else {
+            CredentialsSource::Adc
+        };
+        c.retry = RetryPolicy {
+            deadline: self.retry_deadline,
+            stall_timeout: self.read_stall_timeout,
+            ..RetryPolicy::default()
+        };
+        c
+    }
+
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            pool_size: self.pool_size,
+            max_streams: self.max_streams,
+            max_idle_streams: self.max_idle_streams,
+            idle_timeout: self.stream_idle_timeout,
+        }
+    }
+}
+
+/// `zonalfs cat gs://BUCKET/OBJECT`
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    /// gs://BUCKET/OBJECT
+    pub url: String,
+    /// First byte to read.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub offset: u64,
+    /// Bytes to read (default: to the end).
+    #[arg(long, value_parser = parse_size)]
+    pub length: Option<u64>,
+    /// Bytes per window read through the pool.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    pub window: u64,
+    /// Windows in flight (default: twice the object's streams).
+    #[arg(long)]
+    pub inflight: Option<usize>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    pub log_level: String,
+}
+
+/// `zonalfs ls gs://BUCKET[/PREFIX]`
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// gs://BUCKET[/PREFIX]
+    pub url: String,
+    /// Long listing: size and update time.
+    #[arg(short, long)]
+    pub long: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    pub log_level: String,
+}
+
+/// `zonalfs stat gs://BUCKET/OBJECT`
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// gs://BUCKET/OBJECT
+    pub url: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    pub log_level: String,
+}
 
 /// zonalfs: mount a Google Cloud Storage zonal bucket as a read-only filesystem.
 #[derive(Debug, Parser)]
@@ -19,6 +188,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Stream an object to stdout through the shared MRD pool.
+    Cat(CatArgs),
+    /// List objects and prefixes: gs://BUCKET[/PREFIX].
+    Ls(LsArgs),
+    /// Show an object's metadata.
+    Stat(StatArgs),
     /// Serve a directory tree as GCS zonal buckets over gRPC (google.storage.v2),
     /// a stand-in for GCS in tests, benchmarks and the quickstart.
     Emulator(EmulatorArgs),
@@ -151,7 +326,9 @@ mod tests {
             "3",
         ])
         .unwrap();
-        let Command::Emulator(a) = cli.command;
+        let Command::Emulator(a) = cli.command else {
+            panic!("not the emulator command");
+        };
         let c = a.config();
         assert_eq!(c.shaping.stream_bytes_per_sec, Some(200e6));
         assert_eq!(c.shaping.latency, Duration::from_millis(2));
@@ -166,5 +343,54 @@ mod tests {
             args.extend(bad.iter());
             assert!(Cli::try_parse_from(&args).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn client_flags() {
+        let cli = Cli::try_parse_from([
+            "zonalfs",
+            "cat",
+            "gs://b1b/o",
+            "--endpoint",
+            "http://127.0.0.1:1",
+            "--anonymous",
+            "--retry-deadline",
+            "5s",
+            "--pool-size",
+            "3",
+        ])
+        .unwrap();
+        let Command::Cat(a) = cli.command else {
+            panic!("not cat");
+        };
+        let c = a.client.client_config("b1b");
+        assert!(matches!(c.credentials, CredentialsSource::Anonymous));
+        assert_eq!(c.retry.deadline, Duration::from_secs(5));
+        assert_eq!(a.client.pool_config().pool_size, Some(3));
+        assert!(Cli::try_parse_from([
+            "zonalfs",
+            "cat",
+            "gs://b/o",
+            "--anonymous",
+            "--key-file",
+            "k"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["zonalfs", "cat", "gs://b/o", "--connections", "0"]).is_err());
     }
 }

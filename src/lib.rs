@@ -6,4 +6,6 @@
 
 pub mod cli;
 pub mod emulator;
+pub mod gcs;
 pub mod proto;
+pub mod tools;

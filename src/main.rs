@@ -5,8 +5,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use zonalfs::cli::{Cli, Command, EmulatorArgs};
+use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, StatArgs};
 use zonalfs::emulator;
+use zonalfs::gcs::{GcsClient, GcsError};
+use zonalfs::tools;
 
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
@@ -21,7 +23,77 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
+        Command::Cat(args) => run_tool(&args.log_level.clone(), || cat(args)),
+        Command::Ls(args) => run_tool(&args.log_level.clone(), || ls(args)),
+        Command::Stat(args) => run_tool(&args.log_level.clone(), || stat(args)),
     }
+}
+
+/// Runs a client tool on a fresh runtime; errors become one line and exit 1.
+fn run_tool<F, Fut>(log_level: &str, f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), GcsError>>,
+{
+    init_logging(log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zonalfs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zonalfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(client: &ClientArgs, bucket: &str) -> Result<GcsClient, GcsError> {
+    GcsClient::connect(client.client_config(bucket)).await
+}
+
+async fn cat(args: CatArgs) -> Result<(), GcsError> {
+    let (bucket, object) = tools::parse_gs_url(&args.url)?;
+    if object.is_empty() {
+        return Err(GcsError::InvalidArgument(format!(
+            "'{}' names no object",
+            args.url
+        )));
+    }
+    let client = connect(&args.client, &bucket).await?;
+    let pool = tools::pool(client, args.client.pool_config());
+    let opts = tools::CatOptions {
+        offset: args.offset,
+        length: args.length,
+        window: args.window,
+        inflight: args.inflight,
+    };
+    let mut out = tokio::io::stdout();
+    tools::cat(&pool, &object, &opts, &mut out).await?;
+    Ok(())
+}
+
+async fn ls(args: LsArgs) -> Result<(), GcsError> {
+    let (bucket, prefix) = tools::parse_gs_url(&args.url)?;
+    let client = connect(&args.client, &bucket).await?;
+    for line in tools::ls(&client, &prefix, args.long).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn stat(args: StatArgs) -> Result<(), GcsError> {
+    let (bucket, object) = tools::parse_gs_url(&args.url)?;
+    let client = connect(&args.client, &bucket).await?;
+    print!("{}", tools::describe(&bucket, &client.stat(&object).await?));
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,294 @@
+//! The metadata calls of one bucket: storage layout / bucket (is it there, is it
+//! zonal), get object (stat), list objects (prefix, delimiter `/`, folders as
+//! prefixes, pagination). Unary calls are retried with backoff while the error
+//! is retryable and the retry deadline allows; every error names the bucket or
+//! object it concerns.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::auth::{CredentialsSource, TokenProvider};
+use super::retry::{Backoff, RetryPolicy};
+use super::transport::{resolve_endpoint, Transport};
+use super::{GcsError, ListPage, ObjectInfo};
+use crate::proto::control::storage_control_client::StorageControlClient;
+use crate::proto::control::GetStorageLayoutRequest;
+use crate::proto::storage::storage_client::StorageClient;
+use crate::proto::storage::{GetBucketRequest, GetObjectRequest, ListObjectsRequest, Object};
+
+/// Everything needed to reach a bucket.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub bucket: String,
+    /// `--endpoint`; None: STORAGE_EMULATOR_HOST or the real service.
+    pub endpoint: Option<String>,
+    /// `--connections`: HTTP/2 connections to the endpoint.
+    pub connections: usize,
+    pub credentials: CredentialsSource,
+    pub retry: RetryPolicy,
+    /// Largest gRPC message accepted (responses carry up to 2 MiB of data).
+    pub max_message: usize,
+}
+
+impl ClientConfig {
+    pub fn new(bucket: &str) -> ClientConfig {
+        ClientConfig {
+            bucket: bucket.to_string(),
+            endpoint: None,
+            connections: DEFAULT_CONNECTIONS,
+            credentials: CredentialsSource::Adc,
+            retry: RetryPolicy::default(),
+            max_message: 16 << 20,
+        }
+    }
+}
+
+/// Default HTTP/2 connections. One connection's HTTP/2 framing is processed by
+/// one task at a time on each side; two let the two cores of a small machine
+/// work on two streams at once, and more buys nothing on loopback
+/// (docs/benchmarks.md). Streams are multiplexed over them.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
+/// Where a bucket lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketInfo {
+    pub name: String,
+    pub location: String,
+    pub location_type: String,
+    pub hierarchical_namespace: bool,
+}
+
+impl BucketInfo {
+    pub fn is_zonal(&self) -> bool {
+        self.location_type.eq_ignore_ascii_case("zone")
+    }
+}
+
+/// A connected client for one bucket. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct GcsClient {
+    pub(crate) transport: Arc<Transport>,
+    pub(crate) bucket: String,
+    pub(crate) retry: RetryPolicy,
+    max_message: usize,
+}
+
+fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
+    match t {
+        Some(ts) if ts.seconds >= 0 => {
+            UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos.clamp(0, 999_999_999) as u32)
+        }
+        _ => UNIX_EPOCH,
+    }
+}
+
+/// The layer's view of an object's metadata.
+pub fn object_info(o: &Object) -> ObjectInfo {
+    ObjectInfo {
+        name: o.name.clone(),
+        size: o.size.max(0) as u64,
+        generation: o.generation,
+        metageneration: o.metageneration,
+        finalized: o.finalize_time.is_some(),
+        update_time: time(o.update_time),
+        create_time: time(o.create_time),
+        crc32c: o.checksums.as_ref().and_then(|c| c.crc32c),
+    }
+}
+
+impl GcsClient {
+    /// Resolves the endpoint, builds credentials and connects.
+    pub async fn connect(cfg: ClientConfig) -> Result<GcsClient, GcsError> {
+        let emulator_host = std::env::var("STORAGE_EMULATOR_HOST").ok();
+        let target = resolve_endpoint(cfg.endpoint.as_deref(), emulator_host.as_deref())?;
+        let source = if target.anonymous {
+            CredentialsSource::Anonymous
+        } else {
+            cfg.credentials.clone()
+        };
+        let auth = TokenProvider::new(source)
+            .await
+            .map_err(|e| GcsError::Auth(e.to_string()))?;
+        let transport = Transport::connect(target, cfg.connections, auth).await?;
+        Ok(GcsClient {
+            transport: Arc::new(transport),
+            bucket: cfg.bucket,
+            retry: cfg.retry,
+            max_message: cfg.max_message,
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn bucket_resource(&self) -> String {
+        format!("projects/_/buckets/{}", self.bucket)
+    }
+
+    pub(crate) fn storage(&self) -> StorageClient<tonic::transport::Channel> {
+        StorageClient::new(self.transport.channel())
+            .max_decoding_message_size(self.max_message)
+            .max_encoding_message_size(self.max_message)
+    }
+
+    /// Runs a unary call, retrying retryable failures with backoff.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, GcsError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, GcsError>>,
+    {
+        let mut backoff: Option<Backoff> = None;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() => {
+                    let b = backoff.get_or_insert_with(|| Backoff::new(&self.retry));
+                    match b.next_delay() {
+                        Some(d) => {
+                            tracing::debug!(what, error = %e, attempt = b.attempts(), "retrying");
+                            tokio::time::sleep(d).await;
+                        }
+                        None => {
+                            return Err(GcsError::RetryDeadline {
+                                attempts: b.attempts(),
+                                secs: b.elapsed().as_secs_f64(),
+                                last: e.to_string(),
+                            })
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Is the bucket there and where does it live? Asks the storage layout
+    /// (StorageControl) first, as the peers do, and falls back to GetBucket.
+    pub async fn bucket_info(&self) -> Result<BucketInfo, GcsError> {
+        let what = format!("gs://{}", self.bucket);
+        let layout = self
+            .retrying(&what, || async {
+                let req = self
+                    .transport
+                    .request(
+                        GetStorageLayoutRequest {
+                            name: format!("{}/storageLayout", self.bucket_resource()),
+                            prefix: String::new(),
+                            request_id: String::new(),
+                        },
+                        &self.bucket,
+                        None,
+                    )
+                    .await?;
+                StorageControlClient::new(self.transport.channel())
+                    .get_storage_layout(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| GcsError::from_status(&s, &what))
+            })
+            .await;
+        match layout {
+            Ok(l) => Ok(BucketInfo {
+                name: self.bucket.clone(),
+                location: l.location,
+                location_type: l.location_type,
+                hierarchical_namespace: l.hierarchical_namespace.is_some_and(|h| h.enabled),
+            }),
+            Err(GcsError::Other(_)) => {
+                // StorageControl not offered by this endpoint: ask GetBucket.
+                let b = self
+                    .retrying(&what, || async {
+                        let req = self
+                            .transport
+                            .request(
+                                GetBucketRequest {
+                                    name: self.bucket_resource(),
+                                    ..Default::default()
+                                },
+                                &self.bucket,
+                                None,
+                            )
+                            .await?;
+                        self.storage()
+                            .get_bucket(req)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(|s| GcsError::from_status(&s, &what))
+                    })
+                    .await?;
+                Ok(BucketInfo {
+                    name: self.bucket.clone(),
+                    location: b.location,
+                    location_type: b.location_type,
+                    hierarchical_namespace: b.hierarchical_namespace.is_some_and(|h| h.enabled),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Metadata of an object's live version.
+    pub async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
+        let what = format!("gs://{}/{name}", self.bucket);
+        self.retrying(&what, || async {
+            let req = self
+                .transport
+                .request(
+                    GetObjectRequest {
+                        bucket: self.bucket_resource(),
+                        object: name.to_string(),
+                        ..Default::default()
+                    },
+                    &self.bucket,
+                    None,
+                )
+                .await?;
+            self.storage()
+                .get_object(req)
+                .await
+                .map(|r| object_info(r.get_ref()))
+                .map_err(|s| GcsError::from_status(&s, &what))
+        })
+        .await
+    }
+
+    /// One page of objects and `/`-prefixes (folders included) under `prefix`.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        page_token: Option<String>,
+    ) -> Result<ListPage, GcsError> {
+        let what = format!("gs://{}/{prefix}", self.bucket);
+        self.retrying(&what, || async {
+            let req = self
+                .transport
+                .request(
+                    ListObjectsRequest {
+                        parent: self.bucket_resource(),
+                        prefix: prefix.to_string(),
+                        delimiter: "/".to_string(),
+                        include_folders_as_prefixes: true,
+                        page_size: 1000,
+                        page_token: page_token.clone().unwrap_or_default(),
+                        ..Default::default()
+                    },
+                    &self.bucket,
+                    None,
+                )
+                .await?;
+            let r = self
+                .storage()
+                .list_objects(req)
+                .await
+                .map_err(|s| GcsError::from_status(&s, &what))?
+                .into_inner();
+            Ok(ListPage {
+                objects: r.objects.iter().map(object_info).collect(),
+                prefixes: r.prefixes,
+                next_page_token: (!r.next_page_token.is_empty()).then_some(r.next_page_token),
+            })
+        })
+        .await
+    }
+}

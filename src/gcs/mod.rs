@@ -1,0 +1,179 @@
+//! The client side of the protocol: everything that talks to the bucket.
+//!
+//! Data flow: [`transport`] turns an endpoint (`https://storage.googleapis.com`,
+//! `--endpoint`, or `STORAGE_EMULATOR_HOST`) into a pool of HTTP/2 connections and
+//! decorates every call with the routing header, user agent and credentials from
+//! [`auth`]. [`client::GcsClient`] makes the metadata calls (bucket, storage
+//! layout, stat, list). [`mrd`] runs one `BidiReadObject` stream that multiplexes
+//! many ranges, checks every chunk's CRC32C, writes verified bytes straight into
+//! each caller's [`RangeSink`], and resumes after breaks and redirects. [`pool`]
+//! shares those streams across every reader of an object. Everything above this
+//! layer sees the [`ObjectClient`] trait only.
+//!
+//! Errors are [`GcsError`]: one type for the layer, built from gRPC statuses in one
+//! place ([`GcsError::from_status`]) with the bucket/object they concern.
+
+pub mod auth;
+pub mod client;
+pub mod mrd;
+pub mod pool;
+pub mod retry;
+pub mod transport;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+pub use client::GcsClient;
+pub use pool::{MrdPool, PoolConfig};
+
+/// Errors of the client layer. Cloneable: one stream failure fans out to every
+/// range that was riding on it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GcsError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    #[error("server sent an invalid response: {0}")]
+    Protocol(String),
+    #[error("gave up after {attempts} attempts over {secs:.1} s: {last}")]
+    RetryDeadline {
+        attempts: u32,
+        secs: f64,
+        last: String,
+    },
+    #[error("credentials: {0}")]
+    Auth(String),
+    #[error("endpoint: {0}")]
+    Endpoint(String),
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl GcsError {
+    /// Maps a gRPC status about `what` (e.g. `gs://bucket/object`) to an error.
+    pub fn from_status(status: &tonic::Status, what: &str) -> GcsError {
+        use tonic::Code;
+        let msg = format!("{what}: {}", status.message());
+        match status.code() {
+            Code::NotFound => GcsError::NotFound(msg),
+            Code::PermissionDenied => GcsError::PermissionDenied(msg),
+            Code::Unauthenticated => GcsError::Unauthenticated(msg),
+            Code::InvalidArgument => GcsError::InvalidArgument(msg),
+            Code::OutOfRange => GcsError::OutOfRange(msg),
+            Code::FailedPrecondition => GcsError::PreconditionFailed(msg),
+            Code::Cancelled => GcsError::Cancelled,
+            Code::Unavailable
+            | Code::Internal
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Unknown => GcsError::Unavailable(format!("{msg} ({:?})", status.code())),
+            other => GcsError::Other(format!("{msg} ({other:?})")),
+        }
+    }
+
+    /// Worth retrying (with backoff) on a new stream or call.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, GcsError::Unavailable(_) | GcsError::Protocol(_))
+    }
+}
+
+/// What the layers above know of an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+    pub generation: i64,
+    pub metageneration: i64,
+    /// False while the object is appendable (still growing).
+    pub finalized: bool,
+    pub update_time: SystemTime,
+    pub create_time: SystemTime,
+    pub crc32c: Option<u32>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// Collapsed prefixes ("directories"), with their trailing `/`.
+    pub prefixes: Vec<String>,
+    pub next_page_token: Option<String>,
+}
+
+/// Where a range's verified bytes go. The stream calls [`RangeSink::put`] with
+/// consecutive chunks, in order, only after their CRC32C was checked; `at` is the
+/// number of bytes of the range delivered before this chunk.
+pub trait RangeSink: Send + Sync + 'static {
+    fn put(&self, at: usize, data: &[u8]);
+}
+
+/// A plain heap buffer as a sink (tools and tests; the read engine uses its own
+/// mmap'd blocks).
+#[derive(Debug)]
+pub struct VecSink(std::sync::Mutex<Vec<u8>>);
+
+impl VecSink {
+    pub fn new(len: usize) -> Arc<VecSink> {
+        Arc::new(VecSink(std::sync::Mutex::new(vec![0; len])))
+    }
+
+    /// The buffer (the bytes delivered so far, zeros after them).
+    pub fn take(&self) -> Vec<u8> {
+        match self.0.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        }
+    }
+}
+
+impl RangeSink for VecSink {
+    fn put(&self, at: usize, data: &[u8]) {
+        let mut v = match self.0.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(dst) = v.get_mut(at..at + data.len()) {
+            dst.copy_from_slice(data);
+        }
+    }
+}
+
+/// An object version to read from: the name and the generation it is pinned to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    pub name: String,
+    pub generation: i64,
+}
+
+/// What the read engine and the filesystem use to reach objects.
+#[tonic::async_trait]
+pub trait ObjectClient: Send + Sync + 'static {
+    /// Metadata of the live version of an object.
+    async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError>;
+    /// One page of objects and `/`-prefixes under `prefix`.
+    async fn list(&self, prefix: &str, page_token: Option<String>) -> Result<ListPage, GcsError>;
+    /// Reads `len` bytes at `offset` of the object version into `sink`; returns the
+    /// number of bytes delivered (fewer than `len` only where the object ends).
+    async fn read(
+        &self,
+        object: &ObjectId,
+        size_hint: u64,
+        offset: u64,
+        len: u64,
+        sink: Arc<dyn RangeSink>,
+    ) -> Result<u64, GcsError>;
+}

@@ -1,0 +1,353 @@
+//! The shared MRD pool: one for the whole daemon.
+//!
+//! Per object generation it keeps up to N [`MrdStream`]s (N from `--pool-size`,
+//! or by object size as the peers do: 1 below 100 MiB, 2 below 500 MiB, else 4),
+//! shared by every reader of that object. The first stream is opened when the
+//! first read needs it; the rest open in the background with the first stream's
+//! read handle. A new range goes to the least-loaded stream (fewest bytes
+//! outstanding). Idle streams are kept for reuse, at most `--max-idle-streams` of
+//! them (least recently used closed first), each closed after `idle_timeout`; a
+//! semaphore holds the total at `--max-streams`, closing idle streams of other
+//! objects when a new object needs one. A read of a new generation retires the
+//! streams of the old one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::client::GcsClient;
+use super::mrd::{MrdStream, StreamStats};
+use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, RangeSink};
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Streams per object; None: by object size.
+    pub pool_size: Option<usize>,
+    /// Total streams open at once.
+    pub max_streams: usize,
+    /// Idle streams kept for reuse.
+    pub max_idle_streams: usize,
+    /// An idle stream is closed after this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            pool_size: None,
+            max_streams: 256,
+            max_idle_streams: 64,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Streams per object by size, as gcsfuse sizes its per-object MRD pools.
+pub fn streams_for_size(size: u64) -> usize {
+    const MIB: u64 = 1 << 20;
+    match size {
+        s if s < 100 * MIB => 1,
+        s if s < 500 * MIB => 2,
+        _ => 4,
+    }
+}
+
+struct PooledStream {
+    stream: MrdStream,
+    last_used: Mutex<Instant>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct Entry {
+    streams: Vec<Arc<PooledStream>>,
+    /// Background opens under way.
+    opening: usize,
+    /// Serializes the synchronous first open.
+    first: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Inner {
+    client: GcsClient,
+    cfg: PoolConfig,
+    permits: Arc<Semaphore>,
+    objects: Mutex<HashMap<ObjectId, Entry>>,
+    stats: Arc<StreamStats>,
+}
+
+/// The shared pool (cheap to clone).
+#[derive(Clone)]
+pub struct MrdPool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MrdPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MrdPool")
+            .field("open_streams", &self.open_streams())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl MrdPool {
+    /// A pool over `client`; starts the idle reaper.
+    pub fn new(client: GcsClient, cfg: PoolConfig) -> MrdPool {
+        let inner = Arc::new(Inner {
+            permits: Arc::new(Semaphore::new(cfg.max_streams.max(1))),
+            client,
+            cfg,
+            objects: Mutex::new(HashMap::new()),
+            stats: Arc::new(StreamStats::default()),
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(reaper(weak));
+        MrdPool { inner }
+    }
+
+    pub fn client(&self) -> &GcsClient {
+        &self.inner.client
+    }
+
+    pub fn stats(&self) -> &StreamStats {
+        &self.inner.stats
+    }
+
+    /// Streams open now (busy and idle).
+    pub fn open_streams(&self) -> usize {
+        self.inner.cfg.max_streams.max(1) - self.inner.permits.available_permits()
+    }
+
+    fn target(&self, size: u64) -> usize {
+        self.inner
+            .cfg
+            .pool_size
+            .unwrap_or_else(|| streams_for_size(size))
+            .max(1)
+    }
+
+    /// Closes idle streams (least recently used first) until `keep` idle remain.
+    fn trim_idle(inner: &Inner, keep: usize, older_than: Option<Duration>) {
+        let mut objects = lock(&inner.objects);
+        let mut idle: Vec<(Instant, ObjectId, usize)> = Vec::new();
+        for (id, e) in objects.iter() {
+            for (i, s) in e.streams.iter().enumerate() {
+                if s.stream.load() == 0 && Arc::strong_count(s) == 1 {
+                    idle.push((*lock(&s.last_used), id.clone(), i));
+                }
+            }
+        }
+        idle.sort_by_key(|(t, _, _)| *t);
+        let excess = idle.len().saturating_sub(keep);
+        let mut close: HashMap<ObjectId, Vec<usize>> = HashMap::new();
+        for (n, (t, id, i)) in idle.into_iter().enumerate() {
+            if n < excess || older_than.is_some_and(|d| t.elapsed() >= d) {
+                close.entry(id).or_default().push(i);
+            }
+        }
+        for (id, mut idx) in close {
+            if let Some(e) = objects.get_mut(&id) {
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    e.streams.remove(i);
+                }
+            }
+        }
+        objects.retain(|_, e| !e.streams.is_empty() || e.opening > 0);
+    }
+
+    /// A permit for a new stream: at once if one is free, else after closing an
+    /// idle stream elsewhere (waiting for one to become idle if need be).
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        loop {
+            if let Ok(p) = self.inner.permits.clone().try_acquire_owned() {
+                return p;
+            }
+            let idle_now = {
+                let objects = lock(&self.inner.objects);
+                objects
+                    .values()
+                    .flat_map(|e| e.streams.iter())
+                    .filter(|s| s.stream.load() == 0)
+                    .count()
+            };
+            Self::trim_idle(&self.inner, idle_now.saturating_sub(1), None);
+            tokio::select! {
+                p = self.inner.permits.clone().acquire_owned() => {
+                    if let Ok(p) = p { return p; }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// Opens background streams for `id` up to its target, sharing `handle`.
+    fn grow(&self, id: &ObjectId, size: u64, handle: bytes::Bytes) {
+        let target = self.target(size);
+        let mut objects = lock(&self.inner.objects);
+        let Some(e) = objects.get_mut(id) else { return };
+        while e.streams.len() + e.opening < target {
+            let Ok(permit) = self.inner.permits.clone().try_acquire_owned() else {
+                break;
+            };
+            e.opening += 1;
+            let (pool, id, handle) = (self.clone(), id.clone(), handle.clone());
+            tokio::spawn(async move {
+                let opened = MrdStream::open(
+                    &pool.inner.client,
+                    &id.name,
+                    id.generation,
+                    Some(handle),
+                    pool.inner.stats.clone(),
+                )
+                .await;
+                let mut objects = lock(&pool.inner.objects);
+                if let Some(e) = objects.get_mut(&id) {
+                    e.opening -= 1;
+                    match opened {
+                        Ok(stream) => e.streams.push(Arc::new(PooledStream {
+                            stream,
+                            last_used: Mutex::new(Instant::now()),
+                            _permit: permit,
+                        })),
+                        Err(err) => {
+                            tracing::debug!(object = %id.name, error = %err, "background stream open failed")
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// The least-loaded live stream of `id`, opening the first if there is none.
+    async fn stream(&self, id: &ObjectId, size: u64) -> Result<Arc<PooledStream>, GcsError> {
+        loop {
+            let first = {
+                let mut objects = lock(&self.inner.objects);
+                // A new generation retires the streams of the old ones.
+                objects.retain(|k, _| k.name != id.name || k.generation == id.generation);
+                let e = objects.entry(id.clone()).or_default();
+                e.streams.retain(|s| !s.stream.is_closed());
+                if let Some(best) = e.streams.iter().min_by_key(|s| s.stream.load()) {
+                    let best = best.clone();
+                    let missing = e.streams.len() + e.opening < self.target(size);
+                    drop(objects);
+                    if missing {
+                        self.grow(id, size, best.stream.read_handle());
+                    }
+                    return Ok(best);
+                }
+                e.first.clone()
+            };
+            let _guard = first.lock().await;
+            let has = lock(&self.inner.objects)
+                .get(id)
+                .is_some_and(|e| e.streams.iter().any(|s| !s.stream.is_closed()));
+            if has {
+                continue;
+            }
+            let permit = self.permit().await;
+            let stream = MrdStream::open(
+                &self.inner.client,
+                &id.name,
+                id.generation,
+                None,
+                self.inner.stats.clone(),
+            )
+            .await?;
+            let handle = stream.read_handle();
+            let pooled = Arc::new(PooledStream {
+                stream,
+                last_used: Mutex::new(Instant::now()),
+                _permit: permit,
+            });
+            lock(&self.inner.objects)
+                .entry(id.clone())
+                .or_default()
+                .streams
+                .push(pooled.clone());
+            self.grow(id, size, handle);
+            return Ok(pooled);
+        }
+    }
+
+    /// Reads a range of an object version through the pool.
+    pub async fn read(
+        &self,
+        id: &ObjectId,
+        size_hint: u64,
+        offset: u64,
+        len: u64,
+        sink: Arc<dyn RangeSink>,
+    ) -> Result<u64, GcsError> {
+        let mut tries = 0;
+        loop {
+            let s = self.stream(id, size_hint).await?;
+            let r = s.stream.read(offset, len, sink.clone()).await;
+            *lock(&s.last_used) = Instant::now();
+            match r {
+                // The stream died before taking the range: use another one.
+                Err(GcsError::Unavailable(_)) if s.stream.is_closed() && tries < 3 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens (or reuses) a stream for an object's live version and returns what
+    /// its first response said, e.g. to pin the generation before reading.
+    pub async fn open(&self, name: &str) -> Result<ObjectInfo, GcsError> {
+        let info = self.inner.client.stat(name).await?;
+        let id = ObjectId {
+            name: name.to_string(),
+            generation: info.generation,
+        };
+        let s = self.stream(&id, info.size).await?;
+        Ok(s.stream.info().clone())
+    }
+}
+
+/// Closes idle streams past the idle timeout and beyond the idle budget.
+async fn reaper(pool: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(inner) = pool.upgrade() else { return };
+        MrdPool::trim_idle(
+            &inner,
+            inner.cfg.max_idle_streams,
+            Some(inner.cfg.idle_timeout),
+        );
+    }
+}
+
+#[tonic::async_trait]
+impl ObjectClient for MrdPool {
+    async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
+        self.inner.client.stat(name).await
+    }
+
+    async fn list(&self, prefix: &str, page_token: Option<String>) -> Result<ListPage, GcsError> {
+        self.inner.client.list(prefix, page_token).await
+    }
+
+    async fn read(
+        &self,
+        object: &ObjectId,
+        size_hint: u64,
+        offset: u64,
+        len: u64,
+        sink: Arc<dyn RangeSink>,
+    ) -> Result<u64, GcsError> {
+        MrdPool::read(self, object, size_hint, offset, len, sink).await
+    }
+}
