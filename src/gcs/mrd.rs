@@ -109,10 +109,7 @@ impl MrdStream {
             generation,
             handle: handle.unwrap_or_default(),
             routing_token: None,
-            ranges: HashMap::new(),
-            abandoned: HashSet::new(),
-            next_id: 1,
-            load: Arc::new(AtomicU64::new(0)),
+            table: RangeTable::new(format!("gs://{}/{object}", client.bucket), stats.clone()),
             stats,
         };
         let mut backoff: Option<Backoff> = None;
@@ -130,7 +127,7 @@ impl MrdStream {
         let closed = Arc::new(AtomicBool::new(false));
         let stream = MrdStream {
             tx,
-            load: driver.load.clone(),
+            load: driver.table.load.clone(),
             closed: closed.clone(),
             handle: driver.handle.clone(),
             info,
@@ -241,14 +238,11 @@ struct Conn {
     rx: Streaming<BidiReadObjectResponse>,
 }
 
-struct Driver {
-    client: GcsClient,
+/// The outstanding ranges of a stream and the rules every chunk must pass
+/// (kept apart from the network so they can be tested against any sequence of
+/// responses).
+struct RangeTable {
     what: String,
-    object: String,
-    /// Pinned after the first response.
-    generation: i64,
-    handle: Bytes,
-    routing_token: Option<String>,
     ranges: HashMap<i64, Active>,
     /// Ranges completed or given up whose late chunks are ignored.
     abandoned: HashSet<i64>,
@@ -257,133 +251,42 @@ struct Driver {
     stats: Arc<StreamStats>,
 }
 
-impl Driver {
-    /// Opens the call and reads its first response.
-    async fn connect(&mut self) -> Result<(Conn, ObjectInfo), Failure> {
-        StreamStats::bump(&self.stats.streams_opened);
-        let spec = BidiReadObjectSpec {
-            bucket: format!("projects/_/buckets/{}", self.client.bucket),
-            object: self.object.clone(),
-            generation: self.generation,
-            read_handle: (!self.handle.is_empty()).then(|| BidiReadHandle {
-                handle: self.handle.clone(),
-            }),
-            routing_token: self.routing_token.clone(),
-            ..Default::default()
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let first = BidiReadObjectRequest {
-            read_object_spec: Some(spec),
-            read_ranges: vec![],
-        };
-        tx.send(first)
-            .map_err(|_| Failure::Fatal(GcsError::Other("request channel closed".into())))?;
-        let req = self
-            .client
-            .transport
-            .request(
-                UnboundedReceiverStream::new(rx),
-                &self.client.bucket,
-                self.routing_token.as_deref(),
-            )
-            .await
-            .map_err(Failure::Fatal)?;
-        let mut resp = match self.client.storage().bidi_read_object(req).await {
-            Ok(r) => r.into_inner(),
-            Err(st) => return Err(self.classify(&st)),
-        };
-        let first = match resp.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                return Err(Failure::Retry(GcsError::Unavailable(format!(
-                    "{}: the stream ended before its first response",
-                    self.what
-                ))))
-            }
-            Err(st) => return Err(self.classify(&st)),
-        };
-        let info = match &first.metadata {
-            Some(md) => object_info(md),
-            None => {
-                return Err(Failure::Retry(GcsError::Protocol(format!(
-                    "{}: the first response has no metadata",
-                    self.what
-                ))))
-            }
-        };
-        if self.generation != 0 && info.generation != self.generation {
-            return Err(Failure::Fatal(GcsError::NotFound(format!(
-                "{}: generation {} is gone (now {})",
-                self.what, self.generation, info.generation
-            ))));
+struct Driver {
+    client: GcsClient,
+    what: String,
+    object: String,
+    /// Pinned after the first response.
+    generation: i64,
+    handle: Bytes,
+    routing_token: Option<String>,
+    table: RangeTable,
+    stats: Arc<StreamStats>,
+}
+
+impl RangeTable {
+    fn new(what: String, stats: Arc<StreamStats>) -> RangeTable {
+        RangeTable {
+            what,
+            ranges: HashMap::new(),
+            abandoned: HashSet::new(),
+            next_id: 1,
+            load: Arc::new(AtomicU64::new(0)),
+            stats,
         }
-        self.generation = info.generation;
-        if let Some(h) = first.read_handle.as_ref().filter(|h| !h.handle.is_empty()) {
-            self.handle = h.handle.clone();
-        }
-        let mut conn = Conn { tx, rx: resp };
-        if !first.object_data_ranges.is_empty() {
-            // No ranges were requested yet: data here is a server error.
-            return Err(Failure::Retry(GcsError::Protocol(format!(
-                "{}: data before any range was requested",
-                self.what
-            ))));
-        }
-        // Re-request what is unfinished, from the last verified byte.
-        let pending: Vec<ReadRange> = self
-            .ranges
+    }
+
+    /// What is unfinished, as requests from the last verified byte; late chunks
+    /// of finished ranges cannot come on a new stream.
+    fn resume(&mut self) -> Vec<ReadRange> {
+        self.abandoned.clear();
+        self.ranges
             .iter()
             .map(|(id, a)| ReadRange {
                 read_offset: (a.offset + a.delivered) as i64,
                 read_length: (a.len - a.delivered) as i64,
                 read_id: *id,
             })
-            .collect();
-        self.abandoned.clear();
-        send_ranges(&mut conn, pending).map_err(Failure::Retry)?;
-        Ok((conn, info))
-    }
-
-    /// Classifies a failed call, taking the handle and token of a redirect.
-    fn classify(&mut self, st: &Status) -> Failure {
-        if st.code() == Code::Aborted {
-            if let Some(r) = redirect_detail(st) {
-                if let Some(h) = r.read_handle.filter(|h| !h.handle.is_empty()) {
-                    self.handle = h.handle;
-                }
-                if let Some(t) = r.routing_token.filter(|t| !t.is_empty()) {
-                    self.routing_token = Some(t);
-                }
-                StreamStats::bump(&self.stats.retry_redirect);
-                return Failure::Redirect;
-            }
-        }
-        if st.code() == Code::OutOfRange {
-            if let Some(e) = range_errors(st) {
-                for re in e.read_range_errors {
-                    if let Some(a) = self.ranges.remove(&re.read_id) {
-                        self.load.fetch_sub(a.len - a.delivered, Ordering::Relaxed);
-                        let msg = re.status.map(|s| s.message).unwrap_or_default();
-                        let _ = a.done.send(Err(GcsError::OutOfRange(format!(
-                            "{} at offset {}: {msg}",
-                            self.what, a.offset
-                        ))));
-                    }
-                }
-                // The other ranges go on, on a new stream.
-                return Failure::Retry(GcsError::Unavailable(format!(
-                    "{}: stream ended by a range error",
-                    self.what
-                )));
-            }
-        }
-        let e = GcsError::from_status(st, &self.what);
-        if e.is_retryable() {
-            StreamStats::bump(&self.stats.retry_unavailable);
-            Failure::Retry(e)
-        } else {
-            Failure::Fatal(e)
-        }
+            .collect()
     }
 
     /// Registers a new range and returns its request.
@@ -503,6 +406,122 @@ impl Driver {
         }
         Ok(content_len > 0)
     }
+}
+
+impl Driver {
+    /// Opens the call and reads its first response.
+    async fn connect(&mut self) -> Result<(Conn, ObjectInfo), Failure> {
+        StreamStats::bump(&self.stats.streams_opened);
+        let spec = BidiReadObjectSpec {
+            bucket: format!("projects/_/buckets/{}", self.client.bucket),
+            object: self.object.clone(),
+            generation: self.generation,
+            read_handle: (!self.handle.is_empty()).then(|| BidiReadHandle {
+                handle: self.handle.clone(),
+            }),
+            routing_token: self.routing_token.clone(),
+            ..Default::default()
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let first = BidiReadObjectRequest {
+            read_object_spec: Some(spec),
+            read_ranges: vec![],
+        };
+        tx.send(first)
+            .map_err(|_| Failure::Fatal(GcsError::Other("request channel closed".into())))?;
+        let req = self
+            .client
+            .transport
+            .request(
+                UnboundedReceiverStream::new(rx),
+                &self.client.bucket,
+                self.routing_token.as_deref(),
+            )
+            .await
+            .map_err(Failure::Fatal)?;
+        let mut resp = match self.client.storage().bidi_read_object(req).await {
+            Ok(r) => r.into_inner(),
+            Err(st) => return Err(self.classify(&st)),
+        };
+        let first = match resp.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(Failure::Retry(GcsError::Unavailable(format!(
+                    "{}: the stream ended before its first response",
+                    self.what
+                ))))
+            }
+            Err(st) => return Err(self.classify(&st)),
+        };
+        let info = match &first.metadata {
+            Some(md) => object_info(md),
+            None => {
+                return Err(Failure::Retry(GcsError::Protocol(format!(
+                    "{}: the first response has no metadata",
+                    self.what
+                ))))
+            }
+        };
+        if self.generation != 0 && info.generation != self.generation {
+            return Err(Failure::Fatal(GcsError::NotFound(format!(
+                "{}: generation {} is gone (now {})",
+                self.what, self.generation, info.generation
+            ))));
+        }
+        self.generation = info.generation;
+        if let Some(h) = first.read_handle.as_ref().filter(|h| !h.handle.is_empty()) {
+            self.handle = h.handle.clone();
+        }
+        let mut conn = Conn { tx, rx: resp };
+        if !first.object_data_ranges.is_empty() {
+            // No ranges were requested yet: data here is a server error.
+            return Err(Failure::Retry(GcsError::Protocol(format!(
+                "{}: data before any range was requested",
+                self.what
+            ))));
+        }
+        // Re-request what is unfinished, from the last verified byte.
+        let pending = self.table.resume();
+        send_ranges(&mut conn, pending).map_err(Failure::Retry)?;
+        Ok((conn, info))
+    }
+
+    /// Classifies a failed call, taking the handle and token of a redirect.
+    fn classify(&mut self, st: &Status) -> Failure {
+        if st.code() == Code::Aborted {
+            if let Some(r) = redirect_detail(st) {
+                if let Some(h) = r.read_handle.filter(|h| !h.handle.is_empty()) {
+                    self.handle = h.handle;
+                }
+                if let Some(t) = r.routing_token.filter(|t| !t.is_empty()) {
+                    self.routing_token = Some(t);
+                }
+                StreamStats::bump(&self.stats.retry_redirect);
+                return Failure::Redirect;
+            }
+        }
+        if st.code() == Code::OutOfRange {
+            if let Some(e) = range_errors(st) {
+                for re in e.read_range_errors {
+                    let msg = re.status.map(|s| s.message).unwrap_or_default();
+                    let e = GcsError::OutOfRange(format!("{}: {msg}", self.what));
+                    self.table.finish(re.read_id, Err(e));
+                }
+                // The other ranges go on, on a new stream.
+                return Failure::Retry(GcsError::Unavailable(format!(
+                    "{}: stream ended by a range error",
+                    self.what
+                )));
+            }
+        }
+        let e = GcsError::from_status(st, &self.what);
+        if e.is_retryable() {
+            StreamStats::bump(&self.stats.retry_unavailable);
+            Failure::Retry(e)
+        } else {
+            Failure::Fatal(e)
+        }
+    }
 
     /// Serves until every handle is dropped and nothing is outstanding, or a
     /// permanent failure.
@@ -514,13 +533,13 @@ impl Driver {
             let mut c = match conn.take() {
                 Some(c) => c,
                 None => {
-                    if self.ranges.is_empty() && !cmds_open {
+                    if self.table.ranges.is_empty() && !cmds_open {
                         return;
                     }
                     match self.connect().await {
                         Ok((c, _)) => c,
                         Err(Failure::Fatal(e)) => {
-                            self.fail_all(&e);
+                            self.table.fail_all(&e);
                             return;
                         }
                         Err(f) => {
@@ -529,7 +548,7 @@ impl Driver {
                                 _ => "redirected".to_string(),
                             };
                             if let Err(e) = continue_after(&mut backoff, &self, &why).await {
-                                self.fail_all(&e);
+                                self.table.fail_all(&e);
                                 return;
                             }
                             continue;
@@ -551,18 +570,18 @@ impl Driver {
                     return;
                 }
                 Err(Failure::Fatal(e)) => {
-                    self.fail_all(&e);
+                    self.table.fail_all(&e);
                     return;
                 }
                 Err(Failure::Redirect) => {
                     if let Err(e) = continue_after(&mut backoff, &self, "redirected").await {
-                        self.fail_all(&e);
+                        self.table.fail_all(&e);
                         return;
                     }
                 }
                 Err(Failure::Retry(e)) => {
                     if let Err(d) = continue_after(&mut backoff, &self, &e.to_string()).await {
-                        self.fail_all(&with_last(d, &e));
+                        self.table.fail_all(&with_last(d, &e));
                         return;
                     }
                 }
@@ -581,19 +600,19 @@ impl Driver {
         let stall = self.client.retry.stall_timeout;
         let mut last_progress = Instant::now();
         loop {
-            if !*cmds_open && self.ranges.is_empty() {
+            if !*cmds_open && self.table.ranges.is_empty() {
                 return Ok(());
             }
-            let outstanding = !self.ranges.is_empty();
+            let outstanding = !self.table.ranges.is_empty();
             tokio::select! {
                 cmd = cmds.recv(), if *cmds_open => match cmd {
                     Some(cmd) => {
                         if !outstanding {
                             last_progress = Instant::now();
                         }
-                        let mut batch: Vec<ReadRange> = self.add(cmd).into_iter().collect();
+                        let mut batch: Vec<ReadRange> = self.table.add(cmd).into_iter().collect();
                         while let Ok(more) = cmds.try_recv() {
-                            batch.extend(self.add(more));
+                            batch.extend(self.table.add(more));
                         }
                         send_ranges(c, batch).map_err(Failure::Retry)?;
                     }
@@ -606,7 +625,7 @@ impl Driver {
                         }
                         let mut progressed = false;
                         for d in resp.object_data_ranges {
-                            match self.chunk(d) {
+                            match self.table.chunk(d) {
                                 Ok(p) => progressed |= p,
                                 Err(e) => {
                                     StreamStats::bump(&self.stats.retry_protocol);
@@ -622,7 +641,7 @@ impl Driver {
                     }
                     Ok(None) => {
                         // The server ended the call. Fine when idle; else reopen.
-                        if self.ranges.is_empty() && !*cmds_open {
+                        if self.table.ranges.is_empty() && !*cmds_open {
                             return Ok(());
                         }
                         StreamStats::bump(&self.stats.retry_unavailable);
@@ -674,4 +693,235 @@ fn range_errors(st: &Status) -> Option<BidiReadObjectError> {
             .then(|| BidiReadObjectError::decode(a.value.as_slice()).ok())
             .flatten()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gcs::VecSink;
+    use crate::proto::storage::ChecksummedData;
+    use proptest::prelude::*;
+
+    fn truth() -> Vec<u8> {
+        (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    struct Reader {
+        offset: u64,
+        len: u64,
+        sink: Arc<VecSink>,
+        done: oneshot::Receiver<Result<u64, GcsError>>,
+    }
+
+    fn table_with(ranges: &[(u64, u64)]) -> (RangeTable, Vec<(i64, Reader)>) {
+        let mut t = RangeTable::new("gs://b/o".into(), Arc::new(StreamStats::default()));
+        let mut readers = vec![];
+        for &(offset, len) in ranges {
+            let sink = VecSink::new(len as usize);
+            let (tx, rx) = oneshot::channel();
+            let rr = t
+                .add(ReadCmd {
+                    offset,
+                    len,
+                    sink: sink.clone(),
+                    done: tx,
+                })
+                .expect("non-empty range");
+            readers.push((
+                rr.read_id,
+                Reader {
+                    offset,
+                    len,
+                    sink,
+                    done: rx,
+                },
+            ));
+        }
+        (t, readers)
+    }
+
+    fn chunk(id: i64, off: u64, data: &[u8], crc: Option<u32>, end: bool) -> ObjectRangeData {
+        ObjectRangeData {
+            checksummed_data: Some(ChecksummedData {
+                content: Bytes::copy_from_slice(data),
+                crc32c: crc,
+            }),
+            read_range: Some(ReadRange {
+                read_offset: off as i64,
+                read_length: data.len() as i64,
+                read_id: id,
+            }),
+            range_end: end,
+        }
+    }
+
+    /// What an adversarial server may do with one chunk.
+    #[derive(Debug, Clone)]
+    enum Move {
+        Good { pick: usize, len: u64, end: bool },
+        Shift { pick: usize, delta: i64, len: u64 },
+        Corrupt { pick: usize, len: u64 },
+        BadCrc { pick: usize, len: u64 },
+        NoCrc { pick: usize, len: u64 },
+        UnknownId { len: u64 },
+        NoRange,
+    }
+
+    fn moves() -> impl Strategy<Value = Move> {
+        prop_oneof![
+            6 => (0usize..4, 0u64..3000, any::<bool>()).prop_map(|(pick, len, end)| Move::Good { pick, len, end }),
+            1 => (0usize..4, -50i64..50, 1u64..100).prop_map(|(pick, delta, len)| Move::Shift { pick, delta, len }),
+            1 => (0usize..4, 1u64..500).prop_map(|(pick, len)| Move::Corrupt { pick, len }),
+            1 => (0usize..4, 1u64..500).prop_map(|(pick, len)| Move::BadCrc { pick, len }),
+            1 => (0usize..4, 1u64..500).prop_map(|(pick, len)| Move::NoCrc { pick, len }),
+            1 => (1u64..100).prop_map(|len| Move::UnknownId { len }),
+            1 => Just(Move::NoRange),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the server sends, the table never panics, never lets a byte
+        /// that is not the object's into a sink, and never completes a range with
+        /// more bytes than asked.
+        #[test]
+        fn adversarial_responses_never_yield_wrong_bytes(
+            specs in proptest::collection::vec((0u64..19_000, 1u64..4000), 1..4),
+            script in proptest::collection::vec(moves(), 0..60),
+        ) {
+            let truth = truth();
+            let specs: Vec<(u64, u64)> = specs
+                .into_iter()
+                .map(|(o, l)| (o, l.min(truth.len() as u64 - o)))
+                .filter(|(_, l)| *l > 0)
+                .collect();
+            prop_assume!(!specs.is_empty());
+            let (mut t, mut readers) = table_with(&specs);
+            let mut errors = 0;
+            for m in script {
+                let live: Vec<(i64, u64, u64)> = readers
+                    .iter()
+                    .filter_map(|(id, r)| t.ranges.get(id).map(|a| (*id, r.offset + a.delivered, r.offset + r.len)))
+                    .collect();
+                let pick = |p: usize| live.get(p % live.len().max(1)).copied();
+                let slice = |from: u64, len: u64| {
+                    let to = (from + len).min(truth.len() as u64);
+                    truth[from.min(to) as usize..to as usize].to_vec()
+                };
+                let d = match m {
+                    Move::Good { pick: p, len, end } => {
+                        let Some((id, next, stop)) = pick(p) else { continue };
+                        let data = slice(next, len.min(stop - next));
+                        let crc = crc32c::crc32c(&data);
+                        chunk(id, next, &data, Some(crc), end)
+                    }
+                    Move::Shift { pick: p, delta, len } => {
+                        let Some((id, next, _)) = pick(p) else { continue };
+                        let at = (next as i64 + delta).max(0) as u64;
+                        let data = slice(at, len);
+                        chunk(id, at, &data, Some(crc32c::crc32c(&data)), false)
+                    }
+                    Move::Corrupt { pick: p, len } => {
+                        let Some((id, next, stop)) = pick(p) else { continue };
+                        let mut data = slice(next, len.min(stop - next));
+                        let crc = crc32c::crc32c(&data);
+                        if let Some(b) = data.first_mut() { *b ^= 1; }
+                        chunk(id, next, &data, Some(crc), false)
+                    }
+                    Move::BadCrc { pick: p, len } => {
+                        let Some((id, next, stop)) = pick(p) else { continue };
+                        let data = slice(next, len.min(stop - next));
+                        chunk(id, next, &data, Some(crc32c::crc32c(&data) ^ 0xdead), false)
+                    }
+                    Move::NoCrc { pick: p, len } => {
+                        let Some((id, next, stop)) = pick(p) else { continue };
+                        let data = slice(next, len.min(stop - next));
+                        chunk(id, next, &data, None, false)
+                    }
+                    Move::UnknownId { len } => chunk(9_999, 0, &slice(0, len), None, false),
+                    Move::NoRange => ObjectRangeData { checksummed_data: None, read_range: None, range_end: true },
+                };
+                if t.chunk(d).is_err() {
+                    errors += 1;
+                    // As after a reconnect: the same table resumes.
+                    let _ = t.resume();
+                }
+                for (id, r) in &readers {
+                    if let Some(a) = t.ranges.get(id) {
+                        prop_assert!(a.delivered <= r.len);
+                    }
+                }
+            }
+            let _ = errors;
+            for (id, r) in readers.iter_mut() {
+                let got = r.sink.take();
+                let delivered = match r.done.try_recv() {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(_)) => 0,
+                    Err(_) => t.ranges.get(id).map_or(0, |a| a.delivered),
+                };
+                prop_assert!(delivered <= r.len);
+                let (o, n) = (r.offset as usize, delivered as usize);
+                prop_assert_eq!(&got[..n], &truth[o..o + n], "wrong bytes in range {}", id);
+            }
+        }
+
+        /// A well-behaved server, chunking and interleaving at random, completes
+        /// every range with exactly the object's bytes.
+        #[test]
+        fn honest_interleaved_responses_complete_exactly(
+            specs in proptest::collection::vec((0u64..19_000, 1u64..4000), 1..6),
+            sizes in proptest::collection::vec(1u64..1500, 1..200),
+            order in proptest::collection::vec(0usize..6, 1..200),
+        ) {
+            let truth = truth();
+            let specs: Vec<(u64, u64)> = specs
+                .into_iter()
+                .map(|(o, l)| (o, l.min(truth.len() as u64 - o)))
+                .collect();
+            let (mut t, mut readers) = table_with(&specs);
+            let mut i = 0;
+            while !t.ranges.is_empty() {
+                let live: Vec<i64> = t.ranges.keys().copied().collect();
+                let mut sorted = live.clone();
+                sorted.sort_unstable();
+                let id = sorted[order[i % order.len()] % sorted.len()];
+                let a = &t.ranges[&id];
+                let next = a.offset + a.delivered;
+                let len = sizes[i % sizes.len()].min(a.len - a.delivered);
+                let end = a.delivered + len == a.len;
+                let data = truth[next as usize..(next + len) as usize].to_vec();
+                let crc = crc32c::crc32c(&data);
+                prop_assert!(t.chunk(chunk(id, next, &data, Some(crc), end)).is_ok());
+                i += 1;
+            }
+            for (_, r) in readers.iter_mut() {
+                prop_assert_eq!(r.done.try_recv().ok().and_then(|x| x.ok()), Some(r.len));
+                let (o, n) = (r.offset as usize, r.len as usize);
+                prop_assert_eq!(r.sink.take(), truth[o..o + n].to_vec());
+            }
+            prop_assert_eq!(t.load.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    #[test]
+    fn abandoned_range_releases_its_sink() {
+        let (mut t, mut readers) = table_with(&[(0, 100)]);
+        let (id, r) = readers.remove(0);
+        let weak = Arc::downgrade(&r.sink);
+        drop(r);
+        let data = truth()[..10].to_vec();
+        let crc = crc32c::crc32c(&data);
+        assert!(t.chunk(chunk(id, 0, &data, Some(crc), false)).is_ok());
+        assert!(t.ranges.is_empty());
+        assert!(weak.upgrade().is_none(), "sink released");
+        // Late chunks of the abandoned range are ignored, not errors.
+        let more = truth()[10..20].to_vec();
+        let crc = crc32c::crc32c(&more);
+        assert!(t.chunk(chunk(id, 10, &more, Some(crc), true)).is_ok());
+        assert_eq!(t.load.load(Ordering::Relaxed), 0);
+    }
 }
