@@ -264,7 +264,7 @@ pub struct EmulatorArgs {
     /// (routing token + read handle); the reopen must present both.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub redirect_every: Option<u64>,
-    /// Flip a byte in every Nth data chunk, keeping the original CRC32C.
+    /// Flip a byte in every Nth data chunk of each stream, keeping the original CRC32C.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub corrupt_every: Option<u64>,
     /// Stop sending (without closing the stream) after a stream sent N bytes.

@@ -255,6 +255,8 @@ struct Engine {
     /// Earliest time the next response may go out (bandwidth cap).
     next_send: Instant,
     chunk: usize,
+    /// Data chunks sent on this stream.
+    chunks_sent: u64,
 }
 
 impl Engine {
@@ -278,6 +280,7 @@ impl Engine {
             sent: 0,
             next_send: Instant::now(),
             chunk,
+            chunks_sent: 0,
         }
     }
 
@@ -491,7 +494,10 @@ impl Engine {
             let mut buf =
                 read_chunk(&self.file, &self.meta, r.next, len as usize).map_err(Stop::Fail)?;
             let crc = crc32c::crc32c(&buf);
-            if let Some(i) = self.emu.faults.corrupt(buf.len()) {
+            if !buf.is_empty() {
+                self.chunks_sent += 1;
+            }
+            if let Some(i) = self.emu.faults.corrupt(self.chunks_sent, buf.len()) {
                 buf[i] ^= 0x5a;
                 self.emu
                     .counters

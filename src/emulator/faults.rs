@@ -29,7 +29,8 @@ pub struct Shaping {
     /// Every Nth fresh stream (one without a routing token) ends ABORTED with a
     /// BidiReadObjectRedirectedError.
     pub redirect_every: Option<u64>,
-    /// Flip a byte in every Nth data chunk, keeping the original CRC32C.
+    /// Flip a byte in every Nth data chunk of each stream, keeping the original
+    /// CRC32C.
     pub corrupt_every: Option<u64>,
     /// Stop sending (without closing) after a stream sent this many bytes.
     pub stall_after_bytes: Option<u64>,
@@ -118,7 +119,6 @@ pub struct Faults {
     pub shaping: Shaping,
     rng: Mutex<Rng>,
     fresh_opens: AtomicU64,
-    chunks: AtomicU64,
     tokens: Mutex<HashSet<String>>,
 }
 
@@ -128,7 +128,6 @@ impl Faults {
             rng: Mutex::new(Rng(shaping.seed)),
             shaping,
             fresh_opens: AtomicU64::new(0),
-            chunks: AtomicU64::new(0),
             tokens: Mutex::new(HashSet::new()),
         }
     }
@@ -175,14 +174,15 @@ impl Faults {
             .unwrap_or(false)
     }
 
-    /// For the next data chunk of `len` bytes: the index of a byte to corrupt.
-    pub fn corrupt(&self, len: usize) -> Option<usize> {
+    /// For a stream's `nth` data chunk (1-based) of `len` bytes: the index of a
+    /// byte to corrupt. Counted per stream, so a reopened stream always delivers
+    /// N-1 good chunks first and a client that resumes makes progress.
+    pub fn corrupt(&self, nth: u64, len: usize) -> Option<usize> {
         let every = self.shaping.corrupt_every.filter(|n| *n > 0)?;
-        if len == 0 {
+        if len == 0 || nth % every != 0 {
             return None;
         }
-        let n = self.chunks.fetch_add(1, Ordering::Relaxed) + 1;
-        (n % every == 0).then(|| (self.draw() % len as u64) as usize)
+        Some((self.draw() % len as u64) as usize)
     }
 }
 
@@ -219,7 +219,7 @@ mod tests {
         });
         let r: Vec<bool> = (0..6).map(|_| f.redirect().is_some()).collect();
         assert_eq!(r, [false, false, true, false, false, true]);
-        let c: Vec<bool> = (0..4).map(|_| f.corrupt(10).is_some()).collect();
+        let c: Vec<bool> = (1..=4).map(|n| f.corrupt(n, 10).is_some()).collect();
         assert_eq!(c, [false, true, false, true]);
         let tok = f.redirect();
         assert!(tok.is_none());

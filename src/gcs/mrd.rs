@@ -523,6 +523,15 @@ impl Driver {
         }
     }
 
+    /// Fails every range, outstanding or still queued, and stops taking more.
+    fn give_up(&mut self, cmds: &mut mpsc::UnboundedReceiver<ReadCmd>, e: &GcsError) {
+        self.table.fail_all(e);
+        cmds.close();
+        while let Ok(cmd) = cmds.try_recv() {
+            let _ = cmd.done.send(Err(e.clone()));
+        }
+    }
+
     /// Serves until every handle is dropped and nothing is outstanding, or a
     /// permanent failure.
     async fn run(mut self, conn: Conn, mut cmds: mpsc::UnboundedReceiver<ReadCmd>) {
@@ -538,18 +547,14 @@ impl Driver {
                     }
                     match self.connect().await {
                         Ok((c, _)) => c,
-                        Err(Failure::Fatal(e)) => {
-                            self.table.fail_all(&e);
-                            return;
-                        }
+                        Err(Failure::Fatal(e)) => return self.give_up(&mut cmds, &e),
                         Err(f) => {
                             let why = match &f {
                                 Failure::Retry(e) => e.to_string(),
                                 _ => "redirected".to_string(),
                             };
                             if let Err(e) = continue_after(&mut backoff, &self, &why).await {
-                                self.table.fail_all(&e);
-                                return;
+                                return self.give_up(&mut cmds, &e);
                             }
                             continue;
                         }
@@ -569,20 +574,15 @@ impl Driver {
                     .await;
                     return;
                 }
-                Err(Failure::Fatal(e)) => {
-                    self.table.fail_all(&e);
-                    return;
-                }
+                Err(Failure::Fatal(e)) => return self.give_up(&mut cmds, &e),
                 Err(Failure::Redirect) => {
                     if let Err(e) = continue_after(&mut backoff, &self, "redirected").await {
-                        self.table.fail_all(&e);
-                        return;
+                        return self.give_up(&mut cmds, &e);
                     }
                 }
                 Err(Failure::Retry(e)) => {
                     if let Err(d) = continue_after(&mut backoff, &self, &e.to_string()).await {
-                        self.table.fail_all(&with_last(d, &e));
-                        return;
+                        return self.give_up(&mut cmds, &with_last(d, &e));
                     }
                 }
             }
