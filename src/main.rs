@@ -20,6 +20,7 @@ fn init_logging(filter: &str) {
 }
 
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = Cli::parse();
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
@@ -114,9 +115,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// Keeps large (chunk-sized) allocations in the heap for reuse instead of
-/// mapping and faulting in fresh pages for every 2 MiB chunk (glibc's default
-/// mmap threshold would do that); measured in docs/benchmarks.md.
+/// Keeps large (chunk- and window-sized) allocations in the heap for reuse
+/// instead of mapping and faulting in fresh pages for every 2 MiB chunk or 8 MiB
+/// window (glibc's default mmap threshold would do that); measured in
+/// docs/benchmarks.md.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -130,7 +132,6 @@ fn tune_malloc() {
 }
 
 fn run_emulator(args: EmulatorArgs) -> ExitCode {
-    tune_malloc();
     init_logging(&args.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -432,3 +432,75 @@ async fn generation_change_retires_streams() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_sizes_shares_caps_and_reaps() {
+    let tree = Tree::new();
+    let objs: Vec<Vec<u8>> = (0..3)
+        .map(|i| tree.put(&format!("o{i}"), &pattern(2 * MIB + i, 20 + i as u64)))
+        .collect();
+    let emu = start(&tree, Config::default()).await;
+    let c = client(&emu, quick_retry()).await;
+
+    // --pool-size 3: open() brings up all three streams of the object.
+    let pool = MrdPool::new(
+        c.clone(),
+        PoolConfig {
+            pool_size: Some(3),
+            ..Default::default()
+        },
+    );
+    let info = pool.open("o0").await.expect("open");
+    let id = ObjectId {
+        name: "o0".into(),
+        generation: info.generation,
+    };
+    assert_eq!(pool.streams_of(&id), 3);
+    assert_eq!(pool.open_streams(), 3);
+
+    // A global cap of 2 streams holds across objects, and every read succeeds.
+    let capped = MrdPool::new(
+        c.clone(),
+        PoolConfig {
+            pool_size: Some(2),
+            max_streams: 2,
+            ..Default::default()
+        },
+    );
+    for round in 0..2 {
+        for (i, data) in objs.iter().enumerate() {
+            let info = c.stat(&format!("o{i}")).await.expect("stat");
+            let id = ObjectId {
+                name: format!("o{i}"),
+                generation: info.generation,
+            };
+            let sink = VecSink::new(data.len());
+            let n = capped
+                .read(&id, info.size, 0, data.len() as u64, sink.clone())
+                .await
+                .expect("read under the cap");
+            assert_eq!(n as usize, data.len());
+            assert_eq!(&sink.take(), data, "round {round} object {i}");
+            assert!(capped.open_streams() <= 2, "cap exceeded");
+        }
+    }
+
+    // Idle streams are closed after the idle timeout.
+    let reaped = MrdPool::new(
+        c.clone(),
+        PoolConfig {
+            idle_timeout: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    reaped.open("o1").await.expect("open");
+    assert!(reaped.open_streams() >= 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reaped.open_streams() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle streams never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -453,12 +453,7 @@ impl Engine {
                 })
                 .sum();
             if let Some(rate) = shaping.stream_bytes_per_sec {
-                let now = Instant::now();
-                if self.next_send > now {
-                    tokio::time::sleep_until(self.next_send).await;
-                }
-                self.next_send =
-                    self.next_send.max(now) + Duration::from_secs_f64(bytes as f64 / rate);
+                pace(&mut self.next_send, bytes, rate).await;
             }
             self.sent += bytes;
             self.emu
@@ -535,6 +530,25 @@ impl Engine {
             read_handle: None,
         })
     }
+}
+
+/// Credit a paced stream may carry: time lost to scheduling or timer rounding
+/// (tokio timers tick in milliseconds) is made up within this much, so the
+/// average rate meets the cap instead of falling short of it.
+const PACE_CREDIT: Duration = Duration::from_millis(50);
+
+/// Bandwidth shaping: waits until `bytes` may be sent at `rate` bytes/s and
+/// books their time. `next` is when the stream's next byte is due.
+async fn pace(next: &mut Instant, bytes: u64, rate: f64) {
+    let now = Instant::now();
+    let floor = now.checked_sub(PACE_CREDIT).unwrap_or(now);
+    if *next < floor {
+        *next = floor;
+    }
+    if *next > now {
+        tokio::time::sleep_until(*next).await;
+    }
+    *next += Duration::from_secs_f64(bytes as f64 / rate);
 }
 
 /// OUT_OF_RANGE for one range, with a BidiReadObjectError naming its read_id.
@@ -626,11 +640,7 @@ pub async fn read_object(
                 });
             }
             if let Some(rate) = shaping.stream_bytes_per_sec {
-                let now = Instant::now();
-                if next_send > now {
-                    tokio::time::sleep_until(next_send).await;
-                }
-                next_send = next_send.max(now) + Duration::from_secs_f64(len as f64 / rate);
+                pace(&mut next_send, len, rate).await;
             }
             off += len;
             emu.counters.bytes_served.fetch_add(len, Ordering::Relaxed);

@@ -76,6 +76,9 @@ pub struct MrdStream {
     tx: mpsc::UnboundedSender<ReadCmd>,
     /// Bytes requested and not yet delivered (the pool's load measure).
     load: Arc<AtomicU64>,
+    /// Bytes of reads handed to the driver that it has not taken in yet: counted
+    /// at once so that a burst of reads spreads over the pool's streams.
+    queued: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
     handle: Bytes,
     info: ObjectInfo,
@@ -110,6 +113,7 @@ impl MrdStream {
             handle: handle.unwrap_or_default(),
             routing_token: None,
             table: RangeTable::new(format!("gs://{}/{object}", client.bucket), stats.clone()),
+            queued: Arc::new(AtomicU64::new(0)),
             stats,
         };
         let mut backoff: Option<Backoff> = None;
@@ -128,6 +132,7 @@ impl MrdStream {
         let stream = MrdStream {
             tx,
             load: driver.table.load.clone(),
+            queued: driver.queued.clone(),
             closed: closed.clone(),
             handle: driver.handle.clone(),
             info,
@@ -151,7 +156,7 @@ impl MrdStream {
 
     /// Bytes requested on this stream and not yet delivered.
     pub fn load(&self) -> u64 {
-        self.load.load(Ordering::Relaxed)
+        self.load.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
     }
 
     /// The driver has stopped: the stream takes no more reads.
@@ -168,14 +173,20 @@ impl MrdStream {
         sink: Arc<dyn RangeSink>,
     ) -> Result<u64, GcsError> {
         let (done, rx) = oneshot::channel();
-        self.tx
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self
+            .tx
             .send(ReadCmd {
                 offset,
                 len,
                 sink,
                 done,
             })
-            .map_err(|_| GcsError::Unavailable("the stream is closed".into()))?;
+            .is_err()
+        {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(GcsError::Unavailable("the stream is closed".into()));
+        }
         rx.await.map_err(|_| {
             GcsError::Unavailable("the stream closed before the range completed".into())
         })?
@@ -260,6 +271,8 @@ struct Driver {
     handle: Bytes,
     routing_token: Option<String>,
     table: RangeTable,
+    /// See [`MrdStream::queued`].
+    queued: Arc<AtomicU64>,
     stats: Arc<StreamStats>,
 }
 
@@ -528,6 +541,7 @@ impl Driver {
         self.table.fail_all(e);
         cmds.close();
         while let Ok(cmd) = cmds.try_recv() {
+            self.queued.fetch_sub(cmd.len, Ordering::Relaxed);
             let _ = cmd.done.send(Err(e.clone()));
         }
     }
@@ -610,8 +624,10 @@ impl Driver {
                         if !outstanding {
                             last_progress = Instant::now();
                         }
+                        self.queued.fetch_sub(cmd.len, Ordering::Relaxed);
                         let mut batch: Vec<ReadRange> = self.table.add(cmd).into_iter().collect();
                         while let Ok(more) = cmds.try_recv() {
+                            self.queued.fetch_sub(more.len, Ordering::Relaxed);
                             batch.extend(self.table.add(more));
                         }
                         send_ranges(c, batch).map_err(Failure::Retry)?;

@@ -69,6 +69,8 @@ struct Entry {
     opening: usize,
     /// Serializes the synchronous first open.
     first: Arc<tokio::sync::Mutex<()>>,
+    /// Signalled whenever a background open finishes.
+    opened: Arc<tokio::sync::Notify>,
 }
 
 struct Inner {
@@ -195,7 +197,9 @@ impl MrdPool {
     fn grow(&self, id: &ObjectId, size: u64, handle: bytes::Bytes) {
         let target = self.target(size);
         let mut objects = lock(&self.inner.objects);
-        let Some(e) = objects.get_mut(id) else { return };
+        let Some(e) = objects.get_mut(id) else {
+            return;
+        };
         while e.streams.len() + e.opening < target {
             let Ok(permit) = self.inner.permits.clone().try_acquire_owned() else {
                 break;
@@ -214,6 +218,7 @@ impl MrdPool {
                 let mut objects = lock(&pool.inner.objects);
                 if let Some(e) = objects.get_mut(&id) {
                     e.opening -= 1;
+                    e.opened.notify_waiters();
                     match opened {
                         Ok(stream) => e.streams.push(Arc::new(PooledStream {
                             stream,
@@ -303,8 +308,10 @@ impl MrdPool {
         }
     }
 
-    /// Opens (or reuses) a stream for an object's live version and returns what
-    /// its first response said, e.g. to pin the generation before reading.
+    /// Opens (or reuses) the streams of an object's live version, waiting until
+    /// the pool has its full count for the object (so that the first burst of
+    /// reads spreads over all of them), and returns what the first stream's
+    /// response said, e.g. to pin the generation before reading.
     pub async fn open(&self, name: &str) -> Result<ObjectInfo, GcsError> {
         let info = self.inner.client.stat(name).await?;
         let id = ObjectId {
@@ -312,7 +319,31 @@ impl MrdPool {
             generation: info.generation,
         };
         let s = self.stream(&id, info.size).await?;
+        self.grow(&id, info.size, s.stream.read_handle());
+        // Wait for every background open (ours and any started by `stream`).
+        loop {
+            let Some(opened) = lock(&self.inner.objects).get(&id).map(|e| e.opened.clone()) else {
+                break;
+            };
+            let wait = opened.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            if lock(&self.inner.objects)
+                .get(&id)
+                .is_none_or(|e| e.opening == 0)
+            {
+                break;
+            }
+            wait.await;
+        }
         Ok(s.stream.info().clone())
+    }
+
+    /// Live streams of an object version (for tests and metrics).
+    pub fn streams_of(&self, id: &ObjectId) -> usize {
+        lock(&self.inner.objects).get(id).map_or(0, |e| {
+            e.streams.iter().filter(|s| !s.stream.is_closed()).count()
+        })
     }
 }
 
