@@ -153,7 +153,7 @@ impl Faults {
     pub fn redirect(&self) -> Option<String> {
         let every = self.shaping.redirect_every.filter(|n| *n > 0)?;
         let n = self.fresh_opens.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % every != 0 {
+        if !n.is_multiple_of(every) {
             return None;
         }
         let token = format!("emu-route-{:016x}", self.draw());
@@ -179,7 +179,7 @@ impl Faults {
     /// N-1 good chunks first and a client that resumes makes progress.
     pub fn corrupt(&self, nth: u64, len: usize) -> Option<usize> {
         let every = self.shaping.corrupt_every.filter(|n| *n > 0)?;
-        if len == 0 || nth % every != 0 {
+        if len == 0 || !nth.is_multiple_of(every) {
             return None;
         }
         Some((self.draw() % len as u64) as usize)

@@ -141,7 +141,7 @@ fn decode_cursor(t: &str) -> Result<ListCursor, EmuError> {
     let bad = || EmuError::InvalidArgument(format!("Invalid page token: {t:?}"));
     let tag = t.chars().next().ok_or_else(bad)?;
     let hex = &t[tag.len_utf8()..];
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes = (0..hex.len())
