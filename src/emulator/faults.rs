@@ -67,6 +67,8 @@ pub struct Counters {
     pub fault_redirect: AtomicU64,
     pub fault_corrupt: AtomicU64,
     pub fault_stall: AtomicU64,
+    /// Calls that carried an `authorization: Bearer` header.
+    pub authorized_calls: AtomicU64,
 }
 
 impl Counters {
@@ -80,7 +82,7 @@ impl Counters {
             concat!(
                 "{{\"streams_opened\":{},\"ranges_served\":{},\"bytes_served\":{},",
                 "\"faults\":{{\"fail_open\":{},\"break\":{},\"redirect\":{},",
-                "\"corrupt\":{},\"stall\":{}}}}}"
+                "\"corrupt\":{},\"stall\":{}}},\"authorized_calls\":{}}}"
             ),
             Self::get(&self.streams_opened),
             Self::get(&self.ranges_served),
@@ -90,6 +92,7 @@ impl Counters {
             Self::get(&self.fault_redirect),
             Self::get(&self.fault_corrupt),
             Self::get(&self.fault_stall),
+            Self::get(&self.authorized_calls),
         )
     }
 }
@@ -234,7 +237,7 @@ mod tests {
         c.bytes_served.store(5, Ordering::Relaxed);
         assert_eq!(
             c.to_json(),
-            "{\"streams_opened\":0,\"ranges_served\":0,\"bytes_served\":5,\"faults\":{\"fail_open\":0,\"break\":0,\"redirect\":0,\"corrupt\":0,\"stall\":0}}"
+            "{\"streams_opened\":0,\"ranges_served\":0,\"bytes_served\":5,\"faults\":{\"fail_open\":0,\"break\":0,\"redirect\":0,\"corrupt\":0,\"stall\":0},\"authorized_calls\":0}"
         );
     }
 }

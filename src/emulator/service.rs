@@ -111,6 +111,20 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The routing parameters of a call; also counts calls that carry a bearer
+/// token (the token itself is never looked at further, nor logged).
+fn call_params(emu: &Emulator, md: &tonic::metadata::MetadataMap) -> HashMap<String, String> {
+    if md
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "))
+    {
+        emu.counters
+            .authorized_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    request_params(md)
+}
+
 /// Checks that the routing header, when sent, names the bucket of the request.
 pub fn check_routing(
     params: &HashMap<String, String>,
@@ -225,7 +239,7 @@ impl storage::storage_server::Storage for StorageService {
         &self,
         request: Request<storage::GetBucketRequest>,
     ) -> Result<Response<storage::Bucket>, Status> {
-        let params = request_params(request.metadata());
+        let params = call_params(&self.emu, request.metadata());
         let req = request.into_inner();
         check_routing(&params, &req.name)?;
         Ok(Response::new(self.bucket(&req.name)?))
@@ -235,7 +249,7 @@ impl storage::storage_server::Storage for StorageService {
         &self,
         request: Request<storage::GetObjectRequest>,
     ) -> Result<Response<storage::Object>, Status> {
-        let params = request_params(request.metadata());
+        let params = call_params(&self.emu, request.metadata());
         let req = request.into_inner();
         check_routing(&params, &req.bucket)?;
         let bucket = store::parse_bucket_resource(&req.bucket)?.to_string();
@@ -256,7 +270,7 @@ impl storage::storage_server::Storage for StorageService {
         &self,
         request: Request<storage::ReadObjectRequest>,
     ) -> Result<Response<Self::ReadObjectStream>, Status> {
-        let params = request_params(request.metadata());
+        let params = call_params(&self.emu, request.metadata());
         let req = request.into_inner();
         check_routing(&params, &req.bucket)?;
         let rx = bidi::read_object(self.emu.clone(), req).await?;
@@ -269,7 +283,7 @@ impl storage::storage_server::Storage for StorageService {
         &self,
         request: Request<Streaming<storage::BidiReadObjectRequest>>,
     ) -> Result<Response<Self::BidiReadObjectStream>, Status> {
-        let params = request_params(request.metadata());
+        let params = call_params(&self.emu, request.metadata());
         let stream = bidi::open(self.emu.clone(), params, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
@@ -289,7 +303,7 @@ impl storage::storage_server::Storage for StorageService {
         &self,
         request: Request<storage::ListObjectsRequest>,
     ) -> Result<Response<storage::ListObjectsResponse>, Status> {
-        let params = request_params(request.metadata());
+        let params = call_params(&self.emu, request.metadata());
         let req = request.into_inner();
         check_routing(&params, &req.parent)?;
         let svc = StorageService {
@@ -308,7 +322,7 @@ impl control::storage_control_server::StorageControl for ControlService {
         &self,
         request: Request<control::GetStorageLayoutRequest>,
     ) -> Result<Response<control::StorageLayout>, Status> {
-        let params = request_params(request.metadata());
+        let params = call_params(&self.emu, request.metadata());
         let req = request.into_inner();
         let resource = req.name.strip_suffix("/storageLayout").ok_or_else(|| {
             EmuError::InvalidArgument(format!(
