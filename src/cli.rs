@@ -273,9 +273,13 @@ pub struct EmulatorArgs {
     /// Largest data chunk to send, in bytes (the real service sends up to 2 MiB).
     #[arg(long, default_value_t = emulator::faults::MAX_CHUNK, value_parser = parse_chunk)]
     pub chunk_size: usize,
-    /// Location the buckets report (their storage layout's location_type is "zone").
+    /// Location the buckets report.
     #[arg(long, default_value = "us-central1-a")]
     pub location: String,
+    /// Location type the buckets report: "zone" (zonal, Rapid), or e.g. "region"
+    /// to stand in for a non-zonal bucket.
+    #[arg(long, default_value = "zone")]
+    pub location_type: String,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
     pub log_level: String,
@@ -297,6 +301,7 @@ impl EmulatorArgs {
                 chunk_size: self.chunk_size,
             },
             location: self.location.clone(),
+            location_type: self.location_type.clone(),
         }
     }
 }

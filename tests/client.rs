@@ -73,6 +73,22 @@ async fn metadata_calls() {
         Err(GcsError::NotFound(m)) => assert!(m.contains("gs://test-bucket/dir/missing"), "{m}"),
         other => panic!("{other:?}"),
     }
+    assert!(c.check_bucket().await.expect("check").is_zonal());
+    let regional = start(
+        &tree,
+        Config {
+            location_type: "region".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = client(&regional, quick_retry()).await;
+    let info = r
+        .check_bucket()
+        .await
+        .expect("a non-zonal bucket still works");
+    assert!(!info.is_zonal());
+    assert_eq!(r.stat("dir/a.bin").await.expect("stat").size, 1234);
     let mut cfg = ClientConfig::new("no-such-bucket");
     cfg.endpoint = Some(emu.endpoint());
     cfg.credentials = CredentialsSource::Anonymous;

@@ -97,6 +97,8 @@ pub struct Config {
     pub shaping: Shaping,
     /// Reported as the buckets' location.
     pub location: String,
+    /// Reported as the buckets' location type (`zone` for zonal buckets).
+    pub location_type: String,
 }
 
 impl Default for Config {
@@ -104,6 +106,7 @@ impl Default for Config {
         Config {
             shaping: Shaping::default(),
             location: "us-central1-a".to_string(),
+            location_type: "zone".to_string(),
         }
     }
 }
@@ -114,6 +117,7 @@ pub struct Emulator {
     pub faults: faults::Faults,
     pub counters: Counters,
     pub location: String,
+    pub location_type: String,
 }
 
 impl Emulator {
@@ -124,6 +128,7 @@ impl Emulator {
             faults: faults::Faults::new(config.shaping),
             counters: Counters::default(),
             location: config.location,
+            location_type: config.location_type,
         }))
     }
 }

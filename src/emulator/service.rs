@@ -221,7 +221,7 @@ impl StorageService {
             project: "projects/0".to_string(),
             metageneration: 1,
             location: self.emu.location.to_uppercase(),
-            location_type: "zone".to_string(),
+            location_type: self.emu.location_type.clone(),
             storage_class: "RAPID".to_string(),
             create_time: Some(created),
             update_time: Some(created),
@@ -336,7 +336,7 @@ impl control::storage_control_server::StorageControl for ControlService {
         Ok(Response::new(control::StorageLayout {
             name: req.name.clone(),
             location: self.emu.location.to_uppercase(),
-            location_type: "zone".to_string(),
+            location_type: self.emu.location_type.clone(),
             custom_placement_config: Some(control::storage_layout::CustomPlacementConfig {
                 data_locations: vec![self.emu.location.clone()],
             }),

@@ -228,6 +228,23 @@ impl GcsClient {
         }
     }
 
+    /// Checks the bucket before serving it: it must exist and be reachable with
+    /// these credentials. A bucket that is not zonal still works (reads use the
+    /// same protocol), with a warning that it is not what zonalfs is tuned for.
+    pub async fn check_bucket(&self) -> Result<BucketInfo, GcsError> {
+        let info = self.bucket_info().await?;
+        if !info.is_zonal() {
+            tracing::warn!(
+                bucket = %info.name,
+                location_type = %info.location_type,
+                "gs://{} is not a zonal bucket (location type {:?}); it will work, but zonalfs is built for zonal (Rapid) buckets",
+                info.name,
+                info.location_type
+            );
+        }
+        Ok(info)
+    }
+
     /// Metadata of an object's live version.
     pub async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
         let what = format!("gs://{}/{name}", self.bucket);
