@@ -8,4 +8,5 @@ pub mod cli;
 pub mod emulator;
 pub mod gcs;
 pub mod proto;
+pub mod read;
 pub mod tools;

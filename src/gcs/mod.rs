@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod mem;
 pub mod mrd;
 pub mod pool;
 pub mod retry;
