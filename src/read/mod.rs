@@ -4,3 +4,8 @@
 //! mmap'd blocks ([`buffer`]) under one global memory budget.
 
 pub mod buffer;
+pub mod cache;
+pub mod prefetch;
+
+pub use cache::{ReadData, ReadEngine, ReadError};
+pub use prefetch::PrefetchConfig;

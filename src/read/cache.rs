@@ -1,0 +1,519 @@
+//! The per-inode readahead cache: the only way the filesystem reads data.
+//!
+//! Each inode has blocks keyed by their block-aligned offset and tagged with the
+//! object generation they hold, shared by every handle of the inode, plus its
+//! read cursors ([`super::prefetch`]). A read is planned by the prefetcher:
+//! - *Direct* (a random read): exactly the requested span is fetched into a
+//!   buffer of its own and returned; nothing else is fetched.
+//! - *Blocks* (a sequential reader): the blocks covering the read, and the window
+//!   ahead of it, are requested, the block the reader waits for first, each as
+//!   one range through the object client (so they spread over the object's MRD
+//!   streams) into a page-aligned block from the [`BlockPool`]. The read then
+//!   waits for just the bytes it needs. A read inside one block is returned as a
+//!   slice of that block (zero copy); a read spanning blocks is assembled once.
+//!
+//! Memory: blocks come from the pool only while the global budget allows. When it
+//! does not, the least recently used complete block nobody is reading (from any
+//! inode) is evicted; a reader's window is capped to its fair share of the budget
+//! (budget / sequential readers), so one greedy reader cannot take every block;
+//! and if even the block a read needs cannot be had, the read falls back to a
+//! direct fetch of just its span (always one unit of progress).
+//!
+//! Generations: blocks of another generation are never used; a read of a newer
+//! generation drops the inode's blocks and cursors, a read of an older one (a
+//! handle opened before the change) is served directly. For appendable objects,
+//! a read at or past the known size refreshes the size (stat) before it reports
+//! end of file, and a short last block is fetched again once the object grew.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::buffer::{Block, BlockPool};
+use super::prefetch::{Cursors, Plan, PrefetchConfig};
+use crate::gcs::{GcsError, ObjectClient, ObjectId, VecSink};
+
+/// A sequential cursor used this recently counts toward the budget's split.
+const ACTIVE_CURSOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Errors of the read layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Gcs(#[from] GcsError),
+    #[error("{object}: the object changed while being read (generation {generation} is gone)")]
+    Stale { object: String, generation: i64 },
+    #[error("{object}: short read at offset {offset}: got {got} of {want} bytes")]
+    Short {
+        object: String,
+        offset: u64,
+        got: u64,
+        want: u64,
+    },
+}
+
+/// What a read returns: a slice of a cached block, or bytes of its own.
+pub enum ReadData {
+    Block {
+        slot: Arc<Slot>,
+        range: Range<usize>,
+    },
+    Owned(Vec<u8>),
+}
+
+impl ReadData {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadData::Block { slot, range } => slot.block.bytes(range.clone()).unwrap_or(&[]),
+            ReadData::Owned(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One cached block of one object generation.
+pub struct Slot {
+    pub offset: u64,
+    pub generation: i64,
+    pub block: Block,
+    /// Bytes the block will hold when loaded (short at the end of the object).
+    want: u64,
+    /// Set when the load ended: bytes delivered, or the error.
+    result: Mutex<Option<Result<u64, ReadError>>>,
+    last_used: AtomicU64,
+    /// A reader has read to the end of it: evict these first.
+    consumed: std::sync::atomic::AtomicBool,
+    /// The load, to cancel when nobody will read the block.
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // A block dropped while loading (evicted, cancelled, a new generation):
+        // stop its fetch so the stream abandons the range.
+        if let Some(t) = lock(&self.task).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Slot {
+    fn loaded(&self) -> Option<Result<u64, ReadError>> {
+        match self.result.lock() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// Counters of the engine.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    pub bytes_delivered: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub block_hits: AtomicU64,
+    pub block_misses: AtomicU64,
+    pub direct_reads: AtomicU64,
+    pub evictions: AtomicU64,
+    pub budget_fallbacks: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inode {
+    generation: i64,
+    blocks: BTreeMap<u64, Arc<Slot>>,
+    cursors: Cursors,
+}
+
+/// The read engine: cache, prefetcher and block pool over an object client.
+pub struct ReadEngine {
+    client: Arc<dyn ObjectClient>,
+    pool: BlockPool,
+    cfg: PrefetchConfig,
+    inodes: Mutex<HashMap<u64, Inode>>,
+    clock: AtomicU64,
+    pub stats: Arc<ReadStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl ReadEngine {
+    pub fn new(
+        client: Arc<dyn ObjectClient>,
+        pool: BlockPool,
+        mut cfg: PrefetchConfig,
+    ) -> Arc<ReadEngine> {
+        cfg.block_size = pool.block_size() as u64;
+        Arc::new(ReadEngine {
+            client,
+            pool,
+            cfg,
+            inodes: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+            stats: Arc::new(ReadStats::default()),
+        })
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn config(&self) -> &PrefetchConfig {
+        &self.cfg
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Drops an inode's blocks and cursors (forget, or the object is gone).
+    pub fn forget(&self, ino: u64) {
+        lock(&self.inodes).remove(&ino);
+    }
+
+    /// Blocks cached (or loading) for an inode, as (offset, filled) pairs.
+    pub fn blocks_of(&self, ino: u64) -> Vec<(u64, usize)> {
+        lock(&self.inodes)
+            .get(&ino)
+            .map(|i| {
+                i.blocks
+                    .values()
+                    .map(|s| (s.offset, s.block.filled()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Reads up to `len` bytes at `off` of `object` (whose size is `size` as far
+    /// as the caller knows; `finalized` false for appendable objects). Returns
+    /// fewer bytes only at the end of the object.
+    pub async fn read(
+        &self,
+        ino: u64,
+        object: &ObjectId,
+        mut size: u64,
+        finalized: bool,
+        off: u64,
+        len: u64,
+    ) -> Result<ReadData, ReadError> {
+        if off.saturating_add(len) > size && !finalized {
+            // An appendable object may have grown: refresh before a short read.
+            let info = self.client.stat(&object.name).await?;
+            if info.generation != object.generation {
+                return Err(ReadError::Stale {
+                    object: object.name.clone(),
+                    generation: object.generation,
+                });
+            }
+            size = size.max(info.size);
+        }
+        if off >= size || len == 0 {
+            return Ok(ReadData::Owned(Vec::new()));
+        }
+        let len = len.min(size - off);
+        let plan = {
+            let mut inodes = lock(&self.inodes);
+            let sequential_total: usize = inodes
+                .values()
+                .map(|i| i.cursors.sequential(ACTIVE_CURSOR))
+                .sum();
+            let inode = inodes.entry(ino).or_default();
+            if object.generation > inode.generation {
+                inode.generation = object.generation;
+                inode.blocks.clear();
+                inode.cursors.clear();
+            }
+            if object.generation < inode.generation {
+                None
+            } else {
+                let share = self.pool.budget().limit()
+                    / (sequential_total.max(1) as u64)
+                    / self.cfg.block_size.max(1);
+                let cap = share.saturating_sub(1).max(1);
+                let (plan, dropped) = inode.cursors.plan(&self.cfg, off, len, size, cap);
+                for c in dropped {
+                    // Cancel that cursor's prefetch that nobody reads.
+                    let lo = c.end / self.cfg.block_size * self.cfg.block_size;
+                    let doomed: Vec<u64> = inode
+                        .blocks
+                        .range(lo..c.frontier.max(lo))
+                        .filter(|(_, s)| Arc::strong_count(s) == 1)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in doomed {
+                        inode.blocks.remove(&k);
+                    }
+                }
+                Some(plan)
+            }
+        };
+        let result = match plan {
+            None | Some(Plan::Direct) => self.direct(object, size, off, len).await,
+            Some(Plan::Blocks { ahead_to }) => {
+                self.through_blocks(ino, object, size, off, len, ahead_to)
+                    .await
+            }
+        };
+        if let Ok(d) = &result {
+            self.stats
+                .bytes_delivered
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Fetches exactly `[off, off + len)` into a buffer of its own.
+    async fn direct(
+        &self,
+        object: &ObjectId,
+        size: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<ReadData, ReadError> {
+        self.stats.direct_reads.fetch_add(1, Ordering::Relaxed);
+        let sink = VecSink::new(len as usize);
+        let n = match self.client.read(object, size, off, len, sink.clone()).await {
+            Ok(n) => n,
+            Err(GcsError::NotFound(_)) => {
+                return Err(ReadError::Stale {
+                    object: object.name.clone(),
+                    generation: object.generation,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+        if n < len {
+            return Err(ReadError::Short {
+                object: object.name.clone(),
+                offset: off,
+                got: n,
+                want: len,
+            });
+        }
+        Ok(ReadData::Owned(sink.take()))
+    }
+
+    /// Allocates a block, evicting the least recently used idle block if the
+    /// budget is spent.
+    fn alloc(&self, len: usize) -> Option<Block> {
+        loop {
+            if let Some(b) = self.pool.try_alloc(len) {
+                return Some(b);
+            }
+            if !self.evict_one() {
+                return None;
+            }
+        }
+    }
+
+    /// Evicts a complete block nobody holds: blocks already read past first,
+    /// then blocks prefetched ahead of readers, least recently used first in
+    /// each; false if there is none.
+    fn evict_one(&self) -> bool {
+        let mut inodes = lock(&self.inodes);
+        let mut best: Option<(bool, u64, u64, u64)> = None;
+        for (ino, inode) in inodes.iter() {
+            for (off, s) in &inode.blocks {
+                if Arc::strong_count(s) == 1 && s.block.is_done() {
+                    let key = (
+                        !s.consumed.load(Ordering::Relaxed),
+                        s.last_used.load(Ordering::Relaxed),
+                    );
+                    if best.is_none_or(|(c, t, _, _)| key < (c, t)) {
+                        best = Some((key.0, key.1, *ino, *off));
+                    }
+                }
+            }
+        }
+        let Some((_, _, ino, off)) = best else {
+            return false;
+        };
+        if let Some(inode) = inodes.get_mut(&ino) {
+            inode.blocks.remove(&off);
+        }
+        drop(inodes);
+        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The slot for the block at `boff`, starting its load if needed. None when
+    /// no memory can be had for it.
+    fn slot(&self, ino: u64, object: &ObjectId, size: u64, boff: u64) -> Option<Arc<Slot>> {
+        let want = self.cfg.block_size.min(size - boff);
+        {
+            let mut inodes = lock(&self.inodes);
+            let inode = inodes.get_mut(&ino)?;
+            if inode.generation != object.generation {
+                return None;
+            }
+            if let Some(s) = inode.blocks.get(&boff) {
+                let failed = matches!(s.loaded(), Some(Err(_)));
+                if !failed && s.want >= want {
+                    s.last_used.store(self.tick(), Ordering::Relaxed);
+                    self.stats.block_hits.fetch_add(1, Ordering::Relaxed);
+                    return Some(s.clone());
+                }
+                // A failed load, or the object grew past a short block: again.
+                inode.blocks.remove(&boff);
+            }
+        }
+        let block = self.alloc(want as usize)?;
+        let slot = Arc::new(Slot {
+            offset: boff,
+            generation: object.generation,
+            block,
+            want,
+            result: Mutex::new(None),
+            last_used: AtomicU64::new(self.tick()),
+            consumed: std::sync::atomic::AtomicBool::new(false),
+            task: Mutex::new(None),
+        });
+        {
+            let mut inodes = lock(&self.inodes);
+            let inode = inodes.get_mut(&ino)?;
+            if inode.generation != object.generation {
+                return None;
+            }
+            if let Some(existing) = inode.blocks.get(&boff) {
+                // Another reader got there first.
+                return Some(existing.clone());
+            }
+            inode.blocks.insert(boff, slot.clone());
+        }
+        self.stats.block_misses.fetch_add(1, Ordering::Relaxed);
+        let (client, object, stats, weak) = (
+            self.client.clone(),
+            object.clone(),
+            self.stats.clone(),
+            Arc::downgrade(&slot),
+        );
+        let task = tokio::spawn(async move {
+            let sink: Arc<dyn crate::gcs::RangeSink> = Arc::new(SlotSink(weak.clone()));
+            let r = client.read(&object, size, boff, want, sink).await;
+            if let Ok(n) = &r {
+                stats.bytes_fetched.fetch_add(*n, Ordering::Relaxed);
+            }
+            if let Some(s) = weak.upgrade() {
+                *lock(&s.result) = Some(r.map_err(ReadError::from));
+                lock(&s.task).take();
+                s.block.finish();
+            }
+        });
+        let mut t = lock(&slot.task);
+        if !slot.block.is_done() {
+            *t = Some(task.abort_handle());
+        }
+        drop(t);
+        Some(slot)
+    }
+
+    async fn through_blocks(
+        &self,
+        ino: u64,
+        object: &ObjectId,
+        size: u64,
+        off: u64,
+        len: u64,
+        ahead_to: u64,
+    ) -> Result<ReadData, ReadError> {
+        let bs = self.cfg.block_size;
+        let end = off + len;
+        let first = off / bs * bs;
+        // The blocks this read needs, first.
+        let mut needed = Vec::new();
+        let mut b = first;
+        while b < end {
+            match self.slot(ino, object, size, b) {
+                Some(s) => needed.push(s),
+                None => {
+                    // No memory for a block: one unit of progress, fetched directly.
+                    self.stats.budget_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    drop(needed);
+                    return self.direct(object, size, off, len).await;
+                }
+            }
+            b += bs;
+        }
+        // Then the window ahead (the blocks not cached yet), as far as memory
+        // allows.
+        let missing: Vec<u64> = {
+            let inodes = lock(&self.inodes);
+            let have = inodes.get(&ino).map(|i| &i.blocks);
+            (b..ahead_to.min(size))
+                .step_by(bs as usize)
+                .filter(|p| have.is_none_or(|m| !m.contains_key(p)))
+                .collect()
+        };
+        for p in missing {
+            if self.slot(ino, object, size, p).is_none() {
+                break;
+            }
+        }
+        // Wait for just the bytes needed from each block.
+        for s in &needed {
+            let lo = off.max(s.offset) - s.offset;
+            let hi = end.min(s.offset + s.want) - s.offset;
+            let filled = s.block.wait_for(hi as usize).await as u64;
+            if hi == s.want {
+                s.consumed.store(true, Ordering::Relaxed);
+            }
+            if filled < hi {
+                return Err(match s.loaded() {
+                    Some(Err(ReadError::Gcs(GcsError::NotFound(_)))) => ReadError::Stale {
+                        object: object.name.clone(),
+                        generation: object.generation,
+                    },
+                    Some(Err(e)) => e,
+                    _ => ReadError::Short {
+                        object: object.name.clone(),
+                        offset: s.offset + lo,
+                        got: filled.saturating_sub(lo),
+                        want: hi - lo,
+                    },
+                });
+            }
+        }
+        if needed.len() == 1 {
+            let s = needed.remove(0);
+            let lo = (off - s.offset) as usize;
+            let hi = (end - s.offset) as usize;
+            return Ok(ReadData::Block {
+                slot: s,
+                range: lo..hi,
+            });
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        for s in &needed {
+            let lo = (off.max(s.offset) - s.offset) as usize;
+            let hi = (end.min(s.offset + s.want) - s.offset) as usize;
+            out.extend_from_slice(s.block.bytes(lo..hi).unwrap_or(&[]));
+        }
+        Ok(ReadData::Owned(out))
+    }
+}
+
+/// Writes a range's verified chunks into a slot's block, for as long as the
+/// slot is cached (a dropped slot's late chunks go nowhere).
+struct SlotSink(std::sync::Weak<Slot>);
+
+impl crate::gcs::RangeSink for SlotSink {
+    fn put(&self, at: usize, data: &[u8]) {
+        if let Some(s) = self.0.upgrade() {
+            s.block.put(at, data);
+        }
+    }
+}

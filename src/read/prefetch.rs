@@ -1,0 +1,292 @@
+//! Sequential detection and prefetch windows, per read cursor.
+//!
+//! An inode may be read by several cursors at once (four threads reading four
+//! quarters of a file are four sequential streams). Each read is matched to the
+//! cursor whose last end it continues, within a forward tolerance (the kernel
+//! reorders and skips async readahead requests) and a small backward one; a read
+//! that continues no cursor starts a new one (replacing the least recently used
+//! beyond `max_cursors`).
+//!
+//! A cursor is *sequential* from its second contiguous read, or at once when it
+//! starts at offset 0 (a file read from the start is almost always read on): the
+//! mountpoint-s3 heuristic (prefetch from the first read, window doubling) keeps
+//! a cold sequential read from paying a round trip per kernel request, while
+//! gcsfs' (prefetch only from the 3rd sequential read) wastes nothing on random
+//! reads. The hybrid takes both: random reads elsewhere fetch only what they ask
+//! for, and a sequential reader from offset 0 prefetches from its first read.
+//! Once sequential, the window (in blocks ahead of the reader) starts at
+//! `initial_blocks` and doubles each time the reader enters a new block, up to
+//! the window cap the cache grants (`--readahead-max`, shrunk by the memory
+//! budget's fair share).
+
+use tokio::time::Instant;
+
+/// A read starting at most this far past a cursor's end is contiguous with it
+/// (one FUSE request's worth: the kernel's async readahead may leave such gaps).
+const CONTIGUOUS_SLACK: u64 = 1 << 20;
+
+/// Tunables of the prefetcher.
+#[derive(Debug, Clone)]
+pub struct PrefetchConfig {
+    pub block_size: u64,
+    /// Largest window ahead of a reader, in bytes.
+    pub readahead_max: u64,
+    /// Window when a cursor turns sequential, in blocks.
+    pub initial_blocks: u64,
+    /// A read up to this far past a cursor's end still continues it.
+    pub forward_tolerance: u64,
+    /// A read starting up to this far before a cursor's end still continues it.
+    pub backward_tolerance: u64,
+    /// Contiguous reads before a cursor that did not start at 0 is sequential.
+    pub sequential_after: u32,
+    /// Cursors tracked per inode.
+    pub max_cursors: usize,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            block_size: 8 << 20,
+            readahead_max: 256 << 20,
+            initial_blocks: 1,
+            forward_tolerance: 16 << 20,
+            backward_tolerance: 1 << 20,
+            sequential_after: 1,
+            max_cursors: 8,
+        }
+    }
+}
+
+/// One reader's position and window.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    /// End of the furthest read so far.
+    pub end: u64,
+    /// Contiguous reads matched.
+    pub hits: u32,
+    /// Forward skips since the last contiguous read.
+    pub skips: u32,
+    pub sequential: bool,
+    /// Blocks to keep ahead of `end`.
+    pub window: u64,
+    /// The block index the reader was last in.
+    pub block: u64,
+    /// The furthest byte its window has reached (block-aligned).
+    pub frontier: u64,
+    pub last_used: Instant,
+}
+
+/// What the cache should do for one read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Fetch exactly this span, not through the block cache.
+    Direct,
+    /// Serve from blocks, and make sure blocks up to `ahead_to` (exclusive byte
+    /// offset, block-aligned) are requested.
+    Blocks { ahead_to: u64 },
+}
+
+/// The cursors of one inode.
+#[derive(Debug, Default)]
+pub struct Cursors {
+    pub list: Vec<Cursor>,
+}
+
+impl Cursors {
+    /// Matches a read to a cursor (or starts one) and plans it. `cap` is the
+    /// largest window (in blocks) the cache grants this reader now; `size` the
+    /// object's size. Returns the plan and the cursors dropped to make room
+    /// (their prefetch can be cancelled).
+    pub fn plan(
+        &mut self,
+        cfg: &PrefetchConfig,
+        off: u64,
+        len: u64,
+        size: u64,
+        cap: u64,
+    ) -> (Plan, Vec<Cursor>) {
+        let now = Instant::now();
+        let end = off.saturating_add(len);
+        let bs = cfg.block_size.max(1);
+        // A sequential cursor takes reads within its tolerances (the kernel
+        // reorders and skips async readahead); a cursor not yet sequential only
+        // an exact continuation (a random reader rarely lands exactly there).
+        let found = self.list.iter().position(|c| {
+            if c.sequential {
+                off <= c.end.saturating_add(cfg.forward_tolerance)
+                    && off.saturating_add(cfg.backward_tolerance) >= c.end
+            } else {
+                off == c.end
+            }
+        });
+        let mut dropped = Vec::new();
+        let idx = match found {
+            Some(i) => {
+                let c = &mut self.list[i];
+                let contiguous = off <= c.end.saturating_add(CONTIGUOUS_SLACK);
+                if contiguous {
+                    c.hits += 1;
+                    c.skips = 0;
+                } else {
+                    // A forward skip within tolerance: the kernel reordering a
+                    // sequential reader's requests, or a random reader. Three in
+                    // a row without a contiguous read: random after all.
+                    c.skips += 1;
+                    if c.skips >= 3 {
+                        c.sequential = false;
+                        c.hits = 0;
+                        c.window = 0;
+                    }
+                }
+                c.end = c.end.max(end);
+                if !c.sequential && c.hits >= cfg.sequential_after {
+                    c.sequential = true;
+                    c.window = cfg.initial_blocks;
+                }
+                i
+            }
+            None => {
+                if self.list.len() >= cfg.max_cursors.max(1) {
+                    if let Some((j, _)) = self
+                        .list
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, c)| c.last_used)
+                    {
+                        dropped.push(self.list.swap_remove(j));
+                    }
+                }
+                let sequential = off == 0;
+                self.list.push(Cursor {
+                    end,
+                    hits: 0,
+                    skips: 0,
+                    sequential,
+                    window: if sequential { cfg.initial_blocks } else { 0 },
+                    block: off / bs,
+                    frontier: 0,
+                    last_used: now,
+                });
+                self.list.len() - 1
+            }
+        };
+        let c = &mut self.list[idx];
+        c.last_used = now;
+        if !c.sequential {
+            return (Plan::Direct, dropped);
+        }
+        let block = end.saturating_sub(1) / bs;
+        if block > c.block {
+            // Entered a new block: the reader keeps up, grow the window.
+            c.window = c.window.saturating_mul(2).max(1);
+            c.block = block;
+        }
+        let max_blocks = (cfg.readahead_max / bs).max(1);
+        c.window = c.window.min(max_blocks).min(cap.max(1));
+        let ahead_to = ((block + 1 + c.window) * bs).min(size.div_ceil(bs) * bs);
+        c.frontier = c.frontier.max(ahead_to);
+        (Plan::Blocks { ahead_to }, dropped)
+    }
+
+    /// Forgets every cursor (a new generation).
+    pub fn clear(&mut self) {
+        self.list.clear();
+    }
+
+    /// Sequential cursors used within `recent` (for the budget's fair share).
+    pub fn sequential(&self, recent: std::time::Duration) -> usize {
+        self.list
+            .iter()
+            .filter(|c| c.sequential && c.last_used.elapsed() <= recent)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u64 = 1 << 20;
+
+    fn cfg() -> PrefetchConfig {
+        PrefetchConfig {
+            block_size: BS,
+            readahead_max: 16 * BS,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn from_zero_is_sequential_at_once_and_window_doubles() {
+        let mut c = Cursors::default();
+        let size = 100 * BS;
+        let (p, _) = c.plan(&cfg(), 0, 128 << 10, size, 64);
+        assert_eq!(p, Plan::Blocks { ahead_to: 2 * BS });
+        let mut last = 0;
+        for i in 1..40u64 {
+            let (p, _) = c.plan(&cfg(), i * (512 << 10), 512 << 10, size, 64);
+            if let Plan::Blocks { ahead_to, .. } = p {
+                assert!(ahead_to >= last);
+                last = ahead_to;
+            }
+        }
+        assert_eq!(c.list[0].window, 16, "capped by readahead_max");
+        assert_eq!(c.list.len(), 1);
+    }
+
+    #[test]
+    fn random_reads_go_direct_and_start_new_cursors() {
+        let mut c = Cursors::default();
+        let size = 1000 * BS;
+        for i in 0..20u64 {
+            let off = (i * 7919 * 4096 + 4096) % size;
+            let (p, _) = c.plan(&cfg(), off, 4096, size, 64);
+            assert_eq!(p, Plan::Direct, "read {i} at {off}");
+        }
+        assert!(c.list.len() <= cfg().max_cursors);
+    }
+
+    #[test]
+    fn second_contiguous_read_turns_sequential_and_tolerates_skips() {
+        let mut c = Cursors::default();
+        let size = 1000 * BS;
+        let (p, _) = c.plan(&cfg(), 500 * BS, 4096, size, 64);
+        assert_eq!(p, Plan::Direct);
+        let (p, _) = c.plan(&cfg(), 500 * BS + 4096, 4096, size, 64);
+        assert!(matches!(p, Plan::Blocks { .. }));
+        // The kernel skips ahead within tolerance: same cursor.
+        let (p, _) = c.plan(&cfg(), 500 * BS + 3 * BS, 4096, size, 64);
+        assert!(matches!(p, Plan::Blocks { .. }));
+        assert_eq!(c.list.len(), 1);
+        // Skips, and only skips: it was random after all.
+        for k in 1..=3u64 {
+            c.plan(&cfg(), 500 * BS + 3 * BS + k * 5 * BS, 4096, size, 64);
+        }
+        let (p, _) = c.plan(&cfg(), 500 * BS + 40 * BS, 4096, size, 64);
+        assert_eq!(p, Plan::Direct);
+    }
+
+    #[test]
+    fn four_quarters_are_four_cursors() {
+        let mut c = Cursors::default();
+        let size = 400 * BS;
+        for step in 0..10u64 {
+            for q in 0..4u64 {
+                let off = q * 100 * BS + step * (256 << 10);
+                c.plan(&cfg(), off, 256 << 10, size, 64);
+            }
+        }
+        assert_eq!(c.list.len(), 4);
+        assert_eq!(c.sequential(std::time::Duration::from_secs(60)), 4);
+    }
+
+    #[test]
+    fn window_obeys_the_cap() {
+        let mut c = Cursors::default();
+        let size = 1000 * BS;
+        for i in 0..64u64 {
+            c.plan(&cfg(), i * BS, BS, size, 3);
+        }
+        assert_eq!(c.list[0].window, 3);
+    }
+}

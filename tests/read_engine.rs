@@ -1,0 +1,331 @@
+//! The read engine over in-memory object clients: exact bytes for any sequence
+//! of reads, the memory budget never exceeded, prefetch ahead of sequential
+//! readers, no waste on random reads, generations and appendable objects.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use zonalfs::gcs::mem::MemClient;
+use zonalfs::gcs::{ObjectClient, ObjectId};
+use zonalfs::read::buffer::{BlockPool, Budget};
+use zonalfs::read::{PrefetchConfig, ReadEngine, ReadError};
+
+const KIB: u64 = 1024;
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn engine(client: Arc<MemClient>, block: usize, budget: u64, readahead: u64) -> Arc<ReadEngine> {
+    let pool = BlockPool::new(block, Budget::new(budget));
+    ReadEngine::new(
+        client,
+        pool,
+        PrefetchConfig {
+            readahead_max: readahead,
+            forward_tolerance: 4 * block as u64,
+            backward_tolerance: block as u64 / 4,
+            ..Default::default()
+        },
+    )
+}
+
+async fn read_all(e: &ReadEngine, ino: u64, id: &ObjectId, size: u64, step: u64) -> Vec<u8> {
+    read_all_of(e, ino, id, size, true, step).await
+}
+
+async fn read_all_of(
+    e: &ReadEngine,
+    ino: u64,
+    id: &ObjectId,
+    size: u64,
+    finalized: bool,
+    step: u64,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    loop {
+        let d = e
+            .read(ino, id, size, finalized, off, step)
+            .await
+            .expect("read");
+        if d.is_empty() {
+            return out;
+        }
+        off += d.len() as u64;
+        out.extend_from_slice(d.as_slice());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Any reads, from several tasks at once, return exactly the object's bytes,
+    /// and the budget is never exceeded.
+    #[test]
+    fn random_read_sequences_return_exact_bytes(
+        size in 1usize..600_000,
+        reads in proptest::collection::vec((0u64..700_000, 1u64..200_000, 0usize..4), 1..60),
+        budget_blocks in 1u64..12,
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let client = MemClient::new(Duration::ZERO);
+            let truth = data(size, size as u64);
+            let info = client.put("obj", truth.clone(), true);
+            let id = ObjectId { name: "obj".into(), generation: info.generation };
+            let budget = budget_blocks * 64 * KIB;
+            let e = engine(client, 64 * KIB as usize, budget, 512 * KIB);
+            let truth = Arc::new(truth);
+            let mut tasks = Vec::new();
+            for lane in 0..4usize {
+                let mine: Vec<(u64, u64)> = reads.iter().filter(|r| r.2 == lane).map(|r| (r.0, r.1)).collect();
+                let (e, id, truth) = (e.clone(), id.clone(), truth.clone());
+                tasks.push(tokio::spawn(async move {
+                    for (off, len) in mine {
+                        let d = e.read(7, &id, size as u64, true, off, len).await.expect("read");
+                        let lo = (off as usize).min(size);
+                        let hi = (off + len).min(size as u64) as usize;
+                        assert_eq!(d.as_slice(), &truth[lo..hi.max(lo)], "read {off}+{len}");
+                    }
+                }));
+            }
+            for t in tasks { t.await.expect("reader"); }
+            assert!(e.pool().budget().peak() <= budget);
+            assert!(e.pool().mapped() <= budget);
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reader_stays_two_blocks_ahead() {
+    let client = MemClient::new(Duration::from_millis(2));
+    let size = 64 * 256 * KIB;
+    let truth = data(size as usize, 3);
+    let info = client.put("big", truth.clone(), true);
+    let id = ObjectId {
+        name: "big".into(),
+        generation: info.generation,
+    };
+    let bs = 256 * KIB;
+    let e = engine(client.clone(), bs as usize, 64 << 20, 4 << 20);
+    let mut ahead_min = u64::MAX;
+    let mut off = 0;
+    let mut got = Vec::new();
+    while off < size {
+        let d = e
+            .read(1, &id, size, true, off, 128 * KIB)
+            .await
+            .expect("read");
+        got.extend_from_slice(d.as_slice());
+        off += d.len() as u64;
+        let blk = (off - 1) / bs;
+        if blk >= 4 && off + 3 * bs < size {
+            let cached = e.blocks_of(1);
+            let ahead = (1..=16)
+                .take_while(|k| cached.iter().any(|(o, _)| *o == (blk + k) * bs))
+                .count() as u64;
+            ahead_min = ahead_min.min(ahead);
+        }
+    }
+    assert_eq!(got, truth);
+    assert!(
+        ahead_min >= 2,
+        "only {ahead_min} blocks ahead at some point"
+    );
+    let fetched = client.fetched.load(Ordering::Relaxed);
+    assert!(fetched <= size + 2 * bs, "fetched {fetched} for {size}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_4k_reads_fetch_little_more_than_delivered() {
+    let client = MemClient::new(Duration::from_micros(200));
+    let size = 64 << 20;
+    let truth = data(size, 4);
+    let info = client.put("r", truth.clone(), true);
+    let id = ObjectId {
+        name: "r".into(),
+        generation: info.generation,
+    };
+    let e = engine(client.clone(), 8 << 20, 256 << 20, 256 << 20);
+    let mut x: u64 = 12345;
+    for _ in 0..500 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = ((x >> 20) % (size as u64 / 4096)) * 4096;
+        let d = e
+            .read(2, &id, size as u64, true, off, 4096)
+            .await
+            .expect("read");
+        assert_eq!(d.as_slice(), &truth[off as usize..off as usize + 4096]);
+    }
+    let delivered = e.stats.bytes_delivered.load(Ordering::Relaxed);
+    let fetched = client.fetched.load(Ordering::Relaxed);
+    assert_eq!(delivered, 500 * 4096);
+    assert!(
+        fetched as f64 <= 1.25 * delivered as f64,
+        "fetched {fetched} for {delivered} delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_readers_stay_within_the_budget() {
+    let client = MemClient::new(Duration::from_micros(500));
+    let mut objects = Vec::new();
+    for i in 0..32u64 {
+        let truth = data(3 << 20, 100 + i);
+        let info = client.put(&format!("o{i}"), truth.clone(), true);
+        objects.push((
+            ObjectId {
+                name: format!("o{i}"),
+                generation: info.generation,
+            },
+            truth,
+        ));
+    }
+    let budget = 16 << 20;
+    let e = engine(client.clone(), 1 << 20, budget, 8 << 20);
+    let mut tasks = Vec::new();
+    for (i, (id, truth)) in objects.into_iter().enumerate() {
+        let e = e.clone();
+        tasks.push(tokio::spawn(async move {
+            let got = read_all(&e, 100 + i as u64, &id, truth.len() as u64, 128 * KIB).await;
+            assert_eq!(got, truth, "reader {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("reader");
+    }
+    assert!(
+        e.pool().budget().peak() <= budget,
+        "peak {}",
+        e.pool().budget().peak()
+    );
+    assert!(
+        e.stats.evictions.load(Ordering::Relaxed) > 0,
+        "the budget was never under pressure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_generation_invalidates_and_old_handles_go_stale() {
+    let client = MemClient::new(Duration::ZERO);
+    let v1 = data(1 << 20, 5);
+    let i1 = client.put("f", v1.clone(), true);
+    let id1 = ObjectId {
+        name: "f".into(),
+        generation: i1.generation,
+    };
+    let e = engine(client.clone(), 256 * 1024, 8 << 20, 1 << 20);
+    assert_eq!(read_all(&e, 9, &id1, i1.size, 64 * KIB).await, v1);
+    let v2 = data(700_000, 6);
+    let i2 = client.put("f", v2.clone(), true);
+    let id2 = ObjectId {
+        name: "f".into(),
+        generation: i2.generation,
+    };
+    assert_eq!(read_all(&e, 9, &id2, i2.size, 64 * KIB).await, v2);
+    assert!(e.blocks_of(9).iter().all(|(o, _)| *o < 700_000));
+    // A handle opened on the old generation: never new bytes, never a mix.
+    match e.read(9, &id1, i1.size, true, 800_000, 1000).await {
+        Err(ReadError::Stale { .. }) => {}
+        Ok(d) => panic!("old handle got {} bytes", d.len()),
+        Err(other) => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appendable_object_is_read_to_its_new_end() {
+    let client = MemClient::new(Duration::ZERO);
+    let first = data(300_000, 7);
+    let info = client.put("log", first.clone(), false);
+    let id = ObjectId {
+        name: "log".into(),
+        generation: info.generation,
+    };
+    let e = engine(client.clone(), 256 * 1024, 8 << 20, 1 << 20);
+    // The handle knows 300,000 bytes; the object grows behind it.
+    assert_eq!(
+        read_all_of(&e, 3, &id, info.size, false, 64 * KIB).await,
+        first
+    );
+    let more = data(500_000, 8);
+    client.append("log", &more);
+    let mut want = first.clone();
+    want.extend_from_slice(&more);
+    let got = read_all_of(&e, 3, &id, info.size, false, 64 * KIB).await;
+    assert_eq!(got.len(), want.len(), "no short read before the true end");
+    assert_eq!(got, want);
+    assert_eq!(
+        client.stat("log").await.expect("stat").generation,
+        id.generation
+    );
+}
+
+/// The same engine over the real gRPC client and the emulator, with faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_over_grpc_and_the_emulator() {
+    use zonalfs::emulator::{Config, Shaping};
+    use zonalfs::gcs::auth::CredentialsSource;
+    use zonalfs::gcs::client::ClientConfig;
+    use zonalfs::gcs::retry::RetryPolicy;
+    use zonalfs::gcs::{GcsClient, MrdPool, PoolConfig};
+    let tree = common::Tree::new();
+    let truth = tree.put("obj", &data(40 << 20, 9));
+    let emu = common::start(
+        &tree,
+        Config {
+            shaping: Shaping {
+                break_after_bytes: Some(13 << 20),
+                corrupt_every: Some(9),
+                redirect_every: Some(4),
+                latency: Duration::from_millis(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut cfg = ClientConfig::new(common::BUCKET);
+    cfg.endpoint = Some(emu.endpoint());
+    cfg.credentials = CredentialsSource::Anonymous;
+    cfg.retry = RetryPolicy {
+        initial: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let client = GcsClient::connect(cfg).await.expect("connect");
+    let pool = Arc::new(MrdPool::new(client, PoolConfig::default()));
+    let info = pool.stat("obj").await.expect("stat");
+    let id = ObjectId {
+        name: "obj".into(),
+        generation: info.generation,
+    };
+    let e = ReadEngine::new(
+        pool,
+        BlockPool::new(4 << 20, Budget::new(64 << 20)),
+        PrefetchConfig::default(),
+    );
+    let got = read_all(&e, 1, &id, info.size, 1 << 20).await;
+    assert!(got == truth, "sequential bytes differ");
+    for k in 0..50u64 {
+        let off = (k * 7_777_777) % (info.size - 4096);
+        let d = e
+            .read(1, &id, info.size, true, off, 4096)
+            .await
+            .expect("random read");
+        assert_eq!(d.as_slice(), &truth[off as usize..off as usize + 4096]);
+    }
+}
