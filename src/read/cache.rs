@@ -402,11 +402,8 @@ impl ReadEngine {
             Arc::downgrade(&slot),
         );
         let task = tokio::spawn(async move {
-            let sink: Arc<dyn crate::gcs::RangeSink> = Arc::new(SlotSink(weak.clone()));
+            let sink: Arc<dyn crate::gcs::RangeSink> = Arc::new(SlotSink(weak.clone(), stats));
             let r = client.read(&object, size, boff, want, sink).await;
-            if let Ok(n) = &r {
-                stats.bytes_fetched.fetch_add(*n, Ordering::Relaxed);
-            }
             if let Some(s) = weak.upgrade() {
                 *lock(&s.result) = Some(r.map_err(ReadError::from));
                 lock(&s.task).take();
@@ -508,10 +505,13 @@ impl ReadEngine {
 
 /// Writes a range's verified chunks into a slot's block, for as long as the
 /// slot is cached (a dropped slot's late chunks go nowhere).
-struct SlotSink(std::sync::Weak<Slot>);
+struct SlotSink(std::sync::Weak<Slot>, Arc<ReadStats>);
 
 impl crate::gcs::RangeSink for SlotSink {
     fn put(&self, at: usize, data: &[u8]) {
+        self.1
+            .bytes_fetched
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if let Some(s) = self.0.upgrade() {
             s.block.put(at, data);
         }

@@ -14,6 +14,14 @@
 //! gcsfs' (prefetch only from the 3rd sequential read) wastes nothing on random
 //! reads. The hybrid takes both: random reads elsewhere fetch only what they ask
 //! for, and a sequential reader from offset 0 prefetches from its first read.
+//! Measured (scripts/bench-engine.sh, docs/benchmarks.md): on sequential reads
+//! the three policies are equal within noise (812–831 MB/s shaped, where 800 is
+//! the 4-stream cap); on random 4 KiB reads `immediate` fetched ~3600x what it
+//! delivered while hybrid and `After(2)` fetched exactly 1x at the latency of a
+//! bare range read; on cold starts away from offset 0 `After(2)` was slowest
+//! (p50 29.6 ms vs 25.1 ms hybrid, 20.9 ms immediate, shaped). Hybrid is the
+//! default: no waste on random reads, and the fastest start where it matters most
+//! (files read from the beginning).
 //! Once sequential, the window (in blocks ahead of the reader) starts at
 //! `initial_blocks` and doubles each time the reader enters a new block, up to
 //! the window cap the cache grants (`--readahead-max`, shrunk by the memory
@@ -24,6 +32,36 @@ use tokio::time::Instant;
 /// A read starting at most this far past a cursor's end is contiguous with it
 /// (one FUSE request's worth: the kernel's async readahead may leave such gaps).
 const CONTIGUOUS_SLACK: u64 = 1 << 20;
+
+/// When a cursor turns sequential (starts prefetching).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPolicy {
+    /// At its first read, wherever it is (mountpoint-s3).
+    Immediate,
+    /// After this many further contiguous reads (gcsfs: 2, i.e. the 3rd read).
+    After(u32),
+    /// At once for a cursor starting at offset 0, else after one contiguous
+    /// read (zonalfs' default; see the module doc and docs/benchmarks.md).
+    Hybrid,
+}
+
+impl StartPolicy {
+    fn at_start(self, off: u64) -> bool {
+        match self {
+            StartPolicy::Immediate => true,
+            StartPolicy::After(n) => n == 0,
+            StartPolicy::Hybrid => off == 0,
+        }
+    }
+
+    fn after(self) -> u32 {
+        match self {
+            StartPolicy::Immediate => 0,
+            StartPolicy::After(n) => n,
+            StartPolicy::Hybrid => 1,
+        }
+    }
+}
 
 /// Tunables of the prefetcher.
 #[derive(Debug, Clone)]
@@ -37,8 +75,8 @@ pub struct PrefetchConfig {
     pub forward_tolerance: u64,
     /// A read starting up to this far before a cursor's end still continues it.
     pub backward_tolerance: u64,
-    /// Contiguous reads before a cursor that did not start at 0 is sequential.
-    pub sequential_after: u32,
+    /// When a new cursor starts prefetching.
+    pub start: StartPolicy,
     /// Cursors tracked per inode.
     pub max_cursors: usize,
 }
@@ -51,7 +89,7 @@ impl Default for PrefetchConfig {
             initial_blocks: 1,
             forward_tolerance: 16 << 20,
             backward_tolerance: 1 << 20,
-            sequential_after: 1,
+            start: StartPolicy::Hybrid,
             max_cursors: 8,
         }
     }
@@ -139,7 +177,7 @@ impl Cursors {
                     }
                 }
                 c.end = c.end.max(end);
-                if !c.sequential && c.hits >= cfg.sequential_after {
+                if !c.sequential && c.hits >= cfg.start.after() {
                     c.sequential = true;
                     c.window = cfg.initial_blocks;
                 }
@@ -156,7 +194,7 @@ impl Cursors {
                         dropped.push(self.list.swap_remove(j));
                     }
                 }
-                let sequential = off == 0;
+                let sequential = cfg.start.at_start(off);
                 self.list.push(Cursor {
                     end,
                     hits: 0,

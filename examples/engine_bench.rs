@@ -1,0 +1,175 @@
+//! The read engine alone (no FUSE) over the gRPC client and an emulator: the
+//! patterns a filesystem sees, for scripts/bench-engine.sh.
+//!
+//! ```text
+//! engine_bench ENDPOINT BUCKET OBJECT PATTERN [POLICY]
+//!   PATTERN: seq (1 MiB requests from 0, 4 outstanding as kernel readahead
+//!            keeps them), seqmid (the same from the middle), rand4k (2000
+//!            random 4 KiB reads, one at a time), skip (read 64 MiB, skip 16 MiB),
+//!            rtt (2000 raw 4 KiB range reads through the pool: the round trip),
+//!            head (the first 4 MiB in 1 MiB reads, one at a time: a small file
+//!            read cold; repeated over 20 objects' worth of offsets)
+//!   POLICY:  hybrid (default) | immediate | after2
+//! ```
+//! Prints one line: `pattern=.. policy=.. mbps=.. delivered=.. fetched=..
+//! ratio=.. p50_us=..`.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use zonalfs::gcs::auth::CredentialsSource;
+use zonalfs::gcs::client::ClientConfig;
+use zonalfs::gcs::{GcsClient, MrdPool, ObjectId, PoolConfig, VecSink};
+use zonalfs::read::buffer::{BlockPool, Budget};
+use zonalfs::read::prefetch::StartPolicy;
+use zonalfs::read::{PrefetchConfig, ReadEngine};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const MIB: u64 = 1 << 20;
+
+fn p50(mut v: Vec<Duration>) -> u128 {
+    v.sort();
+    v.get(v.len() / 2).map_or(0, |d| d.as_micros())
+}
+
+async fn run(
+    ep: &str,
+    bucket: &str,
+    object: &str,
+    pattern: &str,
+    policy: &str,
+) -> Result<(), Error> {
+    let mut cfg = ClientConfig::new(bucket);
+    cfg.endpoint = Some(ep.to_string());
+    cfg.credentials = CredentialsSource::Anonymous;
+    let client = GcsClient::connect(cfg).await?;
+    let pool = Arc::new(MrdPool::new(client, PoolConfig::default()));
+    let info = pool.open(object).await?;
+    let id = ObjectId {
+        name: object.to_string(),
+        generation: info.generation,
+    };
+    let start = match policy {
+        "hybrid" => StartPolicy::Hybrid,
+        "immediate" => StartPolicy::Immediate,
+        "after2" => StartPolicy::After(2),
+        other => return Err(format!("unknown policy {other}").into()),
+    };
+    let engine = ReadEngine::new(
+        pool.clone(),
+        BlockPool::new(8 << 20, Budget::new(1 << 30)),
+        PrefetchConfig {
+            start,
+            ..Default::default()
+        },
+    );
+    let size = info.size;
+    let mut lat = Vec::new();
+    let t0 = Instant::now();
+    let mut delivered = 0u64;
+    match pattern {
+        "seq" | "seqmid" => {
+            let from = if pattern == "seq" {
+                0
+            } else {
+                size / 2 / MIB * MIB
+            };
+            let offs: Vec<u64> = (from..size).step_by(MIB as usize).collect();
+            let mut reads = futures::stream::iter(offs)
+                .map(|off| {
+                    let (e, id) = (engine.clone(), id.clone());
+                    async move {
+                        e.read(1, &id, size, true, off, MIB)
+                            .await
+                            .map(|d| d.len() as u64)
+                    }
+                })
+                .buffered(4);
+            while let Some(n) = reads.next().await {
+                delivered += n?;
+            }
+        }
+        "skip" => {
+            let mut off = 0;
+            while off < size {
+                let end = (off + 64 * MIB).min(size);
+                while off < end {
+                    delivered += engine.read(1, &id, size, true, off, MIB).await?.len() as u64;
+                    off += MIB;
+                }
+                off += 16 * MIB;
+            }
+        }
+        "head" => {
+            // 20 cold starts: each at a fresh 64 MiB-aligned offset, new inode.
+            for k in 0..20u64 {
+                let base = (k * 64 * MIB) % (size - 4 * MIB) / MIB * MIB;
+                let t = Instant::now();
+                for i in 0..4 {
+                    delivered += engine
+                        .read(100 + k, &id, size, true, base + i * MIB, MIB)
+                        .await?
+                        .len() as u64;
+                }
+                lat.push(t.elapsed());
+            }
+        }
+        "rand4k" | "rtt" => {
+            let count = std::env::var("BENCH_RANDOM_READS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2000);
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for _ in 0..count {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let off = ((x >> 17) % (size / 4096)) * 4096;
+                let t = Instant::now();
+                if pattern == "rtt" {
+                    let sink = VecSink::new(4096);
+                    delivered += pool.read(&id, size, off, 4096, sink).await?;
+                } else {
+                    delivered += engine.read(1, &id, size, true, off, 4096).await?.len() as u64;
+                }
+                lat.push(t.elapsed());
+            }
+        }
+        other => return Err(format!("unknown pattern {other}").into()),
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let fetched = if pattern == "rtt" {
+        delivered
+    } else {
+        engine.stats.bytes_fetched.load(Ordering::Relaxed)
+    };
+    println!(
+        "pattern={pattern} policy={policy} mbps={:.0} delivered={delivered} fetched={fetched} ratio={:.3} p50_us={}",
+        delivered as f64 / secs / 1e6,
+        fetched as f64 / delivered.max(1) as f64,
+        p50(lat)
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = match a.as_slice() {
+        [ep, b, o, p] => run(ep, b, o, p, "hybrid").await,
+        [ep, b, o, p, pol] => run(ep, b, o, p, pol).await,
+        _ => Err("usage: engine_bench ENDPOINT BUCKET OBJECT PATTERN [POLICY]".into()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("engine_bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
