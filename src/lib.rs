@@ -9,4 +9,5 @@ pub mod emulator;
 pub mod gcs;
 pub mod proto;
 pub mod read;
+pub mod sync;
 pub mod tools;

@@ -136,20 +136,13 @@ impl Faults {
     }
 
     fn draw(&self) -> u64 {
-        match self.rng.lock() {
-            Ok(mut r) => r.next_u64(),
-            Err(p) => p.into_inner().next_u64(),
-        }
+        crate::sync::lock(&self.rng).next_u64()
     }
 
     /// Should this stream open fail with UNAVAILABLE?
     pub fn fail_open(&self) -> bool {
         let p = self.shaping.fail_open_rate;
-        p > 0.0
-            && match self.rng.lock() {
-                Ok(mut r) => r.next_f64() < p,
-                Err(p2) => p2.into_inner().next_f64() < p,
-            }
+        p > 0.0 && crate::sync::lock(&self.rng).next_f64() < p
     }
 
     /// Should this fresh open (no routing token) be redirected? If so, the token.

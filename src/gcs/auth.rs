@@ -638,7 +638,7 @@ enum FetchError {
 
 impl Live {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     async fn fetch(&self, timeout: Duration) -> Result<MetadataValue<Ascii>, AuthError> {

@@ -61,20 +61,14 @@ impl MemClient {
             create_time: SystemTime::now(),
             crc32c: finalized.then(|| crc32c::crc32c(&data)),
         };
-        let mut objects = match self.objects.write() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
+        let mut objects = crate::sync::write(&self.objects);
         objects.insert(name.to_string(), (info.clone(), data));
         info
     }
 
     /// Appends to an appendable object, keeping its generation.
     pub fn append(&self, name: &str, more: &[u8]) -> Option<ObjectInfo> {
-        let mut objects = match self.objects.write() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
+        let mut objects = crate::sync::write(&self.objects);
         let (info, data) = objects.get_mut(name)?;
         let mut v = data.to_vec();
         v.extend_from_slice(more);
@@ -84,10 +78,7 @@ impl MemClient {
     }
 
     fn get(&self, name: &str) -> Option<(ObjectInfo, Bytes)> {
-        let objects = match self.objects.read() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
+        let objects = crate::sync::read(&self.objects);
         objects.get(name).cloned()
     }
 }
@@ -101,10 +92,7 @@ impl ObjectClient for MemClient {
     }
 
     async fn list(&self, prefix: &str, _page_token: Option<String>) -> Result<ListPage, GcsError> {
-        let objects = match self.objects.read() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
+        let objects = crate::sync::read(&self.objects);
         let mut page = ListPage::default();
         let mut names: Vec<&String> = objects.keys().filter(|n| n.starts_with(prefix)).collect();
         names.sort();

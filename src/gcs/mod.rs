@@ -134,19 +134,13 @@ impl VecSink {
 
     /// The buffer (the bytes delivered so far, zeros after them).
     pub fn take(&self) -> Vec<u8> {
-        match self.0.lock() {
-            Ok(mut v) => std::mem::take(&mut *v),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        }
+        std::mem::take(&mut *crate::sync::lock(&self.0))
     }
 }
 
 impl RangeSink for VecSink {
     fn put(&self, at: usize, data: &[u8]) {
-        let mut v = match self.0.lock() {
-            Ok(v) => v,
-            Err(p) => p.into_inner(),
-        };
+        let mut v = crate::sync::lock(&self.0);
         if let Some(dst) = v.get_mut(at..at + data.len()) {
             dst.copy_from_slice(data);
         }

@@ -11,6 +11,7 @@
 //! objects when a new object needs one. A read of a new generation retires the
 //! streams of the old one.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -92,13 +93,6 @@ impl std::fmt::Debug for MrdPool {
         f.debug_struct("MrdPool")
             .field("open_streams", &self.open_streams())
             .finish()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -14,6 +14,7 @@
 //! prefix with [`Block::bytes`]; the fill mark is published with release/acquire
 //! ordering, so a reader never sees bytes before they were written.
 
+use crate::sync::lock;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -161,13 +162,6 @@ impl std::fmt::Debug for BlockPool {
             .field("block_size", &self.inner.block_size)
             .field("budget_used", &self.inner.budget.used())
             .finish()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

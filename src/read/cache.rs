@@ -25,6 +25,7 @@
 //! a read at or past the known size refreshes the size (stat) before it reports
 //! end of file, and a short last block is fetched again once the object grew.
 
+use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,10 +108,7 @@ impl Drop for Slot {
 
 impl Slot {
     fn loaded(&self) -> Option<Result<u64, ReadError>> {
-        match self.result.lock() {
-            Ok(r) => r.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        lock(&self.result).clone()
     }
 }
 
@@ -141,13 +139,6 @@ pub struct ReadEngine {
     inodes: Mutex<HashMap<u64, Inode>>,
     clock: AtomicU64,
     pub stats: Arc<ReadStats>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl ReadEngine {
