@@ -233,8 +233,10 @@ impl MrdPool {
         loop {
             let first = {
                 let mut objects = lock(&self.inner.objects);
-                // A new generation retires the streams of the old ones.
-                objects.retain(|k, _| k.name != id.name || k.generation == id.generation);
+                if !objects.contains_key(id) {
+                    // A new generation retires the streams of the old ones.
+                    objects.retain(|k, _| k.name != id.name);
+                }
                 let e = objects.entry(id.clone()).or_default();
                 e.streams.retain(|s| !s.stream.is_closed());
                 if let Some(best) = e.streams.iter().min_by_key(|s| s.stream.load()) {

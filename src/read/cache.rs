@@ -137,6 +137,8 @@ pub struct ReadEngine {
     pool: BlockPool,
     cfg: PrefetchConfig,
     inodes: Mutex<HashMap<u64, Inode>>,
+    /// When the active sequential readers were last counted, and how many.
+    readers: Mutex<(std::time::Instant, usize)>,
     clock: AtomicU64,
     pub stats: Arc<ReadStats>,
 }
@@ -153,6 +155,12 @@ impl ReadEngine {
             pool,
             cfg,
             inodes: Mutex::new(HashMap::new()),
+            readers: Mutex::new((
+                std::time::Instant::now()
+                    .checked_sub(std::time::Duration::from_secs(1))
+                    .unwrap_or_else(std::time::Instant::now),
+                1,
+            )),
             clock: AtomicU64::new(0),
             stats: Arc::new(ReadStats::default()),
         })
@@ -164,6 +172,20 @@ impl ReadEngine {
 
     pub fn config(&self) -> &PrefetchConfig {
         &self.cfg
+    }
+
+    /// Sequential readers active lately, recounted at most every 100 ms (it
+    /// walks every inode).
+    fn active_readers(&self, inodes: &HashMap<u64, Inode>) -> usize {
+        let mut cached = lock(&self.readers);
+        if cached.0.elapsed() >= std::time::Duration::from_millis(100) {
+            let n = inodes
+                .values()
+                .map(|i| i.cursors.sequential(ACTIVE_CURSOR))
+                .sum();
+            *cached = (std::time::Instant::now(), n);
+        }
+        cached.1.max(1)
     }
 
     fn tick(&self) -> u64 {
@@ -217,10 +239,7 @@ impl ReadEngine {
         let len = len.min(size - off);
         let plan = {
             let mut inodes = lock(&self.inodes);
-            let sequential_total: usize = inodes
-                .values()
-                .map(|i| i.cursors.sequential(ACTIVE_CURSOR))
-                .sum();
+            let sequential_total = self.active_readers(&inodes);
             let inode = inodes.entry(ino).or_default();
             if object.generation > inode.generation {
                 inode.generation = object.generation;
