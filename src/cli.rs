@@ -130,6 +130,72 @@ impl ClientArgs {
     }
 }
 
+fn parse_mode(s: &str) -> Result<u16, String> {
+    u16::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("'{s}' is not an octal mode (e.g. 0444)"))
+}
+
+/// `zonalfs mount BUCKET MOUNTPOINT`
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The bucket to mount.
+    pub bucket: String,
+    /// An existing, empty directory.
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground (the only mode so far).
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount only this prefix of the bucket (a directory in it).
+    #[arg(long, env = "ZONALFS_ONLY_DIR")]
+    pub only_dir: Option<String>,
+    /// Owner of every file and directory (default: the mounting user).
+    #[arg(long, env = "ZONALFS_UID")]
+    pub uid: Option<u32>,
+    /// Group of every file and directory (default: the mounting user's group).
+    #[arg(long, env = "ZONALFS_GID")]
+    pub gid: Option<u32>,
+    /// Permission bits of files (octal).
+    #[arg(long, default_value = "0444", value_parser = parse_mode, env = "ZONALFS_FILE_MODE")]
+    pub file_mode: u16,
+    /// Permission bits of directories (octal).
+    #[arg(long, default_value = "0555", value_parser = parse_mode, env = "ZONALFS_DIR_MODE")]
+    pub dir_mode: u16,
+    /// Let other users access the mount.
+    #[arg(long, env = "ZONALFS_ALLOW_OTHER")]
+    pub allow_other: bool,
+    /// How long file metadata is cached.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "ZONALFS_METADATA_TTL")]
+    pub metadata_ttl: Duration,
+    /// How long a failed lookup is remembered.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "ZONALFS_NEGATIVE_TTL")]
+    pub negative_ttl: Duration,
+    /// Bypass the kernel page cache (FOPEN_DIRECT_IO), for streaming workloads.
+    #[arg(long, env = "ZONALFS_DIRECT_IO")]
+    pub direct_io: bool,
+    /// Memory for prefetch and cache, all files together (default: a quarter of
+    /// the RAM or cgroup limit, 64 MiB to 4 GiB).
+    #[arg(long, value_parser = parse_size, env = "ZONALFS_MEMORY_LIMIT")]
+    pub memory_limit: Option<u64>,
+    /// Largest prefetch window of one reader.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, env = "ZONALFS_READAHEAD_MAX")]
+    pub readahead_max: u64,
+    /// Prefetch and cache block size.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "ZONALFS_BLOCK_SIZE")]
+    pub block_size: u64,
+    /// Kernel readahead for the mount, in KiB (written to /sys/class/bdi).
+    #[arg(long, default_value_t = 4096, env = "ZONALFS_KERNEL_READAHEAD_KB")]
+    pub kernel_readahead_kb: u32,
+    /// FUSE loop threads.
+    #[arg(long, default_value_t = 4, env = "ZONALFS_FUSE_THREADS")]
+    pub fuse_threads: usize,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
+    pub log_level: String,
+}
+
 /// `zonalfs cat gs://BUCKET/OBJECT`
 #[derive(Debug, Args)]
 pub struct CatArgs {
@@ -188,6 +254,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Mount a bucket read-only at a directory (runs in the foreground for now).
+    Mount(MountArgs),
     /// Stream an object to stdout through the shared MRD pool.
     Cat(CatArgs),
     /// List objects and prefixes: gs://BUCKET[/PREFIX].

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod emulator;
+pub mod fs;
 pub mod gcs;
 pub mod proto;
 pub mod read;

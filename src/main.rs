@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, StatArgs};
+use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, MountArgs, StatArgs};
 use zonalfs::emulator;
 use zonalfs::gcs::{GcsClient, GcsError};
 use zonalfs::tools;
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
+        Command::Mount(args) => run_tool(&args.log_level.clone(), || mount(args)),
         Command::Cat(args) => run_tool(&args.log_level.clone(), || cat(args)),
         Command::Ls(args) => run_tool(&args.log_level.clone(), || ls(args)),
         Command::Stat(args) => run_tool(&args.log_level.clone(), || stat(args)),
@@ -78,6 +79,92 @@ async fn cat(args: CatArgs) -> Result<(), GcsError> {
     };
     let mut out = tokio::io::stdout();
     tools::cat(&pool, &object, &opts, &mut out).await?;
+    Ok(())
+}
+
+async fn mount(args: MountArgs) -> Result<(), GcsError> {
+    use std::sync::Arc;
+    use zonalfs::fs::{fuse, Fs, FsConfig};
+    use zonalfs::read::buffer::{default_memory_limit, BlockPool, Budget};
+    use zonalfs::read::{PrefetchConfig, ReadEngine};
+
+    let mp = &args.mountpoint;
+    let bad = |m: String| GcsError::InvalidArgument(m);
+    match std::fs::metadata(mp) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => return Err(bad(format!("mountpoint {}: not a directory", mp.display()))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(bad(format!(
+                "mountpoint {}: a stale mount is still there (the daemon died); run 'umount -l {}' and mount again",
+                mp.display(),
+                mp.display()
+            )))
+        }
+        Err(e) => return Err(bad(format!("mountpoint {}: {e}", mp.display()))),
+    }
+    if std::fs::read_dir(mp)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+    {
+        return Err(bad(format!("mountpoint {}: not empty", mp.display())));
+    }
+    let client = connect(&args.client, &args.bucket).await?;
+    client.check_bucket().await?;
+    let pool = Arc::new(zonalfs::gcs::MrdPool::new(
+        client,
+        args.client.pool_config(),
+    ));
+    let budget = Budget::new(args.memory_limit.unwrap_or_else(default_memory_limit));
+    let engine = ReadEngine::new(
+        pool.clone(),
+        BlockPool::new(args.block_size as usize, budget),
+        PrefetchConfig {
+            readahead_max: args.readahead_max,
+            ..Default::default()
+        },
+    );
+    let mut cfg = FsConfig {
+        file_mode: args.file_mode,
+        dir_mode: args.dir_mode,
+        metadata_ttl: args.metadata_ttl,
+        negative_ttl: args.negative_ttl,
+        ..Default::default()
+    };
+    if let Some(u) = args.uid {
+        cfg.uid = u;
+    }
+    if let Some(g) = args.gid {
+        cfg.gid = g;
+    }
+    if let Some(p) = &args.only_dir {
+        let p = p.trim_matches('/');
+        if !p.is_empty() {
+            cfg.prefix = format!("{p}/");
+        }
+    }
+    let fs = Fs::new(pool, engine, cfg);
+    let fuse_fs = fuse::FuseFs::new(fs, tokio::runtime::Handle::current(), args.direct_io);
+    let mounted = fuse::mount(
+        fuse_fs,
+        mp,
+        &fuse::config(&args.bucket, args.allow_other, args.fuse_threads),
+    )
+    .map_err(|e| bad(format!("cannot mount at {}: {e}", mp.display())))?;
+    let kb = args.kernel_readahead_kb;
+    let mp2 = mp.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || fuse::set_read_ahead_kb(&mp2, kb))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+    {
+        tracing::warn!(error = %e, "could not raise the kernel readahead");
+    }
+    eprintln!("zonalfs: mounted gs://{} at {}", args.bucket, mp.display());
+    shutdown_signal().await;
+    tokio::task::spawn_blocking(move || mounted.unmount())
+        .await
+        .map_err(|e| GcsError::Other(e.to_string()))?
+        .map_err(|e| GcsError::Other(format!("unmount: {e}")))?;
+    eprintln!("zonalfs: unmounted {}", mp.display());
     Ok(())
 }
 

@@ -1,0 +1,331 @@
+//! The thin fuser 0.18 adapter: every callback hands its work to the tokio
+//! runtime and replies from the task (loop threads never block on the network),
+//! translating [`Fs`] results to FUSE replies and [`FsError`]s to errnos.
+//!
+//! Also the mount life cycle used by `zonalfs mount`: [`mount`] mounts with
+//! several loop threads and kernel tuning (`max_background` raised, 1 MiB
+//! requests, readahead raised through `/sys/class/bdi` once the mount is up);
+//! [`Mounted`] unmounts when dropped, so no path (error, panic, signal) leaves
+//! the mountpoint behind.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use super::{Attr, Fs, FsError};
+
+/// How long the kernel may cache attributes and entries.
+pub const KERNEL_TTL: Duration = Duration::from_secs(1);
+
+/// The fuser filesystem over [`Fs`].
+pub struct FuseFs {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    direct_io: bool,
+}
+
+impl FuseFs {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, direct_io: bool) -> FuseFs {
+        FuseFs { fs, rt, direct_io }
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: UNIX_EPOCH,
+        kind: if a.is_dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: a.mode,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Let one sequential reader keep many requests in flight, of 1 MiB each.
+        let _ = config.set_max_background(64);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
+            || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0;
+        let (fs, direct) = (self.fs.clone(), self.direct_io);
+        self.rt.spawn(async move {
+            match fs.open(ino.0, write).await {
+                // Keep the page cache across opens: the handle pins a generation,
+                // and a changed object gets a new inode's worth of metadata.
+                Ok(fh) => reply.opened(
+                    FileHandle(fh),
+                    if direct {
+                        FopenFlags::FOPEN_DIRECT_IO
+                    } else {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    },
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(data.as_slice()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed");
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.fs.readdir(fh.0, offset) {
+            Ok(entries) => {
+                for (next, e) in entries {
+                    let kind = if e.is_dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
+                    if reply.add(INodeNo(e.ino), next, kind, &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever written: nothing to flush.
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A bucket has no fixed capacity: report a large, empty, read-only one.
+        reply.statfs(1 << 40, 0, 0, 1 << 20, 0, 4096, 255, 4096);
+    }
+}
+
+/// A live mount: unmounted (and its session joined) when dropped.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    pub mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// Unmounts now and waits for the session to end.
+    pub fn unmount(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
+                // Last resort so that nothing is left mounted.
+                lazy_unmount(&self.mountpoint);
+            }
+        }
+    }
+}
+
+/// Detaches a mount even while it is busy (`umount -l`).
+pub fn lazy_unmount(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 with a valid NUL-terminated path; failure is harmless.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+/// Mount options for a read-only zonalfs mount of `bucket`.
+pub fn config(bucket: &str, allow_other: bool, threads: usize) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName(format!("zonalfs:{bucket}")),
+        fuser::MountOption::Subtype("zonalfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if allow_other {
+        c.acl = fuser::SessionACL::All;
+    }
+    c.n_threads = Some(threads.max(1));
+    c
+}
+
+/// Mounts `fs` at `mountpoint` with loop threads of its own.
+pub fn mount(fs: FuseFs, mountpoint: &Path, cfg: &fuser::Config) -> io::Result<Mounted> {
+    let session = fuser::spawn_mount(fs, mountpoint, cfg)?;
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+/// Raises the kernel readahead of the mount at `mountpoint` (in KiB), through
+/// `/sys/class/bdi/MAJ:MIN/read_ahead_kb` (it cannot be raised in `init`).
+pub fn set_read_ahead_kb(mountpoint: &Path, kb: u32) -> io::Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let want = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    let dev = info
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 4 && Path::new(f[4]) == want).then(|| f[2].to_string())
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))?;
+    std::fs::write(
+        format!("/sys/class/bdi/{dev}/read_ahead_kb"),
+        kb.to_string(),
+    )
+}

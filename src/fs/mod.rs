@@ -1,0 +1,602 @@
+//! The filesystem: a read-only view of a bucket as plain async methods, testable
+//! without FUSE; [`fuse`] is the thin adapter that calls them and replies.
+//!
+//! Namespace (hierarchical): a directory is a `/`-delimited prefix (explicit
+//! folders and implicit directories alike), a file an object. Inode numbers are
+//! handed out on first sight and stay fixed for the life of the mount while the
+//! kernel holds a lookup on them (`forget` drops them). File metadata is cached
+//! for `metadata_ttl`, failed lookups for `negative_ttl`. Names that cannot be
+//! POSIX path components (empty, `.`, `..`, NUL, over 255 bytes) are skipped with
+//! a warning; when a file and a directory share a name, the directory wins.
+//!
+//! Data flow for a read: `open` pins the object's generation and size in a
+//! handle (writes are refused with EROFS); `read` asks the [`ReadEngine`], the
+//! only read path, with that pinned version. Errors are [`FsError`], turned into
+//! an errno in one place ([`FsError::errno`]).
+
+pub mod fuse;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::gcs::{GcsError, ObjectClient, ObjectId, ObjectInfo};
+use crate::read::{ReadData, ReadEngine, ReadError};
+use crate::sync::lock;
+
+pub const ROOT_INO: u64 = 1;
+
+/// Errors of the filesystem layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a directory")]
+    NotDir,
+    #[error("stale file handle: {0}")]
+    Stale(String),
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("invalid name")]
+    InvalidName,
+    #[error("permission denied: {0}")]
+    Permission(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl FsError {
+    /// The errno a program sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::Stale(_) => libc::ESTALE,
+            FsError::BadHandle => libc::EBADF,
+            FsError::InvalidName => libc::EINVAL,
+            FsError::Permission(_) => libc::EACCES,
+            FsError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+impl From<GcsError> for FsError {
+    fn from(e: GcsError) -> Self {
+        match e {
+            GcsError::NotFound(_) => FsError::NotFound,
+            GcsError::PermissionDenied(m) | GcsError::Unauthenticated(m) => FsError::Permission(m),
+            other => FsError::Io(other.to_string()),
+        }
+    }
+}
+
+impl From<ReadError> for FsError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Stale { .. } => FsError::Stale(e.to_string()),
+            ReadError::Gcs(g) => FsError::Io(g.to_string()),
+            other => FsError::Io(other.to_string()),
+        }
+    }
+}
+
+/// Filesystem settings.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub metadata_ttl: Duration,
+    pub negative_ttl: Duration,
+    /// Serve only objects under this prefix (`--only-dir`), with its `/`.
+    pub prefix: String,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            // SAFETY (of the calls): getuid/getgid cannot fail.
+            uid: unsafe { libc::getuid() },
+            // SAFETY: as above.
+            gid: unsafe { libc::getgid() },
+            file_mode: 0o444,
+            dir_mode: 0o555,
+            metadata_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            prefix: String::new(),
+        }
+    }
+}
+
+/// What a file or directory looks like to `stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub is_dir: bool,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub is_dir: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// The prefix of the directory ("" for the root, else "a/b/").
+    Dir(String),
+    /// The object and when its metadata was fetched.
+    File(ObjectInfo, Instant),
+}
+
+#[derive(Debug)]
+struct Node {
+    parent: u64,
+    kind: Kind,
+    lookups: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    nodes: HashMap<u64, Node>,
+    by_path: HashMap<String, u64>,
+    negative: HashMap<String, Instant>,
+}
+
+/// An open file: the object version it reads.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub ino: u64,
+    pub object: ObjectId,
+    pub size: u64,
+    pub finalized: bool,
+}
+
+/// The filesystem.
+pub struct Fs {
+    client: Arc<dyn ObjectClient>,
+    engine: Arc<ReadEngine>,
+    cfg: FsConfig,
+    table: Mutex<Table>,
+    next_ino: AtomicU64,
+    handles: Mutex<HashMap<u64, Handle>>,
+    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    started: SystemTime,
+}
+
+/// True for a valid POSIX path component.
+fn valid_component(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('\0') && name.len() <= 255
+}
+
+impl Fs {
+    pub fn new(client: Arc<dyn ObjectClient>, engine: Arc<ReadEngine>, cfg: FsConfig) -> Arc<Fs> {
+        let mut table = Table::default();
+        table.nodes.insert(
+            ROOT_INO,
+            Node {
+                parent: ROOT_INO,
+                kind: Kind::Dir(cfg.prefix.clone()),
+                lookups: 1,
+            },
+        );
+        Arc::new(Fs {
+            client,
+            engine,
+            cfg,
+            table: Mutex::new(table),
+            next_ino: AtomicU64::new(ROOT_INO + 1),
+            handles: Mutex::new(HashMap::new()),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            started: SystemTime::now(),
+        })
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    fn attr_of(&self, ino: u64, kind: &Kind) -> Attr {
+        match kind {
+            Kind::Dir(_) => Attr {
+                ino,
+                is_dir: true,
+                size: 0,
+                mtime: self.started,
+                ctime: self.started,
+                mode: self.cfg.dir_mode,
+                uid: self.cfg.uid,
+                gid: self.cfg.gid,
+                nlink: 2,
+            },
+            Kind::File(info, _) => Attr {
+                ino,
+                is_dir: false,
+                size: info.size,
+                mtime: info.update_time,
+                ctime: info.update_time,
+                mode: self.cfg.file_mode,
+                uid: self.cfg.uid,
+                gid: self.cfg.gid,
+                nlink: 1,
+            },
+        }
+    }
+
+    /// Records a node under its path (reusing the inode it already has).
+    fn intern(&self, table: &mut Table, parent: u64, path: &str, kind: Kind, lookup: bool) -> u64 {
+        if let Some(&ino) = table.by_path.get(path) {
+            if let Some(n) = table.nodes.get_mut(&ino) {
+                let same_type = matches!(
+                    (&n.kind, &kind),
+                    (Kind::Dir(_), Kind::Dir(_)) | (Kind::File(..), Kind::File(..))
+                );
+                if same_type {
+                    n.kind = kind;
+                    n.lookups += u64::from(lookup);
+                    return ino;
+                }
+            }
+        }
+        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        table.nodes.insert(
+            ino,
+            Node {
+                parent,
+                kind,
+                lookups: u64::from(lookup),
+            },
+        );
+        table.by_path.insert(path.to_string(), ino);
+        ino
+    }
+
+    fn dir_prefix(&self, ino: u64) -> Result<String, FsError> {
+        match lock(&self.table).nodes.get(&ino).map(|n| n.kind.clone()) {
+            Some(Kind::Dir(p)) => Ok(p),
+            Some(Kind::File(..)) => Err(FsError::NotDir),
+            None => Err(FsError::Stale(format!("inode {ino}"))),
+        }
+    }
+
+    /// Finds `name` in directory `parent`; the kernel holds one more lookup on
+    /// the result.
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
+        if !valid_component(name) {
+            return Err(FsError::NotFound);
+        }
+        let prefix = self.dir_prefix(parent)?;
+        let path = format!("{prefix}{name}");
+        if path.len() > 1024 {
+            return Err(FsError::NotFound);
+        }
+        {
+            let mut t = lock(&self.table);
+            if let Some(when) = t.negative.get(&path) {
+                if when.elapsed() < self.cfg.negative_ttl {
+                    return Err(FsError::NotFound);
+                }
+                t.negative.remove(&path);
+            }
+        }
+        // A directory wins over a file of the same name.
+        let dir_path = format!("{path}/");
+        let (as_dir, as_file) =
+            tokio::join!(self.client.list(&dir_path, None), self.client.stat(&path));
+        let is_dir = match as_dir {
+            Ok(page) => !page.objects.is_empty() || !page.prefixes.is_empty(),
+            Err(GcsError::NotFound(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let mut t = lock(&self.table);
+        let (kind, key) = if is_dir {
+            (Kind::Dir(dir_path.clone()), dir_path)
+        } else {
+            match as_file {
+                Ok(info) => (Kind::File(info, Instant::now()), path),
+                Err(GcsError::NotFound(_)) => {
+                    if t.negative.len() > 100_000 {
+                        t.negative.clear();
+                    }
+                    t.negative.insert(path, Instant::now());
+                    return Err(FsError::NotFound);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let ino = self.intern(&mut t, parent, &key, kind.clone(), true);
+        Ok(self.attr_of(ino, &kind))
+    }
+
+    /// The attributes of an inode, refreshing file metadata past its TTL.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let kind = lock(&self.table)
+            .nodes
+            .get(&ino)
+            .map(|n| n.kind.clone())
+            .ok_or_else(|| FsError::Stale(format!("inode {ino}")))?;
+        if let Kind::File(info, fetched) = &kind {
+            if fetched.elapsed() >= self.cfg.metadata_ttl {
+                let fresh = self.client.stat(&info.name).await?;
+                let kind = Kind::File(fresh, Instant::now());
+                if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
+                    n.kind = kind.clone();
+                }
+                return Ok(self.attr_of(ino, &kind));
+            }
+        }
+        Ok(self.attr_of(ino, &kind))
+    }
+
+    /// The kernel dropped `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut t = lock(&self.table);
+        let gone = match t.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                node.lookups == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some(node) = t.nodes.remove(&ino) {
+                let key = match node.kind {
+                    Kind::Dir(p) => p,
+                    Kind::File(info, _) => info.name,
+                };
+                if t.by_path.get(&key) == Some(&ino) {
+                    t.by_path.remove(&key);
+                }
+            }
+            drop(t);
+            self.engine.forget(ino);
+        }
+    }
+
+    /// Lists a directory (every page) into a snapshot for its handle.
+    pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        let prefix = self.dir_prefix(ino)?;
+        let mut dirs = Vec::new();
+        let mut files = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.client.list(&prefix, token).await?;
+            for p in page.prefixes {
+                let name = p[prefix.len()..].trim_end_matches('/').to_string();
+                if valid_component(&name) {
+                    dirs.push((name, p));
+                } else {
+                    tracing::warn!(prefix = %p, "skipping a prefix that is not a valid directory name");
+                }
+            }
+            for o in page.objects {
+                let name = o.name[prefix.len()..].to_string();
+                if name.is_empty() {
+                    continue; // the folder's own placeholder object
+                }
+                if valid_component(&name) {
+                    files.push((name, o));
+                } else {
+                    tracing::warn!(object = %o.name, "skipping an object whose name is not a valid file name");
+                }
+            }
+            match page.next_page_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let mut t = lock(&self.table);
+        let parent = t.nodes.get(&ino).map_or(ROOT_INO, |n| n.parent);
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                name: ".".into(),
+                is_dir: true,
+            },
+            DirEntry {
+                ino: parent,
+                name: "..".into(),
+                is_dir: true,
+            },
+        ];
+        let dir_names: std::collections::HashSet<String> =
+            dirs.iter().map(|(n, _)| n.clone()).collect();
+        for (name, p) in dirs {
+            let child = self.intern(&mut t, ino, &p, Kind::Dir(p.clone()), false);
+            entries.push(DirEntry {
+                ino: child,
+                name,
+                is_dir: true,
+            });
+        }
+        for (name, o) in files {
+            if dir_names.contains(&name) {
+                continue; // the directory wins
+            }
+            let path = o.name.clone();
+            let child = self.intern(&mut t, ino, &path, Kind::File(o, Instant::now()), false);
+            entries.push(DirEntry {
+                ino: child,
+                name,
+                is_dir: false,
+            });
+        }
+        drop(t);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dir_handles).insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// Entries of an open directory from `offset` (offsets are stable indexes).
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
+        let entries = lock(&self.dir_handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dir_handles).remove(&fh);
+    }
+
+    /// Opens a file for reading, pinning its current generation.
+    pub async fn open(&self, ino: u64, write: bool) -> Result<u64, FsError> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let kind = lock(&self.table)
+            .nodes
+            .get(&ino)
+            .map(|n| n.kind.clone())
+            .ok_or_else(|| FsError::Stale(format!("inode {ino}")))?;
+        let info = match kind {
+            Kind::Dir(_) => return Err(FsError::IsDir),
+            Kind::File(info, fetched) if fetched.elapsed() < self.cfg.metadata_ttl => info,
+            Kind::File(info, _) => {
+                let fresh = self.client.stat(&info.name).await?;
+                if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
+                    n.kind = Kind::File(fresh.clone(), Instant::now());
+                }
+                fresh
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(
+            fh,
+            Handle {
+                ino,
+                object: ObjectId {
+                    name: info.name.clone(),
+                    generation: info.generation,
+                },
+                size: info.size,
+                finalized: info.finalized,
+            },
+        );
+        Ok(fh)
+    }
+
+    /// Reads through the read engine, the only read path.
+    pub async fn read(&self, fh: u64, offset: u64, len: u32) -> Result<ReadData, FsError> {
+        let h = lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        Ok(self
+            .engine
+            .read(
+                h.ino,
+                &h.object,
+                h.size,
+                h.finalized,
+                offset,
+                u64::from(len),
+            )
+            .await?)
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gcs::mem::MemClient;
+    use crate::read::buffer::{BlockPool, Budget};
+    use crate::read::PrefetchConfig;
+
+    fn fs(client: Arc<MemClient>) -> Arc<Fs> {
+        let engine = ReadEngine::new(
+            client.clone(),
+            BlockPool::new(1 << 20, Budget::new(16 << 20)),
+            PrefetchConfig::default(),
+        );
+        Fs::new(client, engine, FsConfig::default())
+    }
+
+    #[tokio::test]
+    async fn namespace_and_reads() {
+        let c = MemClient::new(Duration::ZERO);
+        c.put("a/b.txt", b"hello".to_vec(), true);
+        c.put("a/c/d", b"x".to_vec(), true);
+        c.put("top", b"top!".to_vec(), true);
+        c.put("dup", b"file".to_vec(), true);
+        c.put("dup/inner", b"i".to_vec(), true);
+        let fs = fs(c);
+        let a = fs.lookup(ROOT_INO, "a").await.unwrap();
+        assert!(a.is_dir);
+        let b = fs.lookup(a.ino, "b.txt").await.unwrap();
+        assert_eq!((b.is_dir, b.size), (false, 5));
+        assert_eq!(
+            fs.lookup(ROOT_INO, "a").await.unwrap().ino,
+            a.ino,
+            "stable inode"
+        );
+        assert!(
+            fs.lookup(ROOT_INO, "dup").await.unwrap().is_dir,
+            "directory wins"
+        );
+        assert!(matches!(
+            fs.lookup(ROOT_INO, "nope").await,
+            Err(FsError::NotFound)
+        ));
+        assert!(matches!(
+            fs.lookup(ROOT_INO, "..").await,
+            Err(FsError::NotFound)
+        ));
+        let dh = fs.opendir(ROOT_INO).await.unwrap();
+        let names: Vec<String> = fs
+            .readdir(dh, 0)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.name)
+            .collect();
+        assert_eq!(names, [".", "..", "a", "dup", "top"]);
+        let rest: Vec<String> = fs
+            .readdir(dh, 3)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.name)
+            .collect();
+        assert_eq!(rest, ["dup", "top"], "offsets are stable indexes");
+        assert!(matches!(fs.open(b.ino, true).await, Err(FsError::ReadOnly)));
+        assert!(matches!(fs.open(a.ino, false).await, Err(FsError::IsDir)));
+        let fh = fs.open(b.ino, false).await.unwrap();
+        assert_eq!(fs.read(fh, 1, 100).await.unwrap().as_slice(), b"ello");
+        fs.release(fh);
+        assert!(matches!(fs.read(fh, 0, 1).await, Err(FsError::BadHandle)));
+        fs.forget(b.ino, 1);
+        assert!(matches!(fs.getattr(b.ino).await, Err(FsError::Stale(_))));
+        assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+    }
+}

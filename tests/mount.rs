@@ -1,0 +1,210 @@
+//! Real FUSE mounts over the emulator, read by ordinary file APIs. Every mount
+//! is unmounted by a guard that also runs when the test fails.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+/// `zonalfs mount -f` as a child; on drop: killed, and the mountpoint detached.
+struct MountGuard {
+    child: Option<Child>,
+    mountpoint: PathBuf,
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let want = p.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+        })
+        .unwrap_or(false)
+}
+
+impl MountGuard {
+    fn mount(endpoint: &str, mountpoint: &Path, extra: &[&str]) -> MountGuard {
+        let child = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+            .args(["mount", "-f", BUCKET])
+            .arg(mountpoint)
+            .args(["--endpoint", endpoint, "--anonymous", "--log-level", "warn"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn zonalfs mount");
+        let mut g = MountGuard {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(mountpoint) {
+            if let Some(c) = g.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut e) = c.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    panic!("zonalfs mount exited early ({status}): {err}");
+                }
+            }
+            assert!(Instant::now() < deadline, "mount never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        g
+    }
+
+    /// SIGTERM, then the exit status; the mount must be gone.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        c.wait().expect("wait")
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.mountpoint) {
+            zonalfs::fs::fuse::lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+fn sha_file(p: &Path) -> Vec<u8> {
+    let mut f = std::fs::File::open(p).expect("open");
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            return h.finalize().to_vec();
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+#[test]
+fn mount_read_list_errors_and_clean_unmount() {
+    let tree = Tree::new();
+    let files = [
+        ("big.bin", pattern(20 * (1 << 20) + 7, 1)),
+        ("dir/a.txt", b"hello\n".to_vec()),
+        ("dir/sub/deep.bin", pattern(3 * (1 << 20), 2)),
+        ("empty", Vec::new()),
+    ];
+    for (n, d) in &files {
+        tree.put(n, d);
+    }
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let mut m = MountGuard::mount(&format!("http://{}", emu.addr), mnt.path(), &[]);
+    let root = mnt.path();
+
+    for (n, d) in &files {
+        assert_eq!(sha_file(&root.join(n)), Sha256::digest(d).to_vec(), "{n}");
+        assert_eq!(
+            std::fs::metadata(root.join(n)).expect("stat").len(),
+            d.len() as u64
+        );
+    }
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["big.bin", "dir", "empty"]);
+    assert!(std::fs::metadata(root.join("dir/sub"))
+        .expect("stat")
+        .is_dir());
+
+    // Reads at odd offsets and sizes, and 8 concurrent readers of one file.
+    let big = &files[0].1;
+    let mut f = std::fs::File::open(root.join("big.bin")).expect("open");
+    use std::io::{Seek, SeekFrom};
+    for (off, len) in [
+        (0u64, 4096usize),
+        (12_345_678, 1 << 20),
+        (big.len() as u64 - 10, 100),
+    ] {
+        f.seek(SeekFrom::Start(off)).expect("seek");
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = f.read(&mut buf[got..]).expect("read");
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let end = (off as usize + len).min(big.len());
+        assert_eq!(&buf[..got], &big[off as usize..end]);
+    }
+    let want = Sha256::digest(big).to_vec();
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let p = root.join("big.bin");
+            std::thread::spawn(move || sha_file(&p))
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().expect("reader"), want);
+    }
+
+    // Error paths.
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("dir/a.txt"))
+        .expect_err("write");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let e = std::fs::File::create(root.join("new.txt")).expect_err("create");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let e = std::fs::metadata(root.join("missing")).expect_err("missing");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    let e = std::fs::read_dir(root.join("dir/a.txt")).expect_err("not a dir");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
+    let e = std::fs::read(root.join("dir")).expect_err("is a dir");
+    assert_eq!(e.raw_os_error(), Some(libc::EISDIR));
+
+    drop(f);
+    let status = m.stop();
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(root), "still mounted after SIGTERM");
+}
+
+#[test]
+fn mount_refuses_bad_mountpoints() {
+    let tree = Tree::new();
+    tree.put("x", b"x");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let nonempty = tempfile::tempdir().expect("dir");
+    std::fs::write(nonempty.path().join("f"), b"f").expect("write");
+    let file = tempfile::NamedTempFile::new().expect("file");
+    for (mp, needle) in [
+        (PathBuf::from("/nonexistent/zonalfs-mnt"), "No such file"),
+        (file.path().to_path_buf(), "not a directory"),
+        (nonempty.path().to_path_buf(), "not empty"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+            .args(["mount", "-f", BUCKET])
+            .arg(&mp)
+            .args(["--endpoint", &ep, "--anonymous"])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{mp:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{mp:?}: {err}");
+        assert!(!is_mounted(&mp));
+    }
+}
