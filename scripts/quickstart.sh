@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: build zonalfs, generate sample data,
-# start the emulator on it, list, stat and read it back with `zonalfs ls/stat/cat`
-# (checking every byte against the source), print throughput, and clean up -
-# even on failure.
+# start the emulator on it, list, stat and read it back with `zonalfs ls/stat/cat`,
+# then mount it and read it with ordinary tools (checking every byte against the
+# source), print throughput, unmount and clean up - even on failure. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +12,14 @@ BIN=target/release/zonalfs
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/zonalfs-quickstart.XXXXXX")
 EMU_PID=
+MOUNT_PID=
+MNT="$WORK/mnt"
 cleanup() {
+  if [ -n "$MOUNT_PID" ] && kill -0 "$MOUNT_PID" 2>/dev/null; then
+    kill -TERM "$MOUNT_PID" 2>/dev/null || true
+    wait "$MOUNT_PID" 2>/dev/null || true
+  fi
+  if grep -qs " $MNT " /proc/mounts; then umount -l "$MNT" 2>/dev/null || true; fi
   if [ -n "$EMU_PID" ] && kill -0 "$EMU_PID" 2>/dev/null; then
     kill -TERM "$EMU_PID" 2>/dev/null || true
     wait "$EMU_PID" 2>/dev/null || true
@@ -65,6 +72,33 @@ for _ in 1 2 3; do
   T1=$(date +%s.%N)
   awk -v a="$T0" -v b="$T1" 'BEGIN { printf "   %.0f MB/s\n", 268435456 / (b - a) / 1e6 }'
 done
+
+echo "== zonalfs mount sample-bucket $MNT"
+mkdir -p "$MNT"
+"$BIN" mount -f sample-bucket "$MNT" --log-level warn 2> "$WORK/mount.err" &
+MOUNT_PID=$!
+for _ in $(seq 1 300); do
+  grep -qs " $MNT " /proc/mounts && break
+  kill -0 "$MOUNT_PID" 2>/dev/null || { cat "$WORK/mount.err" >&2; exit 1; }
+  sleep 0.1
+done
+grep -qs " $MNT " /proc/mounts || { echo "the mount did not come up" >&2; exit 1; }
+echo "== ls -lR through the mount"
+ls -lR "$MNT" | head -20
+echo "== cat README.txt through the mount"
+cat "$MNT/README.txt"
+echo "== dd bs=1M of datasets/train.bin through the mount: cold (over gRPC), then again (page cache)"
+dd if="$MNT/datasets/train.bin" of=/dev/null bs=1M 2>&1 | tail -n 1
+dd if="$MNT/datasets/train.bin" of=/dev/null bs=1M 2>&1 | tail -n 1
+echo "== sha256sum of every file through the mount vs the source tree"
+(cd "$MNT" && find . -type f | sort | xargs sha256sum) > "$WORK/mnt.sha"
+(cd "$B" && find . -type f | sort | xargs sha256sum) > "$WORK/src.sha"
+diff "$WORK/mnt.sha" "$WORK/src.sha" && echo "   all $(wc -l < "$WORK/src.sha") files identical"
+kill -TERM "$MOUNT_PID"
+wait "$MOUNT_PID" || true
+MOUNT_PID=
+grep -qs " $MNT " /proc/mounts && { echo "still mounted!" >&2; exit 1; }
+echo "   unmounted"
 
 kill -TERM "$EMU_PID"
 wait "$EMU_PID" || true
