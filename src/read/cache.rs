@@ -35,6 +35,9 @@ use super::buffer::{Block, BlockPool};
 use super::prefetch::{Cursors, Plan, PrefetchConfig};
 use crate::gcs::{GcsError, ObjectClient, ObjectId, VecSink};
 
+/// Free blocks kept mapped for reuse when the cache shrinks.
+const WARM_BLOCKS: usize = 4;
+
 /// A sequential cursor used this recently counts toward the budget's split.
 const ACTIVE_CURSOR: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -192,9 +195,12 @@ impl ReadEngine {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Drops an inode's blocks and cursors (forget, or the object is gone).
+    /// Drops an inode's blocks and cursors (forget, or the object is gone), and
+    /// hands the memory of free blocks beyond a few warm ones back to the OS.
     pub fn forget(&self, ino: u64) {
-        lock(&self.inodes).remove(&ino);
+        let gone = lock(&self.inodes).remove(&ino);
+        drop(gone);
+        self.pool.trim(WARM_BLOCKS);
     }
 
     /// Blocks cached (or loading) for an inode, as (offset, filled) pairs.
