@@ -144,8 +144,9 @@ pub struct MountArgs {
     pub bucket: String,
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
-    /// Stay in the foreground (the only mode so far).
-    #[arg(short, long)]
+    /// Stay in the foreground (default: run as a daemon; the command returns
+    /// once the mount is serving, or fails with the daemon's error).
+    #[arg(short, long, env = "ZONALFS_FOREGROUND")]
     pub foreground: bool,
     /// Mount only this prefix of the bucket (a directory in it).
     #[arg(long, env = "ZONALFS_ONLY_DIR")]
@@ -194,6 +195,12 @@ pub struct MountArgs {
     pub client: ClientArgs,
     #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
     pub log_level: String,
+}
+
+/// `zonalfs unmount MOUNTPOINT`
+#[derive(Debug, Args)]
+pub struct UnmountArgs {
+    pub mountpoint: PathBuf,
 }
 
 /// `zonalfs cat gs://BUCKET/OBJECT`
@@ -254,8 +261,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount a bucket read-only at a directory (runs in the foreground for now).
+    /// Mount a bucket read-only at a directory.
     Mount(MountArgs),
+    /// Unmount a zonalfs mount (detaching it lazily if it is busy).
+    Unmount(UnmountArgs),
     /// Stream an object to stdout through the shared MRD pool.
     Cat(CatArgs),
     /// List objects and prefixes: gs://BUCKET[/PREFIX].

@@ -24,7 +24,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
-        Command::Mount(args) => run_tool(&args.log_level.clone(), || mount(args)),
+        Command::Mount(args) if args.foreground => {
+            run_tool(&args.log_level.clone(), || mount(args, None))
+        }
+        Command::Mount(args) => daemonize(args),
+        Command::Unmount(args) => match zonalfs::fs::fuse::unmount_path(&args.mountpoint) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("zonalfs: unmount {}: {e}", args.mountpoint.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Cat(args) => run_tool(&args.log_level.clone(), || cat(args)),
         Command::Ls(args) => run_tool(&args.log_level.clone(), || ls(args)),
         Command::Stat(args) => run_tool(&args.log_level.clone(), || stat(args)),
@@ -82,7 +92,88 @@ async fn cat(args: CatArgs) -> Result<(), GcsError> {
     Ok(())
 }
 
-async fn mount(args: MountArgs) -> Result<(), GcsError> {
+/// Runs the mount in a child process and exits 0 once it serves, or 1 with the
+/// child's error. The fork happens before any thread exists.
+fn daemonize(args: MountArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("zonalfs: pipe: {}", std::io::Error::last_os_error());
+        return ExitCode::FAILURE;
+    }
+    // SAFETY: single-threaded here (no runtime, no logging threads yet).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        eprintln!("zonalfs: fork: {}", std::io::Error::last_os_error());
+        return ExitCode::FAILURE;
+    }
+    if pid > 0 {
+        // SAFETY: fds[1] is ours and not used again in the parent.
+        unsafe { libc::close(fds[1]) };
+        // SAFETY: fds[0] is an open pipe end we own from here on.
+        let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        let mut msg = String::new();
+        let _ = r.read_to_string(&mut msg);
+        return match msg.strip_prefix("ok") {
+            Some(_) => ExitCode::SUCCESS,
+            None if msg.is_empty() => {
+                eprintln!("zonalfs: the mount daemon exited before it was ready");
+                ExitCode::FAILURE
+            }
+            None => {
+                eprintln!("zonalfs: {}", msg.trim_end());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // The daemon: own session, stdio detached.
+    // SAFETY: fds[0] is the parent's end, closed here; setsid has no preconditions.
+    unsafe {
+        libc::close(fds[0]);
+        libc::setsid();
+    }
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard fds from a valid open fd.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+    // SAFETY: fds[1] is the write end we own.
+    let mut ready = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+    let log = args.log_level.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    // Tell the parent as soon as the mount serves (or failed); closing the pipe
+    // without a word means the daemon died.
+    std::thread::spawn(move || {
+        if let Ok(r) = rx.recv() {
+            let _ = match r {
+                Ok(()) => ready.write_all(b"ok\n"),
+                Err(e) => ready.write_all(e.as_bytes()),
+            };
+        }
+    });
+    run_tool(&log, || mount(args, Some(tx)))
+}
+
+/// Reports readiness (or the error that prevented it) to a waiting parent.
+type ReadyTx = std::sync::mpsc::Sender<Result<(), String>>;
+
+async fn mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> {
+    let result = serve_mount(args, ready.clone()).await;
+    if let (Err(e), Some(tx)) = (&result, ready) {
+        let _ = tx.send(Err(e.to_string()));
+    }
+    result
+}
+
+async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> {
     use std::sync::Arc;
     use zonalfs::fs::{fuse, Fs, FsConfig};
     use zonalfs::read::buffer::{default_memory_limit, BlockPool, Budget};
@@ -101,6 +192,15 @@ async fn mount(args: MountArgs) -> Result<(), GcsError> {
             )))
         }
         Err(e) => return Err(bad(format!("mountpoint {}: {e}", mp.display()))),
+    }
+    let canonical = mp.canonicalize().unwrap_or_else(|_| mp.clone());
+    let mp = &canonical;
+    if fuse::is_mounted(mp) {
+        return Err(bad(format!(
+            "mountpoint {} is already a mount point; unmount it first ('zonalfs unmount {}')",
+            mp.display(),
+            mp.display()
+        )));
     }
     if std::fs::read_dir(mp)
         .map(|mut d| d.next().is_some())
@@ -159,7 +259,18 @@ async fn mount(args: MountArgs) -> Result<(), GcsError> {
         tracing::warn!(error = %e, "could not raise the kernel readahead");
     }
     eprintln!("zonalfs: mounted gs://{} at {}", args.bucket, mp.display());
-    shutdown_signal().await;
+    if let Err(e) = fuse::notify_ready() {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+    if let Some(tx) = ready {
+        let _ = tx.send(Ok(()));
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = fuse::unmounted(mp) => {
+            eprintln!("zonalfs: {} was unmounted", mp.display());
+        }
+    }
     tokio::task::spawn_blocking(move || mounted.unmount())
         .await
         .map_err(|e| GcsError::Other(e.to_string()))?

@@ -208,3 +208,76 @@ fn mount_refuses_bad_mountpoints() {
         assert!(!is_mounted(&mp));
     }
 }
+
+#[test]
+fn daemon_mode_notify_and_unmount_command() {
+    let tree = Tree::new();
+    let data = tree.put("f.bin", &pattern(5 << 20, 3));
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    // A guard with no child: detaches the mount if the test fails half way.
+    let _guard = MountGuard {
+        child: None,
+        mountpoint: mnt.path().to_path_buf(),
+    };
+    let notify_dir = tempfile::tempdir().expect("notify dir");
+    let sock_path = notify_dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+
+    // Without --foreground: returns 0 once the mount serves.
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .args(["--endpoint", &ep, "--anonymous"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(mnt.path()), "serving when the command returned");
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("readiness notification");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(std::fs::read(mnt.path().join("f.bin")).expect("read"), data);
+
+    // A second mount on the same place: a clear error, exit 1.
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .args(["--endpoint", &ep, "--anonymous"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a mount point"));
+
+    // A daemon that cannot start reports its error through the parent.
+    let other = tempfile::tempdir().expect("dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .args(["mount", "no-such-bucket"])
+        .arg(other.path())
+        .args(["--endpoint", &ep, "--anonymous"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-bucket"));
+    assert!(!is_mounted(other.path()));
+
+    // `zonalfs unmount`: the mount goes, and the daemon with it.
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .arg("unmount")
+        .arg(mnt.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(mnt.path()));
+}

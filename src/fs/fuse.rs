@@ -251,13 +251,73 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    /// Unmounts now and waits for the session to end.
+    /// Unmounts now and waits for the session to end; a busy mount is
+    /// detached lazily.
     pub fn unmount(mut self) -> io::Result<()> {
         match self.session.take() {
-            Some(s) => s.umount_and_join(),
+            Some(s) => s.umount_and_join().or_else(|e| {
+                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                lazy_unmount(&self.mountpoint);
+                Ok(())
+            }),
             None => Ok(()),
         }
     }
+}
+
+/// Is `path` a mount point right now (per /proc/self/mountinfo)?
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(4) == Some(want.as_ref()))
+        })
+        .unwrap_or(false)
+}
+
+/// Resolves once `path` is no longer mounted (someone ran `umount`).
+pub async fn unmounted(path: &Path) {
+    while is_mounted(path) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `zonalfs unmount`: unmounts `path`, detaching it lazily if it is busy.
+pub fn unmount_path(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: umount2 with a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        // SAFETY: as above.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+        return Err(io::Error::last_os_error());
+    }
+    Err(e)
+}
+
+/// Tells systemd (Type=notify) the mount is serving: `READY=1` to
+/// `$NOTIFY_SOCKET`, if set (a path, or `@name` for an abstract socket).
+pub fn notify_ready() -> io::Result<bool> {
+    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let s = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = sock.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        s.send_to_addr(b"READY=1", &addr)?;
+    } else {
+        s.send_to(b"READY=1", sock)?;
+    }
+    Ok(true)
 }
 
 impl Drop for Mounted {
