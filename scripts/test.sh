@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required" >&2; exit 1; }
-python3 -c 'import venv, ensurepip' 2>/dev/null || {
-  echo "== installing python3-venv"
-  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-}
+NEED=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || NEED+=(python3-venv)
+command -v systemd-analyze >/dev/null || NEED+=(systemd)
+if [ ${#NEED[@]} -gt 0 ]; then
+  echo "== installing ${NEED[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEED[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || { echo "/dev/fuse is missing: the mount tests need FUSE" >&2; exit 1; }
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
