@@ -185,8 +185,10 @@ pub struct MountArgs {
     /// Prefetch and cache block size.
     #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "ZONALFS_BLOCK_SIZE")]
     pub block_size: u64,
-    /// Kernel readahead for the mount, in KiB (written to /sys/class/bdi).
-    #[arg(long, default_value_t = 4096, env = "ZONALFS_KERNEL_READAHEAD_KB")]
+    /// Kernel readahead for the mount, in KiB (written to /sys/class/bdi). One
+    /// `dd bs=1M` of 1 GiB over the emulator measured 254 MB/s at 1024, 572 at
+    /// 4096 and 632-747 at 16384 (gcsfuse's choice too).
+    #[arg(long, default_value_t = 16384, env = "ZONALFS_KERNEL_READAHEAD_KB")]
     pub kernel_readahead_kb: u32,
     /// FUSE loop threads.
     #[arg(long, default_value_t = 4, env = "ZONALFS_FUSE_THREADS")]
