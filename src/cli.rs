@@ -199,6 +199,73 @@ pub struct MountArgs {
     pub log_level: String,
 }
 
+/// Turns `-o opt[,opt=val]...` (fstab style) into `--flag[=val]` arguments.
+/// Options the mount(8) machinery passes for itself (`ro`, `defaults`,
+/// `_netdev`, `auto`, `noauto`, `nofail`, `user`, `users`, `nouser`, `exec`,
+/// `noexec`, `suid`, `nosuid`, `dev`, `nodev`, `async`, `atime`, `noatime`,
+/// `relatime`) are accepted and ignored; `rw` is refused (the mount is read-only).
+pub fn expand_mount_options(opts: &str) -> Result<Vec<String>, String> {
+    const IGNORED: &[&str] = &[
+        "ro", "defaults", "_netdev", "auto", "noauto", "nofail", "user", "users", "nouser", "exec",
+        "noexec", "suid", "nosuid", "dev", "nodev", "async", "atime", "noatime", "relatime",
+    ];
+    let mut out = Vec::new();
+    for o in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if IGNORED.contains(&o) {
+            continue;
+        }
+        if o == "rw" {
+            return Err("-o rw: zonalfs mounts are read-only".to_string());
+        }
+        let (k, v) = match o.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (o, None),
+        };
+        let flag = format!("--{}", k.replace('_', "-"));
+        out.push(flag);
+        if let Some(v) = v {
+            out.push(v.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The arguments of `zonalfs mount` for a `mount.zonalfs` helper invocation
+/// (`mount.zonalfs BUCKET MOUNTPOINT [-o OPTIONS] [-f] [-n] [-s] [-v]`, as
+/// mount(8) calls it).
+pub fn helper_args(args: &[String]) -> Result<Vec<String>, String> {
+    let mut out = vec!["zonalfs".to_string(), "mount".to_string()];
+    let mut positional = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "-o" => {
+                let o = args.get(i + 1).ok_or("-o needs a value")?;
+                out.extend(expand_mount_options(o)?);
+                i += 1;
+            }
+            s if s.starts_with("-o") => out.extend(expand_mount_options(&s[2..])?),
+            // mount(8)'s own flags: fake, no mtab, sloppy, verbose.
+            "-f" | "-n" | "-s" | "-v" => {}
+            s => positional.push(s.to_string()),
+        }
+        i += 1;
+    }
+    if positional.len() != 2 {
+        return Err("usage: mount.zonalfs BUCKET MOUNTPOINT [-o OPTIONS]".to_string());
+    }
+    out.extend(positional);
+    Ok(out)
+}
+
+/// `zonalfs install-helper [--dir /sbin]`
+#[derive(Debug, Args)]
+pub struct InstallHelperArgs {
+    /// Where mount(8) looks for helpers.
+    #[arg(long, default_value = "/sbin")]
+    pub dir: PathBuf,
+}
+
 /// `zonalfs unmount MOUNTPOINT`
 #[derive(Debug, Args)]
 pub struct UnmountArgs {
@@ -267,6 +334,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a zonalfs mount (detaching it lazily if it is busy).
     Unmount(UnmountArgs),
+    /// Install the mount(8) helper (DIR/mount.zonalfs, a link to this binary)
+    /// so that `mount -t zonalfs` and fstab lines work.
+    InstallHelper(InstallHelperArgs),
     /// Stream an object to stdout through the shared MRD pool.
     Cat(CatArgs),
     /// List objects and prefixes: gs://BUCKET[/PREFIX].
@@ -427,6 +497,43 @@ mod tests {
             args.extend(bad.iter());
             assert!(Cli::try_parse_from(&args).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn fstab_options() {
+        let a = helper_args(&[
+            "my-bucket".into(),
+            "/mnt/x".into(),
+            "-o".into(),
+            "ro,allow_other,uid=1000,_netdev,file_mode=0440".into(),
+        ])
+        .unwrap();
+        assert_eq!(
+            a,
+            [
+                "zonalfs",
+                "mount",
+                "--allow-other",
+                "--uid",
+                "1000",
+                "--file-mode",
+                "0440",
+                "my-bucket",
+                "/mnt/x"
+            ]
+        );
+        let cli = Cli::try_parse_from(&a).unwrap();
+        let Command::Mount(m) = cli.command else {
+            panic!("not mount");
+        };
+        assert!(m.allow_other && m.uid == Some(1000) && m.file_mode == 0o440);
+        assert!(helper_args(&["b".into(), "/m".into(), "-o".into(), "rw".into()]).is_err());
+        assert!(helper_args(&["b".into()]).is_err());
+        let bad = helper_args(&["b".into(), "/m".into(), "-o".into(), "bogus".into()]).unwrap();
+        assert!(
+            Cli::try_parse_from(&bad).is_err(),
+            "unknown options are rejected"
+        );
     }
 
     #[test]

@@ -21,13 +21,31 @@ fn init_logging(filter: &str) {
 
 fn main() -> ExitCode {
     tune_malloc();
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args().collect();
+    let invoked_as = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let cli = if invoked_as == "mount.zonalfs" {
+        // mount(8) helper: `mount -t zonalfs BUCKET DIR -o ...` and fstab.
+        match zonalfs::cli::helper_args(&argv[1..]) {
+            Ok(args) => Cli::parse_from(args),
+            Err(e) => {
+                eprintln!("mount.zonalfs: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        Cli::parse()
+    };
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
         Command::Mount(args) if args.foreground => {
             run_tool(&args.log_level.clone(), || mount(args, None))
         }
         Command::Mount(args) => daemonize(args),
+        Command::InstallHelper(args) => install_helper(&args.dir),
         Command::Unmount(args) => match zonalfs::fs::fuse::unmount_path(&args.mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -38,6 +56,28 @@ fn main() -> ExitCode {
         Command::Cat(args) => run_tool(&args.log_level.clone(), || cat(args)),
         Command::Ls(args) => run_tool(&args.log_level.clone(), || ls(args)),
         Command::Stat(args) => run_tool(&args.log_level.clone(), || stat(args)),
+    }
+}
+
+/// `zonalfs install-helper`: links DIR/mount.zonalfs to this binary so that
+/// `mount -t zonalfs` and fstab lines work.
+fn install_helper(dir: &std::path::Path) -> ExitCode {
+    let link = dir.join("mount.zonalfs");
+    let result = std::env::current_exe().and_then(|exe| {
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link)?;
+        }
+        std::os::unix::fs::symlink(exe, &link)
+    });
+    match result {
+        Ok(()) => {
+            println!("installed {}", link.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zonalfs: install-helper {}: {e}", link.display());
+            ExitCode::FAILURE
+        }
     }
 }
 

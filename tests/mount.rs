@@ -281,3 +281,112 @@ fn daemon_mode_notify_and_unmount_command() {
     );
     assert!(!is_mounted(mnt.path()));
 }
+
+/// Removes a file when dropped (a helper link installed for the test).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn mount_helper_and_mount_t_zonalfs() {
+    let tree = Tree::new();
+    let data = tree.put("d/f.txt", b"through mount(8)\n");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let opts = format!("ro,_netdev,endpoint={ep},anonymous,uid=4242,file_mode=0440");
+
+    // The helper called directly, as mount(8) would.
+    let bin = tempfile::tempdir().expect("dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .args(["install-helper", "--dir"])
+        .arg(bin.path())
+        .output()
+        .expect("install-helper");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let helper = bin.path().join("mount.zonalfs");
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let _guard = MountGuard {
+        child: None,
+        mountpoint: mnt.path().to_path_buf(),
+    };
+    let out = Command::new(&helper)
+        .arg(BUCKET)
+        .arg(mnt.path())
+        .args(["-o", &opts])
+        .output()
+        .expect("helper");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::metadata(mnt.path().join("d/f.txt")).expect("stat");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((md.uid(), md.mode() & 0o777), (4242, 0o440));
+    assert_eq!(
+        std::fs::read(mnt.path().join("d/f.txt")).expect("read"),
+        data
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .arg("unmount")
+        .arg(mnt.path())
+        .output()
+        .expect("unmount");
+    assert!(out.status.success());
+    assert!(!is_mounted(mnt.path()));
+
+    // `mount -t zonalfs`, through /sbin/mount.zonalfs (installed for the test
+    // only if there is none, and removed after).
+    let sbin = Path::new("/sbin/mount.zonalfs");
+    if sbin.symlink_metadata().is_ok() {
+        return; // a real installation: leave it alone
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        .args(["install-helper", "--dir", "/sbin"])
+        .output()
+        .expect("install-helper /sbin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _remove = RemoveOnDrop(sbin.to_path_buf());
+    let mnt2 = tempfile::tempdir().expect("mountpoint");
+    let _guard2 = MountGuard {
+        child: None,
+        mountpoint: mnt2.path().to_path_buf(),
+    };
+    let out = Command::new("mount")
+        .args(["-t", "zonalfs", BUCKET])
+        .arg(mnt2.path())
+        .args(["-o", &opts])
+        .output()
+        .expect("mount(8)");
+    assert!(
+        out.status.success(),
+        "mount -t zonalfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(mnt2.path().join("d/f.txt")).expect("read"),
+        data
+    );
+    let out = Command::new("umount")
+        .arg(mnt2.path())
+        .output()
+        .expect("umount");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(mnt2.path()));
+}
