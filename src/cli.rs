@@ -190,6 +190,9 @@ pub struct MountArgs {
     /// 4096 and 632-747 at 16384 (gcsfuse's choice too).
     #[arg(long, default_value_t = 16384, env = "ZONALFS_KERNEL_READAHEAD_KB")]
     pub kernel_readahead_kb: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "ZONALFS_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// FUSE loop threads.
     #[arg(long, default_value_t = 4, env = "ZONALFS_FUSE_THREADS")]
     pub fuse_threads: usize,

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod emulator;
 pub mod fs;
 pub mod gcs;
+pub mod metrics;
 pub mod proto;
 pub mod read;
 pub mod sync;

@@ -202,6 +202,15 @@ fn daemonize(args: MountArgs) -> ExitCode {
     run_tool(&log, || mount(args, Some(tx)))
 }
 
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reports readiness (or the error that prevented it) to a waiting parent.
 type ReadyTx = std::sync::mpsc::Sender<Result<(), String>>;
 
@@ -282,8 +291,30 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
             cfg.prefix = format!("{p}/");
         }
     }
+    let fuse_stats = Arc::new(zonalfs::metrics::FuseStats::default());
+    let _metrics = match &args.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| bad(format!("--metrics-addr {addr}: {e}")))?;
+            let sources = zonalfs::metrics::Sources {
+                fuse: fuse_stats.clone(),
+                engine: engine.clone(),
+                pool: pool.clone(),
+            };
+            Some(AbortOnDrop(tokio::spawn(zonalfs::metrics::serve(
+                listener, sources,
+            ))))
+        }
+        None => None,
+    };
     let fs = Fs::new(pool, engine, cfg);
-    let fuse_fs = fuse::FuseFs::new(fs, tokio::runtime::Handle::current(), args.direct_io);
+    let fuse_fs = fuse::FuseFs::new(
+        fs,
+        tokio::runtime::Handle::current(),
+        args.direct_io,
+        fuse_stats,
+    );
     let mounted = fuse::mount(
         fuse_fs,
         mp,

@@ -81,6 +81,18 @@ impl Drop for MountGuard {
     }
 }
 
+/// GET /metrics over plain HTTP/1.1.
+fn scrape(addr: &str) -> String {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
 fn sha_file(p: &Path) -> Vec<u8> {
     let mut f = std::fs::File::open(p).expect("open");
     let mut h = Sha256::new();
@@ -108,7 +120,15 @@ fn mount_read_list_errors_and_clean_unmount() {
     }
     let emu = EmuChild::spawn(tree.root(), &[]);
     let mnt = tempfile::tempdir().expect("mountpoint");
-    let mut m = MountGuard::mount(&format!("http://{}", emu.addr), mnt.path(), &[]);
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").to_string()
+    };
+    let mut m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--metrics-addr", &metrics_addr, "--memory-limit", "256MiB"],
+    );
     let root = mnt.path();
 
     for (n, d) in &files {
@@ -175,6 +195,29 @@ fn mount_read_list_errors_and_clean_unmount() {
     assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
     let e = std::fs::read(root.join("dir")).expect_err("is a dir");
     assert_eq!(e.raw_os_error(), Some(libc::EISDIR));
+
+    // The metrics endpoint reports what happened.
+    let metrics = scrape(&metrics_addr);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"))
+    };
+    assert!(value("zonalfs_bytes_read_total") >= big.len() as f64);
+    assert!(value("zonalfs_fuse_op_seconds_count{op=\"read\"}") > 0.0);
+    assert!(
+        value("zonalfs_fuse_op_errors_total{op=\"lookup\"}") >= 1.0,
+        "ENOENT lookups"
+    );
+    assert_eq!(
+        value("zonalfs_memory_bytes{kind=\"limit\"}"),
+        (256u64 << 20) as f64
+    );
+    assert!(value("zonalfs_memory_bytes{kind=\"peak\"}") <= (256u64 << 20) as f64);
+    assert!(value("zonalfs_open_streams") >= 1.0);
 
     drop(f);
     let status = m.stop();

@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -21,6 +21,7 @@ use fuser::{
 };
 
 use super::{Attr, Fs, FsError};
+use crate::metrics::FuseStats;
 
 /// How long the kernel may cache attributes and entries.
 pub const KERNEL_TTL: Duration = Duration::from_secs(1);
@@ -30,11 +31,29 @@ pub struct FuseFs {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     direct_io: bool,
+    stats: Arc<FuseStats>,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, direct_io: bool) -> FuseFs {
-        FuseFs { fs, rt, direct_io }
+    pub fn new(
+        fs: Arc<Fs>,
+        rt: tokio::runtime::Handle,
+        direct_io: bool,
+        stats: Arc<FuseStats>,
+    ) -> FuseFs {
+        FuseFs {
+            fs,
+            rt,
+            direct_io,
+            stats,
+        }
+    }
+
+    /// Records one operation's outcome and latency.
+    fn done(stats: &FuseStats, op: &str, start: Instant, ok: bool) {
+        if let Some(s) = stats.op(op) {
+            s.record(start.elapsed(), ok);
+        }
     }
 }
 
@@ -78,9 +97,11 @@ impl Filesystem for FuseFs {
         let Some(name) = name.to_str().map(str::to_string) else {
             return reply.error(Errno::ENOENT);
         };
-        let fs = self.fs.clone();
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         self.rt.spawn(async move {
-            match fs.lookup(parent.0, &name).await {
+            let r = fs.lookup(parent.0, &name).await;
+            Self::done(&stats, "lookup", t, r.is_ok());
+            match r {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -92,9 +113,11 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let fs = self.fs.clone();
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         self.rt.spawn(async move {
-            match fs.getattr(ino.0).await {
+            let r = fs.getattr(ino.0).await;
+            Self::done(&stats, "getattr", t, r.is_ok());
+            match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -105,8 +128,11 @@ impl Filesystem for FuseFs {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0;
         let (fs, direct) = (self.fs.clone(), self.direct_io);
+        let (stats, t) = (self.stats.clone(), Instant::now());
         self.rt.spawn(async move {
-            match fs.open(ino.0, write).await {
+            let r = fs.open(ino.0, write).await;
+            Self::done(&stats, "open", t, r.is_ok());
+            match r {
                 // Keep the page cache across opens: the handle pins a generation,
                 // and a changed object gets a new inode's worth of metadata.
                 Ok(fh) => reply.opened(
@@ -133,9 +159,11 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let fs = self.fs.clone();
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         self.rt.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
+            let r = fs.read(fh.0, offset, size).await;
+            Self::done(&stats, "read", t, r.is_ok());
+            match r {
                 Ok(data) => reply.data(data.as_slice()),
                 Err(e) => {
                     tracing::debug!(error = %e, "read failed");
@@ -160,9 +188,11 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let fs = self.fs.clone();
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         self.rt.spawn(async move {
-            match fs.opendir(ino.0).await {
+            let r = fs.opendir(ino.0).await;
+            Self::done(&stats, "opendir", t, r.is_ok());
+            match r {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -177,7 +207,10 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh.0, offset) {
+        let t = Instant::now();
+        let r = self.fs.readdir(fh.0, offset);
+        Self::done(&self.stats, "readdir", t, r.is_ok());
+        match r {
             Ok(entries) => {
                 for (next, e) in entries {
                     let kind = if e.is_dir {
@@ -240,6 +273,7 @@ impl Filesystem for FuseFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // A bucket has no fixed capacity: report a large, empty, read-only one.
+        Self::done(&self.stats, "statfs", Instant::now(), true);
         reply.statfs(1 << 40, 0, 0, 1 << 20, 0, 4096, 255, 4096);
     }
 }
