@@ -433,3 +433,122 @@ fn mount_helper_and_mount_t_zonalfs() {
     );
     assert!(!is_mounted(mnt2.path()));
 }
+
+fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().expect("run tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn unmodified_programs_through_the_mount() {
+    let tree = Tree::new();
+    let big = tree.put("data/big.bin", &pattern(9 * (1 << 20) + 321, 5));
+    tree.put("data/nested/a/b/c.txt", b"deep\n");
+    tree.put("notes.txt", b"line1\nline2\nline3\n");
+    let many = tree.path("many");
+    std::fs::create_dir_all(&many).expect("mkdir");
+    for i in 0..10_000 {
+        std::fs::write(many.join(format!("f{i:05}")), i.to_string()).expect("write");
+    }
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let mut m = MountGuard::mount(&format!("http://{}", emu.addr), mnt.path(), &[]);
+    let root = mnt.path();
+    let src = tree.root().join(BUCKET);
+
+    // dd with several block sizes.
+    for bs in ["4k", "128k", "1M", "4M"] {
+        let out = run_ok(
+            Command::new("dd")
+                .arg(format!("if={}", root.join("data/big.bin").display()))
+                .arg(format!("bs={bs}"))
+                .arg("status=none"),
+        );
+        assert!(out == big, "dd bs={bs}");
+    }
+    // head / tail.
+    let out = run_ok(
+        Command::new("head")
+            .args(["-c", "1000"])
+            .arg(root.join("data/big.bin")),
+    );
+    assert_eq!(out, &big[..1000]);
+    let out = run_ok(
+        Command::new("tail")
+            .args(["-c", "777"])
+            .arg(root.join("data/big.bin")),
+    );
+    assert_eq!(out, &big[big.len() - 777..]);
+    // find and ls -lR against the source tree (names; sizes via find -printf).
+    let listing = |dir: &Path| {
+        let out = run_ok(
+            Command::new("find")
+                .arg(".")
+                .args(["-printf", "%y %s %p\\n"])
+                .current_dir(dir),
+        );
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out)
+            .lines()
+            .map(|l| {
+                // Directory sizes differ between filesystems.
+                if l.starts_with("d ") {
+                    let p = l.splitn(3, ' ').nth(2).unwrap_or("");
+                    format!("d {p}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(listing(root), listing(&src), "find output differs");
+    let ls = run_ok(Command::new("ls").arg("-lR").arg(root));
+    assert!(String::from_utf8_lossy(&ls).lines().count() > 10_000);
+    assert_eq!(
+        std::fs::read_dir(root.join("many"))
+            .expect("readdir")
+            .count(),
+        10_000
+    );
+    // cp -r, then compare every file.
+    let copy = tempfile::tempdir().expect("copy");
+    run_ok(
+        Command::new("cp")
+            .arg("-r")
+            .arg(root.join("data"))
+            .arg(copy.path()),
+    );
+    assert_eq!(
+        std::fs::read(copy.path().join("data/big.bin")).expect("copy"),
+        big
+    );
+    assert_eq!(
+        std::fs::read(copy.path().join("data/nested/a/b/c.txt")).expect("copy"),
+        b"deep\n"
+    );
+    // Python: seek/read and mmap.
+    let script = format!(
+        "import mmap,sys\nf=open({p:?},'rb')\nf.seek(12345)\nsys.stdout.buffer.write(f.read(100))\nm=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ)\nsys.stdout.buffer.write(m[5000000:5000100])\n",
+        p = root.join("data/big.bin").to_string_lossy()
+    );
+    let out = run_ok(Command::new("python3").args(["-c", &script]));
+    let mut want = big[12345..12445].to_vec();
+    want.extend_from_slice(&big[5_000_000..5_000_100]);
+    assert_eq!(out, want);
+    // stat.
+    let out = run_ok(
+        Command::new("stat")
+            .args(["-c", "%s %F"])
+            .arg(root.join("notes.txt")),
+    );
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "18 regular file");
+
+    let status = m.stop();
+    assert!(status.success(), "{status}");
+}

@@ -298,8 +298,28 @@ impl Fs {
                 t.negative.remove(&path);
             }
         }
-        // A directory wins over a file of the same name.
         let dir_path = format!("{path}/");
+        // Known from a recent listing or lookup: no round trip.
+        {
+            let mut t = lock(&self.table);
+            let known = [&dir_path, &path].into_iter().find_map(|k| {
+                let ino = *t.by_path.get(k.as_str())?;
+                let n = t.nodes.get(&ino)?;
+                let fresh = match &n.kind {
+                    Kind::Dir(_) => true,
+                    Kind::File(_, fetched) => fetched.elapsed() < self.cfg.metadata_ttl,
+                };
+                fresh.then_some(ino)
+            });
+            if let Some(ino) = known {
+                if let Some(n) = t.nodes.get_mut(&ino) {
+                    n.lookups += 1;
+                    let kind = n.kind.clone();
+                    return Ok(self.attr_of(ino, &kind));
+                }
+            }
+        }
+        // A directory wins over a file of the same name.
         let (as_dir, as_file) =
             tokio::join!(self.client.list(&dir_path, None), self.client.stat(&path));
         let is_dir = match as_dir {
