@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use sha2::{Digest, Sha256};
 
+/// The zonalfs binary this build made.
+fn zonalfs_cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+}
+
 /// `zonalfs mount -f` as a child; on drop: killed, and the mountpoint detached.
 struct MountGuard {
     child: Option<Child>,
@@ -29,7 +34,7 @@ fn is_mounted(p: &Path) -> bool {
 
 impl MountGuard {
     fn mount(endpoint: &str, mountpoint: &Path, extra: &[&str]) -> MountGuard {
-        let child = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        let child = zonalfs_cmd()
             .args(["mount", "-f", BUCKET])
             .arg(mountpoint)
             .args(["--endpoint", endpoint, "--anonymous", "--log-level", "warn"])
@@ -239,7 +244,7 @@ fn mount_refuses_bad_mountpoints() {
         (file.path().to_path_buf(), "not a directory"),
         (nonempty.path().to_path_buf(), "not empty"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+        let out = zonalfs_cmd()
             .args(["mount", "-f", BUCKET])
             .arg(&mp)
             .args(["--endpoint", &ep, "--anonymous"])
@@ -271,7 +276,7 @@ fn daemon_mode_notify_and_unmount_command() {
         .expect("timeout");
 
     // Without --foreground: returns 0 once the mount serves.
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .args(["mount", BUCKET])
         .arg(mnt.path())
         .args(["--endpoint", &ep, "--anonymous"])
@@ -290,7 +295,7 @@ fn daemon_mode_notify_and_unmount_command() {
     assert_eq!(std::fs::read(mnt.path().join("f.bin")).expect("read"), data);
 
     // A second mount on the same place: a clear error, exit 1.
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .args(["mount", BUCKET])
         .arg(mnt.path())
         .args(["--endpoint", &ep, "--anonymous"])
@@ -301,7 +306,7 @@ fn daemon_mode_notify_and_unmount_command() {
 
     // A daemon that cannot start reports its error through the parent.
     let other = tempfile::tempdir().expect("dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .args(["mount", "no-such-bucket"])
         .arg(other.path())
         .args(["--endpoint", &ep, "--anonymous"])
@@ -312,7 +317,7 @@ fn daemon_mode_notify_and_unmount_command() {
     assert!(!is_mounted(other.path()));
 
     // `zonalfs unmount`: the mount goes, and the daemon with it.
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .arg("unmount")
         .arg(mnt.path())
         .output()
@@ -344,7 +349,7 @@ fn mount_helper_and_mount_t_zonalfs() {
 
     // The helper called directly, as mount(8) would.
     let bin = tempfile::tempdir().expect("dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .args(["install-helper", "--dir"])
         .arg(bin.path())
         .output()
@@ -378,7 +383,7 @@ fn mount_helper_and_mount_t_zonalfs() {
         std::fs::read(mnt.path().join("d/f.txt")).expect("read"),
         data
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .arg("unmount")
         .arg(mnt.path())
         .output()
@@ -392,7 +397,7 @@ fn mount_helper_and_mount_t_zonalfs() {
     if sbin.symlink_metadata().is_ok() {
         return; // a real installation: leave it alone
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
+    let out = zonalfs_cmd()
         .args(["install-helper", "--dir", "/sbin"])
         .output()
         .expect("install-helper /sbin");
