@@ -144,6 +144,10 @@ pub struct MountArgs {
     pub bucket: String,
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
+    /// Settings from a TOML file (keys: these flags' long names). Precedence:
+    /// flags > environment > file > defaults.
+    #[arg(long, env = "ZONALFS_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Stay in the foreground (default: run as a daemon; the command returns
     /// once the mount is serving, or fails with the daemon's error).
     #[arg(short, long, env = "ZONALFS_FOREGROUND")]

@@ -5,6 +5,7 @@
 //! line of the `zonalfs` binary.
 
 pub mod cli;
+pub mod config;
 pub mod emulator;
 pub mod fs;
 pub mod gcs;

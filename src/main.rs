@@ -27,18 +27,35 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .and_then(|n| n.to_str())
         .unwrap_or("");
-    let cli = if invoked_as == "mount.zonalfs" {
+    let argv = if invoked_as == "mount.zonalfs" {
         // mount(8) helper: `mount -t zonalfs BUCKET DIR -o ...` and fstab.
         match zonalfs::cli::helper_args(&argv[1..]) {
-            Ok(args) => Cli::parse_from(args),
+            Ok(args) => args,
             Err(e) => {
                 eprintln!("mount.zonalfs: {e}");
                 return ExitCode::from(2);
             }
         }
     } else {
-        Cli::parse()
+        argv
     };
+    if let Some(path) = zonalfs::config::config_path(&argv) {
+        match zonalfs::config::read(std::path::Path::new(&path)) {
+            Ok(settings) => {
+                for (env, value) in settings {
+                    if std::env::var_os(&env).is_none() {
+                        // Single-threaded still: nothing reads the environment concurrently.
+                        std::env::set_var(env, value);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("zonalfs: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
         Command::Mount(args) if args.foreground => {

@@ -557,3 +557,59 @@ fn unmodified_programs_through_the_mount() {
     let status = m.stop();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn config_file_with_flags_taking_precedence() {
+    use std::os::unix::fs::MetadataExt;
+    let tree = Tree::new();
+    tree.put("f", b"cfg");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let cfg = dir.path().join("zonalfs.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "endpoint = \"http://{}\"\nanonymous = true\nuid = 4343\nfile_mode = \"0440\"\nmetadata_ttl = \"5s\"\n",
+            emu.addr
+        ),
+    )
+    .expect("write config");
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let _guard = MountGuard {
+        child: None,
+        mountpoint: mnt.path().to_path_buf(),
+    };
+    let out = zonalfs_cmd()
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--file-mode", "0400"])
+        .env_remove("ZONALFS_UID")
+        .output()
+        .expect("mount");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::metadata(mnt.path().join("f")).expect("stat");
+    assert_eq!(md.uid(), 4343, "from the file");
+    assert_eq!(md.mode() & 0o777, 0o400, "the flag wins over the file");
+    run_ok(zonalfs_cmd().arg("unmount").arg(mnt.path()));
+
+    // A bad file: one line, exit 2, nothing mounted.
+    std::fs::write(&cfg, "no_such_option = 1\n").expect("write");
+    let out = zonalfs_cmd()
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("mount");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("unknown key 'no_such_option'"), "{err}");
+    assert!(!is_mounted(mnt.path()));
+}
