@@ -137,6 +137,13 @@ fn parse_mode(s: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("'{s}' is not an octal mode (e.g. 0444)"))
 }
 
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// `zonalfs mount BUCKET MOUNTPOINT`
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -200,10 +207,24 @@ pub struct MountArgs {
     /// FUSE loop threads.
     #[arg(long, default_value_t = 4, env = "ZONALFS_FUSE_THREADS")]
     pub fuse_threads: usize,
+    /// Mount over a directory that is not empty (hiding what is in it).
+    #[arg(long, env = "ZONALFS_NONEMPTY")]
+    pub nonempty: bool,
+    /// How long a directory listing is reused by later opens of the directory
+    /// (0: list every time).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, env = "ZONALFS_LIST_TTL")]
+    pub list_ttl: Duration,
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
     pub log_level: String,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text", env = "ZONALFS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Write logs to this file instead of stderr (a daemon's stderr is closed).
+    #[arg(long, env = "ZONALFS_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 /// Turns `-o opt[,opt=val]...` (fstab style) into `--flag[=val]` arguments.

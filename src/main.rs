@@ -10,13 +10,53 @@ use zonalfs::emulator;
 use zonalfs::gcs::{GcsClient, GcsError};
 use zonalfs::tools;
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+/// Where logs go and how they look.
+struct LogSpec {
+    filter: String,
+    json: bool,
+    file: Option<std::path::PathBuf>,
+}
+
+impl LogSpec {
+    fn plain(filter: &str) -> LogSpec {
+        LogSpec {
+            filter: filter.to_string(),
+            json: false,
+            file: None,
+        }
+    }
+}
+
+/// Sets up tracing; an unwritable log file is an error (one line, exit 2).
+fn init_logging(spec: &LogSpec) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match &spec.file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            let w = std::sync::Mutex::new(f);
+            let b = builder.with_writer(w).with_ansi(false);
+            if spec.json {
+                b.json().init();
+            } else {
+                b.init();
+            }
+        }
+        None => {
+            let b = builder.with_writer(std::io::stderr);
+            if spec.json {
+                b.json().init();
+            } else {
+                b.init();
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -59,7 +99,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
         Command::Mount(args) if args.foreground => {
-            run_tool(&args.log_level.clone(), || mount(args, None))
+            run_tool(&mount_log(&args), || mount(args, None))
         }
         Command::Mount(args) => daemonize(args),
         Command::InstallHelper(args) => install_helper(&args.dir),
@@ -70,9 +110,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Cat(args) => run_tool(&args.log_level.clone(), || cat(args)),
-        Command::Ls(args) => run_tool(&args.log_level.clone(), || ls(args)),
-        Command::Stat(args) => run_tool(&args.log_level.clone(), || stat(args)),
+        Command::Cat(args) => run_tool(&LogSpec::plain(&args.log_level), || cat(args)),
+        Command::Ls(args) => run_tool(&LogSpec::plain(&args.log_level), || ls(args)),
+        Command::Stat(args) => run_tool(&LogSpec::plain(&args.log_level), || stat(args)),
     }
 }
 
@@ -99,12 +139,15 @@ fn install_helper(dir: &std::path::Path) -> ExitCode {
 }
 
 /// Runs a client tool on a fresh runtime; errors become one line and exit 1.
-fn run_tool<F, Fut>(log_level: &str, f: F) -> ExitCode
+fn run_tool<F, Fut>(log: &LogSpec, f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), GcsError>>,
 {
-    init_logging(log_level);
+    if let Err(e) = init_logging(log) {
+        eprintln!("zonalfs: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,6 +190,14 @@ async fn cat(args: CatArgs) -> Result<(), GcsError> {
     let mut out = tokio::io::stdout();
     tools::cat(&pool, &object, &opts, &mut out).await?;
     Ok(())
+}
+
+fn mount_log(args: &MountArgs) -> LogSpec {
+    LogSpec {
+        filter: args.log_level.clone(),
+        json: args.log_format == zonalfs::cli::LogFormat::Json,
+        file: args.log_file.clone(),
+    }
 }
 
 /// Runs the mount in a child process and exits 0 once it serves, or 1 with the
@@ -204,7 +255,7 @@ fn daemonize(args: MountArgs) -> ExitCode {
     }
     // SAFETY: fds[1] is the write end we own.
     let mut ready = unsafe { std::fs::File::from_raw_fd(fds[1]) };
-    let log = args.log_level.clone();
+    let log = mount_log(&args);
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     // Tell the parent as soon as the mount serves (or failed); closing the pipe
     // without a word means the daemon died.
@@ -268,9 +319,10 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
             mp.display()
         )));
     }
-    if std::fs::read_dir(mp)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
+    if !args.nonempty
+        && std::fs::read_dir(mp)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
     {
         return Err(bad(format!("mountpoint {}: not empty", mp.display())));
     }
@@ -290,6 +342,7 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         },
     );
     let mut cfg = FsConfig {
+        list_ttl: args.list_ttl,
         file_mode: args.file_mode,
         dir_mode: args.dir_mode,
         metadata_ttl: args.metadata_ttl,
@@ -347,6 +400,7 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         tracing::warn!(error = %e, "could not raise the kernel readahead");
     }
     eprintln!("zonalfs: mounted gs://{} at {}", args.bucket, mp.display());
+    tracing::info!(bucket = %args.bucket, mountpoint = %mp.display(), "mounted");
     if let Err(e) = fuse::notify_ready() {
         tracing::warn!(error = %e, "could not notify systemd");
     }
@@ -418,7 +472,10 @@ fn tune_malloc() {
 }
 
 fn run_emulator(args: EmulatorArgs) -> ExitCode {
-    init_logging(&args.log_level);
+    if let Err(e) = init_logging(&LogSpec::plain(&args.log_level)) {
+        eprintln!("zonalfs emulator: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

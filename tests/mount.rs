@@ -613,3 +613,78 @@ fn config_file_with_flags_taking_precedence() {
     assert!(err.contains("unknown key 'no_such_option'"), "{err}");
     assert!(!is_mounted(mnt.path()));
 }
+
+#[test]
+fn log_file_json_nonempty_and_list_ttl() {
+    let tree = Tree::new();
+    tree.put("a", b"a");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    std::fs::write(mnt.path().join("hidden"), b"under the mount").expect("write");
+    let logs = tempfile::tempdir().expect("logs");
+    let log = logs.path().join("zonalfs.log");
+    let _guard = MountGuard {
+        child: None,
+        mountpoint: mnt.path().to_path_buf(),
+    };
+    let ep = format!("http://{}", emu.addr);
+    // Not empty: refused without --nonempty, mounted with it.
+    let out = zonalfs_cmd()
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .args(["--endpoint", &ep, "--anonymous"])
+        .output()
+        .expect("mount");
+    assert_eq!(out.status.code(), Some(1));
+    let out = zonalfs_cmd()
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .args([
+            "--endpoint",
+            &ep,
+            "--anonymous",
+            "--nonempty",
+            "--list-ttl",
+            "1h",
+        ])
+        .args(["--log-format", "json", "--log-file"])
+        .arg(&log)
+        .output()
+        .expect("mount");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = |p: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(mnt.path()), ["a"]);
+    // Within --list-ttl the listing is reused: a new object shows up later.
+    tree.put("b", b"b");
+    assert_eq!(names(mnt.path()), ["a"]);
+    run_ok(zonalfs_cmd().arg("unmount").arg(mnt.path()));
+    // The daemon logged JSON lines to the file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let mounted = text
+            .lines()
+            .find(|l| l.contains("\"mounted\""))
+            .map(str::to_string);
+        if let Some(line) = mounted {
+            assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no JSON 'mounted' line in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

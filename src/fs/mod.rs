@@ -96,6 +96,8 @@ pub struct FsConfig {
     pub dir_mode: u16,
     pub metadata_ttl: Duration,
     pub negative_ttl: Duration,
+    /// How long a directory listing is reused by later opens (0: never).
+    pub list_ttl: Duration,
     /// Serve only objects under this prefix (`--only-dir`), with its `/`.
     pub prefix: String,
 }
@@ -111,6 +113,7 @@ impl Default for FsConfig {
             dir_mode: 0o555,
             metadata_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
+            list_ttl: Duration::ZERO,
             prefix: String::new(),
         }
     }
@@ -178,6 +181,8 @@ pub struct Fs {
     next_ino: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Recent listings by directory inode, reused within `list_ttl`.
+    listings: Mutex<HashMap<u64, (Instant, Arc<Vec<DirEntry>>)>>,
     next_fh: AtomicU64,
     started: SystemTime,
 }
@@ -206,6 +211,7 @@ impl Fs {
             next_ino: AtomicU64::new(ROOT_INO + 1),
             handles: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
         })
@@ -398,6 +404,16 @@ impl Fs {
     /// Lists a directory (every page) into a snapshot for its handle.
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
         let prefix = self.dir_prefix(ino)?;
+        if !self.cfg.list_ttl.is_zero() {
+            let cached = lock(&self.listings)
+                .get(&ino)
+                .and_then(|(t, e)| (t.elapsed() < self.cfg.list_ttl).then(|| e.clone()));
+            if let Some(entries) = cached {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dir_handles).insert(fh, entries);
+                return Ok(fh);
+            }
+        }
         let mut dirs = Vec::new();
         let mut files = Vec::new();
         let mut token = None;
@@ -464,8 +480,16 @@ impl Fs {
             });
         }
         drop(t);
+        let entries = Arc::new(entries);
+        if !self.cfg.list_ttl.is_zero() {
+            let mut l = lock(&self.listings);
+            if l.len() > 10_000 {
+                l.clear();
+            }
+            l.insert(ino, (Instant::now(), entries.clone()));
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dir_handles).insert(fh, Arc::new(entries));
+        lock(&self.dir_handles).insert(fh, entries);
         Ok(fh)
     }
 
