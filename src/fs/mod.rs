@@ -172,6 +172,9 @@ pub struct Handle {
     pub finalized: bool,
 }
 
+/// A directory's entries, as one open handle (or the listing cache) holds them.
+type Listing = Arc<Vec<DirEntry>>;
+
 /// The filesystem.
 pub struct Fs {
     client: Arc<dyn ObjectClient>,
@@ -180,9 +183,9 @@ pub struct Fs {
     table: Mutex<Table>,
     next_ino: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
-    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    dir_handles: Mutex<HashMap<u64, Listing>>,
     /// Recent listings by directory inode, reused within `list_ttl`.
-    listings: Mutex<HashMap<u64, (Instant, Arc<Vec<DirEntry>>)>>,
+    listings: Mutex<HashMap<u64, (Instant, Listing)>>,
     next_fh: AtomicU64,
     started: SystemTime,
 }
