@@ -546,6 +546,17 @@ fn unmodified_programs_through_the_mount() {
     let mut want = big[12345..12445].to_vec();
     want.extend_from_slice(&big[5_000_000..5_000_100]);
     assert_eq!(out, want);
+    // 8 concurrent readers of 8 different files.
+    let readers: Vec<_> = (0..8)
+        .map(|i| {
+            let p = root.join(format!("many/f{:05}", i * 1111));
+            std::thread::spawn(move || (i, std::fs::read(p).expect("read")))
+        })
+        .collect();
+    for r in readers {
+        let (i, got) = r.join().expect("reader");
+        assert_eq!(got, (i * 1111).to_string().as_bytes());
+    }
     // stat.
     let out = run_ok(
         Command::new("stat")
