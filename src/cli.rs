@@ -210,6 +210,9 @@ pub struct MountArgs {
     /// Mount over a directory that is not empty (hiding what is in it).
     #[arg(long, env = "ZONALFS_NONEMPTY")]
     pub nonempty: bool,
+    /// Detach a stale mount (left by a daemon that died) before mounting.
+    #[arg(long)]
+    pub force: bool,
     /// How long a directory listing is reused by later opens of the directory
     /// (0: list every time).
     #[arg(long, default_value = "0s", value_parser = parse_duration, env = "ZONALFS_LIST_TTL")]

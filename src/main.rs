@@ -301,9 +301,19 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
     match std::fs::metadata(mp) {
         Ok(md) if md.is_dir() => {}
         Ok(_) => return Err(bad(format!("mountpoint {}: not a directory", mp.display()))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) && args.force => {
+            tracing::warn!(mountpoint = %mp.display(), "detaching a stale mount (--force)");
+            fuse::lazy_unmount(mp);
+            if !std::fs::metadata(mp).is_ok_and(|m| m.is_dir()) {
+                return Err(bad(format!(
+                    "mountpoint {}: the stale mount could not be detached",
+                    mp.display()
+                )));
+            }
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(bad(format!(
-                "mountpoint {}: a stale mount is still there (the daemon died); run 'umount -l {}' and mount again",
+                "mountpoint {}: a stale mount is still there (the daemon died); run 'zonalfs unmount {}' (or 'umount -l'), or mount again with --force",
                 mp.display(),
                 mp.display()
             )))

@@ -699,3 +699,53 @@ fn log_file_json_nonempty_and_list_ttl() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn stale_mount_after_sigkill_is_detected_and_recovered_with_force() {
+    let tree = Tree::new();
+    tree.put("x", b"x");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let mut m = MountGuard::mount(&ep, mnt.path(), &[]);
+    let c = m.child.take().expect("child");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
+    let mut c = c;
+    c.wait().expect("wait");
+    m.child = None;
+    assert!(
+        is_mounted(mnt.path()),
+        "a killed daemon leaves a stale mount"
+    );
+    let e = std::fs::metadata(mnt.path()).expect_err("stale");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
+
+    let out = zonalfs_cmd()
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .args(["--endpoint", &ep, "--anonymous"])
+        .output()
+        .expect("mount");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stale mount") && err.contains("--force"),
+        "{err}"
+    );
+
+    let out = zonalfs_cmd()
+        .args(["mount", BUCKET])
+        .arg(mnt.path())
+        .args(["--endpoint", &ep, "--anonymous", "--force"])
+        .output()
+        .expect("mount --force");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(mnt.path().join("x")).expect("read"), b"x");
+    run_ok(zonalfs_cmd().arg("unmount").arg(mnt.path()));
+    assert!(!is_mounted(mnt.path()));
+}
