@@ -749,3 +749,34 @@ fn stale_mount_after_sigkill_is_detected_and_recovered_with_force() {
     run_ok(zonalfs_cmd().arg("unmount").arg(mnt.path()));
     assert!(!is_mounted(mnt.path()));
 }
+
+#[test]
+fn ls_l_uses_readdirplus() {
+    let tree = Tree::new();
+    for i in 0..50 {
+        tree.put(&format!("d/f{i}"), i.to_string().as_bytes());
+    }
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").to_string()
+    };
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let mut m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--metrics-addr", &metrics_addr],
+    );
+    let out = run_ok(Command::new("ls").arg("-l").arg(mnt.path().join("d")));
+    assert_eq!(String::from_utf8_lossy(&out).lines().count(), 51);
+    let metrics = scrape(&metrics_addr);
+    let lookups: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("zonalfs_fuse_op_seconds_count{op=\"lookup\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("lookup count");
+    // Names and attributes came with the listing: no lookup per file.
+    assert!(lookups <= 3.0, "{lookups} lookups for ls -l of 50 files");
+    assert!(m.stop().success());
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use super::{Attr, Fs, FsError};
@@ -90,6 +90,10 @@ impl Filesystem for FuseFs {
         // Let one sequential reader keep many requests in flight, of 1 MiB each.
         let _ = config.set_max_background(64);
         let _ = config.set_max_readahead(1 << 20);
+        // `ls -l` and friends get names and attributes in one round trip.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -220,6 +224,44 @@ impl Filesystem for FuseFs {
                     };
                     if reply.add(INodeNo(e.ino), next, kind, &e.name) {
                         break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let t = Instant::now();
+        let r = self.fs.readdir(fh.0, offset);
+        Self::done(&self.stats, "readdir", t, r.is_ok());
+        match r {
+            Ok(entries) => {
+                for (next, e) in entries {
+                    let Some(attr) = self.fs.cached_attr(e.ino) else {
+                        continue;
+                    };
+                    if reply.add(
+                        INodeNo(e.ino),
+                        next,
+                        &e.name,
+                        &KERNEL_TTL,
+                        &file_attr(&attr),
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                    // The kernel holds a lookup on every entry but . and ..
+                    if e.name != "." && e.name != ".." {
+                        self.fs.add_lookup(e.ino);
                     }
                 }
                 reply.ok();

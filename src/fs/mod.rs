@@ -510,6 +510,20 @@ impl Fs {
             .collect())
     }
 
+    /// The attributes of an inode as last known (no round trip), for
+    /// readdirplus.
+    pub fn cached_attr(&self, ino: u64) -> Option<Attr> {
+        let t = lock(&self.table);
+        t.nodes.get(&ino).map(|n| self.attr_of(ino, &n.kind))
+    }
+
+    /// The kernel took a lookup on `ino` without calling lookup (readdirplus).
+    pub fn add_lookup(&self, ino: u64) {
+        if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+    }
+
     pub fn releasedir(&self, fh: u64) {
         lock(&self.dir_handles).remove(&fh);
     }
