@@ -780,3 +780,57 @@ fn ls_l_uses_readdirplus() {
     assert!(lookups <= 3.0, "{lookups} lookups for ls -l of 50 files");
     assert!(m.stop().success());
 }
+
+#[test]
+fn replaced_object_gives_estale_to_old_handles_and_is_logged_with_a_request_id() {
+    let tree = Tree::new();
+    let v1 = tree.put("obj", &pattern(20 << 20, 7));
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let logs = tempfile::tempdir().expect("logs");
+    let log = logs.path().join("z.log");
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let log_arg = log.to_string_lossy().to_string();
+    let mut m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--log-file", &log_arg, "--metadata-ttl", "0s"],
+    );
+    let path = mnt.path().join("obj");
+    let mut old = std::fs::File::open(&path).expect("open v1");
+    // Replace the object (a new generation) behind the open handle.
+    std::fs::remove_file(tree.path("obj")).expect("rm");
+    let v2 = tree.put("obj", &pattern(20 << 20, 8));
+    use std::io::{Seek, SeekFrom};
+    old.seek(SeekFrom::Start(15 << 20)).expect("seek");
+    let mut buf = vec![0u8; 4096];
+    let stale = match old.read(&mut buf) {
+        Err(e) => {
+            assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+            true
+        }
+        Ok(n) => {
+            assert_eq!(
+                &buf[..n],
+                &v1[15 << 20..(15 << 20) + n],
+                "old bytes or ESTALE, never new"
+            );
+            false
+        }
+    };
+    println!("stale: {stale}");
+    // A new open sees the new content.
+    let got = std::fs::read(&path).expect("read v2");
+    assert!(got == v2, "new opens read the new generation");
+    assert!(m.stop().success());
+    if stale {
+        let text = std::fs::read_to_string(&log).expect("log");
+        let line = text
+            .lines()
+            .find(|l| l.contains("operation failed"))
+            .unwrap_or_else(|| panic!("no failure logged:\n{text}"));
+        assert!(
+            line.contains("req=") && line.contains("op=\"read\""),
+            "{line}"
+        );
+    }
+}

@@ -23,6 +23,9 @@ use fuser::{
 use super::{Attr, Fs, FsError};
 use crate::metrics::FuseStats;
 
+/// Operations slower than this are logged.
+const SLOW_OP: Duration = Duration::from_secs(1);
+
 /// How long the kernel may cache attributes and entries.
 pub const KERNEL_TTL: Duration = Duration::from_secs(1);
 
@@ -49,10 +52,20 @@ impl FuseFs {
         }
     }
 
-    /// Records one operation's outcome and latency.
-    fn done(stats: &FuseStats, op: &str, start: Instant, ok: bool) {
+    /// Records one operation's outcome and latency; failed operations (other
+    /// than a plain ENOENT) and slow ones are logged with the kernel's request
+    /// id, so a user's report can be matched to the log.
+    fn done(stats: &FuseStats, op: &str, req: u64, start: Instant, err: Option<&FsError>) {
+        let took = start.elapsed();
         if let Some(s) = stats.op(op) {
-            s.record(start.elapsed(), ok);
+            s.record(took, err.is_none());
+        }
+        match err {
+            Some(FsError::NotFound) | None => {}
+            Some(e) => tracing::warn!(req, op, error = %e, "operation failed"),
+        }
+        if took >= SLOW_OP {
+            tracing::info!(req, op, ms = took.as_millis() as u64, "slow operation");
         }
     }
 }
@@ -97,14 +110,15 @@ impl Filesystem for FuseFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str().map(str::to_string) else {
             return reply.error(Errno::ENOENT);
         };
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
         self.rt.spawn(async move {
             let r = fs.lookup(parent.0, &name).await;
-            Self::done(&stats, "lookup", t, r.is_ok());
+            Self::done(&stats, "lookup", id, t, r.as_ref().err());
             match r {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
@@ -116,11 +130,12 @@ impl Filesystem for FuseFs {
         self.fs.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
         self.rt.spawn(async move {
             let r = fs.getattr(ino.0).await;
-            Self::done(&stats, "getattr", t, r.is_ok());
+            Self::done(&stats, "getattr", id, t, r.as_ref().err());
             match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
@@ -128,14 +143,15 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0;
         let (fs, direct) = (self.fs.clone(), self.direct_io);
         let (stats, t) = (self.stats.clone(), Instant::now());
+        let id = req.unique().0;
         self.rt.spawn(async move {
             let r = fs.open(ino.0, write).await;
-            Self::done(&stats, "open", t, r.is_ok());
+            Self::done(&stats, "open", id, t, r.as_ref().err());
             match r {
                 // Keep the page cache across opens: the handle pins a generation,
                 // and a changed object gets a new inode's worth of metadata.
@@ -154,7 +170,7 @@ impl Filesystem for FuseFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -164,9 +180,10 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
         self.rt.spawn(async move {
             let r = fs.read(fh.0, offset, size).await;
-            Self::done(&stats, "read", t, r.is_ok());
+            Self::done(&stats, "read", id, t, r.as_ref().err());
             match r {
                 Ok(data) => reply.data(data.as_slice()),
                 Err(e) => {
@@ -191,11 +208,12 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
         self.rt.spawn(async move {
             let r = fs.opendir(ino.0).await;
-            Self::done(&stats, "opendir", t, r.is_ok());
+            Self::done(&stats, "opendir", id, t, r.as_ref().err());
             match r {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(&e)),
@@ -205,7 +223,7 @@ impl Filesystem for FuseFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -213,7 +231,7 @@ impl Filesystem for FuseFs {
     ) {
         let t = Instant::now();
         let r = self.fs.readdir(fh.0, offset);
-        Self::done(&self.stats, "readdir", t, r.is_ok());
+        Self::done(&self.stats, "readdir", req.unique().0, t, r.as_ref().err());
         match r {
             Ok(entries) => {
                 for (next, e) in entries {
@@ -234,7 +252,7 @@ impl Filesystem for FuseFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -242,7 +260,7 @@ impl Filesystem for FuseFs {
     ) {
         let t = Instant::now();
         let r = self.fs.readdir(fh.0, offset);
-        Self::done(&self.stats, "readdir", t, r.is_ok());
+        Self::done(&self.stats, "readdir", req.unique().0, t, r.as_ref().err());
         match r {
             Ok(entries) => {
                 for (next, e) in entries {
@@ -313,9 +331,9 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // A bucket has no fixed capacity: report a large, empty, read-only one.
-        Self::done(&self.stats, "statfs", Instant::now(), true);
+        Self::done(&self.stats, "statfs", req.unique().0, Instant::now(), None);
         reply.statfs(1 << 40, 0, 0, 1 << 20, 0, 4096, 255, 4096);
     }
 }
