@@ -204,6 +204,9 @@ pub struct MountArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101).
     #[arg(long, env = "ZONALFS_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Asynchronous FUSE requests (readahead) the kernel may keep in flight.
+    #[arg(long, default_value_t = 64, env = "ZONALFS_MAX_BACKGROUND")]
+    pub max_background: u16,
     /// FUSE loop threads.
     #[arg(long, default_value_t = 4, env = "ZONALFS_FUSE_THREADS")]
     pub fuse_threads: usize,

@@ -389,12 +389,13 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         None => None,
     };
     let fs = Fs::new(pool, engine, cfg);
-    let fuse_fs = fuse::FuseFs::new(
+    let mut fuse_fs = fuse::FuseFs::new(
         fs,
         tokio::runtime::Handle::current(),
         args.direct_io,
         fuse_stats,
     );
+    fuse_fs.max_background = args.max_background;
     let mounted = fuse::mount(
         fuse_fs,
         mp,

@@ -35,6 +35,8 @@ pub struct FuseFs {
     rt: tokio::runtime::Handle,
     direct_io: bool,
     stats: Arc<FuseStats>,
+    /// Asynchronous requests the kernel may have in flight.
+    pub max_background: u16,
 }
 
 impl FuseFs {
@@ -49,6 +51,7 @@ impl FuseFs {
             rt,
             direct_io,
             stats,
+            max_background: 64,
         }
     }
 
@@ -101,7 +104,7 @@ fn file_attr(a: &Attr) -> FileAttr {
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Let one sequential reader keep many requests in flight, of 1 MiB each.
-        let _ = config.set_max_background(64);
+        let _ = config.set_max_background(self.max_background);
         let _ = config.set_max_readahead(1 << 20);
         // `ls -l` and friends get names and attributes in one round trip.
         let _ = config.add_capabilities(
