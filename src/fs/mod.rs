@@ -100,6 +100,10 @@ pub struct FsConfig {
     pub list_ttl: Duration,
     /// Serve only objects under this prefix (`--only-dir`), with its `/`.
     pub prefix: String,
+    /// Past this many inodes, listing a directory first drops the ones the
+    /// kernel holds no lookup on (memory stays bounded however large the
+    /// bucket; a later lookup re-creates them).
+    pub max_nodes: usize,
 }
 
 impl Default for FsConfig {
@@ -114,6 +118,7 @@ impl Default for FsConfig {
             metadata_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
             list_ttl: Duration::ZERO,
+            max_nodes: 200_000,
             prefix: String::new(),
         }
     }
@@ -447,6 +452,13 @@ impl Fs {
             }
         }
         let mut t = lock(&self.table);
+        if t.nodes.len() > self.cfg.max_nodes {
+            // Bound the table: drop nodes the kernel holds no lookup on (they
+            // came from plain readdir listings; a later lookup re-creates them).
+            t.nodes.retain(|&i, n| i == ROOT_INO || n.lookups > 0);
+            let Table { nodes, by_path, .. } = &mut *t;
+            by_path.retain(|_, i| nodes.contains_key(i));
+        }
         let parent = t.nodes.get(&ino).map_or(ROOT_INO, |n| n.parent);
         let mut entries = vec![
             DirEntry {
@@ -603,6 +615,38 @@ mod tests {
             PrefetchConfig::default(),
         );
         Fs::new(client, engine, FsConfig::default())
+    }
+
+    #[tokio::test]
+    async fn inode_table_stays_bounded() {
+        let c = MemClient::new(Duration::ZERO);
+        for i in 0..50 {
+            c.put(&format!("d/f{i}"), vec![1u8], true);
+        }
+        let engine = ReadEngine::new(
+            c.clone(),
+            BlockPool::new(1 << 20, Budget::new(4 << 20)),
+            PrefetchConfig::default(),
+        );
+        let fs = Fs::new(
+            c,
+            engine,
+            FsConfig {
+                max_nodes: 10,
+                ..Default::default()
+            },
+        );
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        let kept = fs.lookup(d.ino, "f7").await.unwrap();
+        for _ in 0..3 {
+            let h = fs.opendir(d.ino).await.unwrap();
+            assert_eq!(fs.readdir(h, 0).unwrap().len(), 52);
+            fs.releasedir(h);
+        }
+        let n = lock(&fs.table).nodes.len();
+        assert!(n <= 10 + 52, "{n} nodes");
+        // Looked-up inodes survive the pruning, with their numbers.
+        assert_eq!(fs.lookup(d.ino, "f7").await.unwrap().ino, kept.ino);
     }
 
     #[tokio::test]
