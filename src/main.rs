@@ -79,6 +79,33 @@ fn main() -> ExitCode {
     } else {
         argv
     };
+    // `zonalfs mount ... -o opt[,opt=val]` takes the fstab-style options too.
+    let argv = if argv.get(1).map(String::as_str) == Some("mount") {
+        let mut out = Vec::with_capacity(argv.len());
+        let mut it = argv.into_iter();
+        while let Some(a) = it.next() {
+            let opts = if a == "-o" {
+                it.next()
+            } else {
+                a.strip_prefix("-o")
+                    .filter(|o| !o.is_empty())
+                    .map(str::to_string)
+            };
+            match opts {
+                Some(o) => match zonalfs::cli::expand_mount_options(&o) {
+                    Ok(flags) => out.extend(flags),
+                    Err(e) => {
+                        eprintln!("zonalfs: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => out.push(a),
+            }
+        }
+        out
+    } else {
+        argv
+    };
     if let Some(path) = zonalfs::config::config_path(&argv) {
         match zonalfs::config::read(std::path::Path::new(&path)) {
             Ok(settings) => {

@@ -131,6 +131,11 @@ pub fn render(s: &Sources) -> String {
             load(c)
         );
     }
+    let (readers, max_w, total_w) = s.engine.windows();
+    let _ = writeln!(
+        out,
+        "# HELP zonalfs_prefetch_readers Sequential readers prefetching now.\n# TYPE zonalfs_prefetch_readers gauge\nzonalfs_prefetch_readers {readers}\n# HELP zonalfs_prefetch_window_bytes Prefetch windows ahead of readers.\n# TYPE zonalfs_prefetch_window_bytes gauge\nzonalfs_prefetch_window_bytes{{stat=\"max\"}} {max_w}\nzonalfs_prefetch_window_bytes{{stat=\"total\"}} {total_w}"
+    );
     let budget = s.engine.pool().budget();
     let _ = writeln!(
         out,

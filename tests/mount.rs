@@ -223,6 +223,10 @@ fn mount_read_list_errors_and_clean_unmount() {
     );
     assert!(value("zonalfs_memory_bytes{kind=\"peak\"}") <= (256u64 << 20) as f64);
     assert!(value("zonalfs_open_streams") >= 1.0);
+    assert!(
+        value("zonalfs_prefetch_window_bytes{stat=\"max\"}") > 0.0,
+        "a window grew"
+    );
 
     drop(f);
     let status = m.stop();
@@ -833,4 +837,31 @@ fn replaced_object_gives_estale_to_old_handles_and_is_logged_with_a_request_id()
             "{line}"
         );
     }
+}
+
+#[test]
+fn only_dir_direct_io_and_dash_o_options() {
+    let tree = Tree::new();
+    let big = tree.put("data/big.bin", &pattern(6 << 20, 11));
+    tree.put("data/sub/x", b"x");
+    tree.put("other/y", b"y");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let ep = format!("http://{}", emu.addr);
+    let opts = "ro,only_dir=data,direct_io,dir_mode=0500";
+    let mut m = MountGuard::mount(&ep, mnt.path(), &["-o", opts]);
+    let mut names: Vec<String> = std::fs::read_dir(mnt.path())
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["big.bin", "sub"], "only the prefix is served");
+    assert_eq!(
+        sha_file(&mnt.path().join("big.bin")),
+        Sha256::digest(&big).to_vec()
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(mnt.path().join("sub")).expect("stat");
+    assert_eq!(md.mode() & 0o777, 0o500);
+    assert!(m.stop().success());
 }

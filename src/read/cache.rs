@@ -177,6 +177,22 @@ impl ReadEngine {
         &self.cfg
     }
 
+    /// Prefetch windows of the sequential readers active lately: (readers,
+    /// largest window, all windows together), in bytes.
+    pub fn windows(&self) -> (usize, u64, u64) {
+        let inodes = lock(&self.inodes);
+        let mut out = (0, 0, 0);
+        for i in inodes.values() {
+            for c in &i.cursors.list {
+                if c.sequential && c.last_used.elapsed() <= ACTIVE_CURSOR {
+                    let w = c.window * self.cfg.block_size;
+                    out = (out.0 + 1, out.1.max(w), out.2 + w);
+                }
+            }
+        }
+        out
+    }
+
     /// Sequential readers active lately, recounted at most every 100 ms (it
     /// walks every inode).
     fn active_readers(&self, inodes: &HashMap<u64, Inode>) -> usize {
