@@ -865,3 +865,53 @@ fn only_dir_direct_io_and_dash_o_options() {
     assert_eq!(md.mode() & 0o777, 0o500);
     assert!(m.stop().success());
 }
+
+#[test]
+fn allow_other_and_statfs() {
+    let tree = Tree::new();
+    tree.put("pub.txt", b"for everyone\n");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let as_nobody = |path: &Path| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(path)
+            .output()
+            .expect("setpriv")
+    };
+    // Default: only the mounting user gets in.
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    std::fs::set_permissions(
+        mnt.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut m = MountGuard::mount(&ep, mnt.path(), &[]);
+    let out = as_nobody(&mnt.path().join("pub.txt"));
+    assert!(
+        !out.status.success(),
+        "another user read a mount without --allow-other"
+    );
+    // statfs answers (df / stat -f).
+    let out = run_ok(
+        Command::new("stat")
+            .args(["-f", "-c", "%T %l"])
+            .arg(mnt.path()),
+    );
+    assert!(
+        String::from_utf8_lossy(&out).contains("255"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(m.stop().success());
+    // --allow-other: everyone may read (0444 files, 0555 directories).
+    let mut m = MountGuard::mount(&ep, mnt.path(), &["--allow-other"]);
+    let out = as_nobody(&mnt.path().join("pub.txt"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"for everyone\n");
+    assert!(m.stop().success());
+}

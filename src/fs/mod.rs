@@ -191,6 +191,8 @@ pub struct Fs {
     dir_handles: Mutex<HashMap<u64, Listing>>,
     /// Recent listings by directory inode, reused within `list_ttl`.
     listings: Mutex<HashMap<u64, (Instant, Listing)>>,
+    /// Invalid names already warned about (one warning each).
+    warned: Mutex<std::collections::HashSet<String>>,
     next_fh: AtomicU64,
     started: SystemTime,
 }
@@ -220,6 +222,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            warned: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
         })
@@ -409,6 +412,14 @@ impl Fs {
         }
     }
 
+    /// Logs a skipped name, once per name for the life of the mount.
+    fn warn_once(&self, name: &str, why: &str) {
+        let mut w = lock(&self.warned);
+        if w.len() < 10_000 && w.insert(name.to_string()) {
+            tracing::warn!(name = %name.escape_debug(), "{why}");
+        }
+    }
+
     /// Lists a directory (every page) into a snapshot for its handle.
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
         let prefix = self.dir_prefix(ino)?;
@@ -432,7 +443,7 @@ impl Fs {
                 if valid_component(&name) {
                     dirs.push((name, p));
                 } else {
-                    tracing::warn!(prefix = %p, "skipping a prefix that is not a valid directory name");
+                    self.warn_once(&p, "skipping a prefix that is not a valid directory name");
                 }
             }
             for o in page.objects {
@@ -443,7 +454,10 @@ impl Fs {
                 if valid_component(&name) {
                     files.push((name, o));
                 } else {
-                    tracing::warn!(object = %o.name, "skipping an object whose name is not a valid file name");
+                    self.warn_once(
+                        &o.name,
+                        "skipping an object whose name is not a valid file name",
+                    );
                 }
             }
             match page.next_page_token {
@@ -615,6 +629,41 @@ mod tests {
             PrefetchConfig::default(),
         );
         Fs::new(client, engine, FsConfig::default())
+    }
+
+    #[tokio::test]
+    async fn invalid_names_are_skipped_once() {
+        let c = MemClient::new(Duration::ZERO);
+        c.put("ok", vec![1u8], true);
+        c.put("bad//x", vec![1u8], true);
+        c.put(&"n".repeat(300), vec![1u8], true);
+        c.put("dots/./y", vec![1u8], true);
+        let fs = fs(c);
+        let names = |fs: &Fs, ino| {
+            let h = futures::executor::block_on(fs.opendir(ino)).unwrap();
+            let v: Vec<String> = fs
+                .readdir(h, 2)
+                .unwrap()
+                .into_iter()
+                .map(|(_, e)| e.name)
+                .collect();
+            fs.releasedir(h);
+            v
+        };
+        assert_eq!(
+            names(&fs, ROOT_INO),
+            ["bad", "dots", "ok"],
+            "the 300-byte name is skipped"
+        );
+        let bad = fs.lookup(ROOT_INO, "bad").await.unwrap();
+        assert!(
+            names(&fs, bad.ino).is_empty(),
+            "an empty segment is skipped"
+        );
+        let dots = fs.lookup(ROOT_INO, "dots").await.unwrap();
+        assert!(names(&fs, dots.ino).is_empty(), "a '.' segment is skipped");
+        names(&fs, ROOT_INO);
+        assert_eq!(lock(&fs.warned).len(), 3, "one warning per name");
     }
 
     #[tokio::test]
