@@ -55,6 +55,19 @@ impl FuseFs {
         }
     }
 
+    /// An open directory's entries from `offset` (readdir and readdirplus).
+    fn entries(
+        &self,
+        req: &Request,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<Vec<(u64, super::DirEntry)>, FsError> {
+        let t = Instant::now();
+        let r = self.fs.readdir(fh.0, offset);
+        Self::done(&self.stats, "readdir", req.unique().0, t, r.as_ref().err());
+        r
+    }
+
     /// Records one operation's outcome and latency; failed operations (other
     /// than a plain ENOENT) and slow ones are logged with the kernel's request
     /// id, so a user's report can be matched to the log.
@@ -232,10 +245,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let t = Instant::now();
-        let r = self.fs.readdir(fh.0, offset);
-        Self::done(&self.stats, "readdir", req.unique().0, t, r.as_ref().err());
-        match r {
+        match self.entries(req, fh, offset) {
             Ok(entries) => {
                 for (next, e) in entries {
                     let kind = if e.is_dir {
@@ -261,10 +271,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let t = Instant::now();
-        let r = self.fs.readdir(fh.0, offset);
-        Self::done(&self.stats, "readdir", req.unique().0, t, r.as_ref().err());
-        match r {
+        match self.entries(req, fh, offset) {
             Ok(entries) => {
                 for (next, e) in entries {
                     let Some(attr) = self.fs.cached_attr(e.ino) else {
