@@ -55,6 +55,11 @@ async fn bearer_token_is_sent_on_every_call() {
     assert_eq!(sink.take(), data);
     // layout + stat + list + one BidiReadObject stream
     assert_eq!(emu.emu.counters.authorized_calls.load(Ordering::Relaxed), 4);
+    // ... each with the zonalfs/VERSION user agent.
+    assert_eq!(
+        emu.emu.counters.zonalfs_agent_calls.load(Ordering::Relaxed),
+        4
+    );
 
     // Anonymous sends none.
     let mut cfg = ClientConfig::new(BUCKET);

@@ -69,6 +69,8 @@ pub struct Counters {
     pub fault_stall: AtomicU64,
     /// Calls that carried an `authorization: Bearer` header.
     pub authorized_calls: AtomicU64,
+    /// Calls whose user agent starts with `zonalfs/` (not in the report).
+    pub zonalfs_agent_calls: AtomicU64,
 }
 
 impl Counters {

@@ -122,6 +122,14 @@ fn call_params(emu: &Emulator, md: &tonic::metadata::MetadataMap) -> HashMap<Str
             .authorized_calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    if md
+        .get("user-agent")
+        .is_some_and(|v| v.as_bytes().starts_with(b"zonalfs/"))
+    {
+        emu.counters
+            .zonalfs_agent_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     request_params(md)
 }
 
