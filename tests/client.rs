@@ -41,13 +41,6 @@ fn quick_retry() -> RetryPolicy {
     }
 }
 
-fn shaped(s: Shaping) -> Config {
-    Config {
-        shaping: s,
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_calls() {
     let tree = Tree::new();

@@ -73,6 +73,19 @@ async fn collect(bidi: &mut Bidi, starts: &[(i64, u64)]) -> (Got, Option<tonic::
     (got, None)
 }
 
+/// Opens a stream on `object`, reads it whole as read_id 1, checking every chunk.
+async fn whole_object(
+    emu: &zonalfs::emulator::Running,
+    object: &str,
+) -> (Got, Option<tonic::Status>) {
+    let mut c = storage(emu).await;
+    let mut b = Bidi::open(&mut c, spec(object), vec![range(1, 0, 0)], None)
+        .await
+        .expect("open");
+    b.rx.message().await.expect("first").expect("md");
+    collect(&mut b, &[(1, 0)]).await
+}
+
 fn status_details(st: &tonic::Status) -> RpcStatus {
     RpcStatus::decode(st.details()).expect("grpc-status-details-bin is a google.rpc.Status")
 }
@@ -717,14 +730,10 @@ async fn bidi_redirect_requires_token_and_handle() {
 async fn faults_fail_open_break_corrupt() {
     let tree = Tree::new();
     let data = tree.put("obj", &pattern(4 * MIB, 9));
-    let with = |s: Shaping| Config {
-        shaping: s,
-        ..Default::default()
-    };
 
     let emu = start(
         &tree,
-        with(Shaping {
+        shaped(Shaping {
             fail_open_rate: 1.0,
             ..Default::default()
         }),
@@ -740,18 +749,13 @@ async fn faults_fail_open_break_corrupt() {
 
     let emu = start(
         &tree,
-        with(Shaping {
+        shaped(Shaping {
             break_after_bytes: Some(1_000_000),
             ..Default::default()
         }),
     )
     .await;
-    let mut c = storage(&emu).await;
-    let mut b = Bidi::open(&mut c, spec("obj"), vec![range(1, 0, 0)], None)
-        .await
-        .expect("open");
-    b.rx.message().await.expect("first").expect("md");
-    let (got, err) = collect(&mut b, &[(1, 0)]).await;
+    let (got, err) = whole_object(&emu, "obj").await;
     assert_eq!(err.expect("broken").code(), Code::Unavailable);
     assert_eq!(
         got.data[&1],
@@ -763,18 +767,13 @@ async fn faults_fail_open_break_corrupt() {
 
     let emu = start(
         &tree,
-        with(Shaping {
+        shaped(Shaping {
             corrupt_every: Some(2),
             ..Default::default()
         }),
     )
     .await;
-    let mut c = storage(&emu).await;
-    let mut b = Bidi::open(&mut c, spec("obj"), vec![range(1, 0, 0)], None)
-        .await
-        .expect("open");
-    b.rx.message().await.expect("first").expect("md");
-    let (got, _) = collect(&mut b, &[(1, 0)]).await;
+    let (got, _) = whole_object(&emu, "obj").await;
     assert_eq!(got.bad_crc, 1, "2 chunks, the 2nd corrupted");
     assert_ne!(got.data[&1], data);
     assert_eq!(emu.emu.counters.fault_corrupt.load(Ordering::Relaxed), 1);

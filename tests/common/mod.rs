@@ -76,6 +76,14 @@ impl Tree {
     }
 }
 
+/// An emulator configuration with these shaping and fault settings.
+pub fn shaped(shaping: zonalfs::emulator::Shaping) -> Config {
+    Config {
+        shaping,
+        ..Default::default()
+    }
+}
+
 pub async fn start(tree: &Tree, config: Config) -> Running {
     emulator::start(tree.root(), config)
         .await
