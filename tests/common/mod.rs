@@ -8,6 +8,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Request;
+pub mod mount;
+
 use zonalfs::emulator::{self, Config, Running};
 use zonalfs::proto::control::storage_control_client::StorageControlClient;
 use zonalfs::proto::storage::storage_client::StorageClient;
