@@ -375,6 +375,9 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         BlockPool::new(args.block_size as usize, budget),
         PrefetchConfig {
             readahead_max: args.readahead_max,
+            // Through the page cache the kernel keeps what was read; our
+            // blocks only need to hold what is ahead of the readers.
+            release_consumed: !args.direct_io,
             ..Default::default()
         },
     );

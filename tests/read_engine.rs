@@ -149,6 +149,52 @@ async fn sequential_reader_stays_two_blocks_ahead() {
     assert!(fetched <= size + 2 * bs, "fetched {fetched} for {size}");
 }
 
+/// With `release_consumed` (the mount through the page cache) a sequential
+/// reader's consumed blocks go back to the pool as it passes them: the bytes
+/// are exact, the cache holds only the window plus a few consumed blocks, and
+/// the pool maps no more than that (new blocks reuse warm memory). Without it
+/// every consumed block stays cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_blocks_are_released_and_reused_when_asked() {
+    let client = MemClient::new(Duration::from_millis(1));
+    let bs = 256 * KIB;
+    let size = 48 * bs;
+    let truth = data(size as usize, 9);
+    let info = client.put("seq", truth.clone(), true);
+    let id = ObjectId {
+        name: "seq".into(),
+        generation: info.generation,
+    };
+    for release in [true, false] {
+        let pool = BlockPool::new(bs as usize, Budget::new(64 << 20));
+        let e = ReadEngine::new(
+            client.clone(),
+            pool.clone(),
+            PrefetchConfig {
+                readahead_max: 4 * bs,
+                release_consumed: release,
+                ..Default::default()
+            },
+        );
+        let got = read_all(&e, 1, &id, size, 128 * KIB).await;
+        assert_eq!(got, truth);
+        let cached = e.blocks_of(1).len() as u64;
+        let released = e.stats.released.load(Ordering::Relaxed);
+        if release {
+            assert!(released >= 40, "released only {released} blocks");
+            assert!(cached <= 2 + 5, "{cached} blocks still cached");
+            assert!(
+                pool.mapped() <= 12 * bs,
+                "mapped {} bytes for a window of 4 blocks",
+                pool.mapped()
+            );
+        } else {
+            assert_eq!(released, 0);
+            assert_eq!(cached, 48, "every block stays cached");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_4k_reads_fetch_little_more_than_delivered() {
     let client = MemClient::new(Duration::from_micros(200));

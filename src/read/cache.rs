@@ -124,6 +124,8 @@ pub struct ReadStats {
     pub block_misses: AtomicU64,
     pub direct_reads: AtomicU64,
     pub evictions: AtomicU64,
+    /// Consumed blocks handed back to the pool early (`release_consumed`).
+    pub released: AtomicU64,
     pub budget_fallbacks: AtomicU64,
 }
 
@@ -450,6 +452,38 @@ impl ReadEngine {
         Some(slot)
     }
 
+    /// Drops the inode's consumed, complete, idle blocks beyond the few most
+    /// recently used (two per cursor), so their memory goes back to the pool's
+    /// free list warm. Only with [`PrefetchConfig::release_consumed`].
+    fn release_consumed(&self, ino: u64) {
+        let mut inodes = lock(&self.inodes);
+        let Some(inode) = inodes.get_mut(&ino) else {
+            return;
+        };
+        let keep = 2 * inode.cursors.list.len().max(1);
+        let mut done: Vec<(u64, u64)> = inode
+            .blocks
+            .iter()
+            .filter(|(_, s)| {
+                s.consumed.load(Ordering::Relaxed) && s.block.is_done() && Arc::strong_count(s) == 1
+            })
+            .map(|(k, s)| (s.last_used.load(Ordering::Relaxed), *k))
+            .collect();
+        if done.len() <= keep {
+            return;
+        }
+        done.sort_unstable();
+        let n = done.len() - keep;
+        let gone: Vec<Arc<Slot>> = done[..n]
+            .iter()
+            .filter_map(|(_, k)| inode.blocks.remove(k))
+            .collect();
+        drop(inodes);
+        self.stats
+            .released
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+    }
+
     async fn through_blocks(
         &self,
         ino: u64,
@@ -497,8 +531,11 @@ impl ReadEngine {
             let lo = off.max(s.offset) - s.offset;
             let hi = end.min(s.offset + s.want) - s.offset;
             let filled = s.block.wait_for(hi as usize).await as u64;
-            if hi == s.want {
-                s.consumed.store(true, Ordering::Relaxed);
+            if hi == s.want
+                && !s.consumed.swap(true, Ordering::Relaxed)
+                && self.cfg.release_consumed
+            {
+                self.release_consumed(ino);
             }
             if filled < hi {
                 return Err(match s.loaded() {

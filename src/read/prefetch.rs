@@ -79,6 +79,12 @@ pub struct PrefetchConfig {
     pub start: StartPolicy,
     /// Cursors tracked per inode.
     pub max_cursors: usize,
+    /// Drop a block from the cache soon after a sequential reader has read it
+    /// to its end, so its memory is reused warm (no page faults, no zeroing).
+    /// Right when the kernel's page cache keeps the bytes anyway (the mount
+    /// without `--direct-io`); the engine then keeps only a few consumed blocks
+    /// per reader for reads that arrive slightly out of order.
+    pub release_consumed: bool,
 }
 
 impl Default for PrefetchConfig {
@@ -91,6 +97,7 @@ impl Default for PrefetchConfig {
             backward_tolerance: 1 << 20,
             start: StartPolicy::Hybrid,
             max_cursors: 8,
+            release_consumed: false,
         }
     }
 }
