@@ -148,6 +148,23 @@ pub async fn bind(addr: &str) -> Result<TcpListener, EmuError> {
         })
 }
 
+/// The accepted connections of `listener`, with Nagle's algorithm off.
+/// (`Server::tcp_nodelay` only reaches sockets tonic accepts itself; without
+/// this a small response frame written after the headers waited for the
+/// client's delayed ACK: 40 ms before the first byte of every new stream.)
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        Ok(conn)
+    })
+}
+
 /// Serves the emulator on `listener` until `shutdown` resolves.
 pub async fn serve(
     emu: Arc<Emulator>,
@@ -168,7 +185,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(storage_svc)
         .add_service(control_svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(no_delay(listener), shutdown)
         .await
         .map_err(|e| EmuError::Serve(e.to_string()))
 }
@@ -222,4 +239,25 @@ pub async fn start(root: &Path, config: Config) -> Result<Running, EmuError> {
         stop: Some(tx),
         task: Some(task),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every accepted connection has Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = Box::pin(no_delay(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let conn = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(conn.nodelay().expect("getsockopt"));
+    }
 }

@@ -1,0 +1,101 @@
+//! The FUSE ceiling for the benchmark suite (scripts/bench.sh): zonalfs's own
+//! filesystem — the same `Fs`, read engine, block pool and FUSE adapter as
+//! `zonalfs mount` — over an in-memory object client instead of the network.
+//!
+//! ```text
+//! mem_mount DIR MOUNTPOINT [KERNEL_READAHEAD_KB]
+//! ```
+//! Every file under DIR (recursively) becomes an object named by its relative
+//! path, held in memory. The mount is read-only and configured as the daemon's
+//! defaults are (page cache, 1 MiB kernel readahead, 4 loop threads, consumed
+//! blocks released). Prints `mounted` when ready; unmounts and exits on SIGTERM
+//! or SIGINT, or when someone unmounts it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use zonalfs::fs::{fuse, Fs, FsConfig};
+use zonalfs::gcs::mem::MemClient;
+use zonalfs::read::buffer::{default_memory_limit, BlockPool, Budget};
+use zonalfs::read::{PrefetchConfig, ReadEngine};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn load(client: &MemClient, root: &Path, dir: &Path) -> Result<u64, Error> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            n += load(client, root, &p)?;
+        } else {
+            let name = p
+                .strip_prefix(root)?
+                .to_str()
+                .ok_or("non-UTF-8 file name")?
+                .to_string();
+            client.put(&name, std::fs::read(&p)?, true);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> {
+    // Absolute, as /proc/mounts lists it (`unmounted` watches that).
+    let mp = std::fs::canonicalize(&mp)?;
+    let client = MemClient::new(Duration::ZERO);
+    let n = load(&client, &dir, &dir)?;
+    let engine = ReadEngine::new(
+        client.clone(),
+        BlockPool::new(8 << 20, Budget::new(default_memory_limit())),
+        PrefetchConfig {
+            release_consumed: true,
+            ..Default::default()
+        },
+    );
+    let fs = Fs::new(client, engine, FsConfig::default());
+    let fuse_fs = fuse::FuseFs::new(
+        fs,
+        tokio::runtime::Handle::current(),
+        false,
+        Arc::new(zonalfs::metrics::FuseStats::default()),
+    );
+    let mounted = fuse::mount(fuse_fs, &mp, &fuse::config("memory", false, 4))?;
+    fuse::set_read_ahead_kb(&mp, readahead_kb)?;
+    println!("mounted {n} objects");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = fuse::unmounted(&mp) => {}
+    }
+    tokio::task::spawn_blocking(move || mounted.unmount()).await??;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: mem_mount DIR MOUNTPOINT [KERNEL_READAHEAD_KB]");
+        return ExitCode::from(2);
+    }
+    let kb = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mem_mount: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args[1].clone().into(), args[2].clone().into(), kb)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mem_mount: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
