@@ -186,8 +186,10 @@ pub struct MountArgs {
     /// Bypass the kernel page cache (FOPEN_DIRECT_IO), for streaming workloads.
     #[arg(long, env = "ZONALFS_DIRECT_IO")]
     pub direct_io: bool,
-    /// Memory for prefetch and cache, all files together (default: a quarter of
-    /// the RAM or cgroup limit, 64 MiB to 4 GiB).
+    /// Memory for reading, all files together: prefetch and cache blocks plus
+    /// the transport's buffers (HTTP/2 windows, 5 MiB per open stream), which
+    /// blocks leave room for (default: a quarter of the RAM or cgroup limit,
+    /// 64 MiB to 4 GiB).
     #[arg(long, value_parser = parse_size, env = "ZONALFS_MEMORY_LIMIT")]
     pub memory_limit: Option<u64>,
     /// Largest prefetch window of one reader.

@@ -171,4 +171,11 @@ pub trait ObjectClient: Send + Sync + 'static {
         len: u64,
         sink: Arc<dyn RangeSink>,
     ) -> Result<u64, GcsError>;
+    /// An upper bound of the memory the transport may hold for reads right
+    /// now (HTTP/2 receive windows, per-stream decode buffers), which the read
+    /// engine leaves out of its block budget so the whole daemon stays within
+    /// `--memory-limit`. Zero for clients without a network transport.
+    fn transport_memory(&self) -> u64 {
+        0
+    }
 }

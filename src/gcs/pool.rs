@@ -359,6 +359,12 @@ async fn reaper(pool: Weak<Inner>) {
 
 #[tonic::async_trait]
 impl ObjectClient for MrdPool {
+    fn transport_memory(&self) -> u64 {
+        let windows = self.inner.client.transport.connections() as u64
+            * u64::from(super::transport::CONNECTION_WINDOW);
+        windows + self.open_streams() as u64 * super::transport::STREAM_BUFFER_ALLOWANCE
+    }
+
     async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
         self.inner.client.stat(name).await
     }

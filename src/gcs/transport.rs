@@ -25,8 +25,13 @@ pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 
 /// HTTP/2 windows: room for a high bandwidth × latency product per stream and
 /// for several streams per connection.
-pub const STREAM_WINDOW: u32 = 16 << 20;
-pub const CONNECTION_WINDOW: u32 = 64 << 20;
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// What one open stream may hold in decode buffers: a message being
+/// assembled (up to 2 MiB of chunk data) plus the frame after it, with the
+/// buffer's growth slack. Measured with 16 readers on 32 streams
+/// (scripts/bench.sh): 4.5–5.5 MiB a stream beyond the blocks.
+pub const STREAM_BUFFER_ALLOWANCE: u64 = 5 << 20;
 /// The largest DATA frame we accept. The protocol default (16 KiB) splits each
 /// 2 MiB chunk into 128 frames; 1 MiB frames nearly double one stream's
 /// throughput on loopback (docs/benchmarks.md).
@@ -166,6 +171,11 @@ impl Transport {
     }
 
     /// The next connection, round-robin.
+    /// HTTP/2 connections (channels) to the endpoint.
+    pub fn connections(&self) -> usize {
+        self.channels.len()
+    }
+
     pub fn channel(&self) -> Channel {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         self.channels[i].clone()

@@ -27,6 +27,9 @@ use crate::gcs::RangeSink;
 #[derive(Debug)]
 pub struct Budget {
     limit: u64,
+    /// Memory held outside blocks (the transport's buffers), left out of what
+    /// blocks may use: blocks get `limit - reserved`.
+    reserved: AtomicU64,
     used: AtomicU64,
     peak: AtomicU64,
 }
@@ -35,6 +38,7 @@ impl Budget {
     pub fn new(limit: u64) -> Arc<Budget> {
         Arc::new(Budget {
             limit,
+            reserved: AtomicU64::new(0),
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
         })
@@ -53,11 +57,29 @@ impl Budget {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Takes `n` bytes if they fit under the limit.
+    /// Sets the memory held outside blocks, at most half the limit (blocks
+    /// always keep room to make progress).
+    pub fn set_reserved(&self, n: u64) {
+        self.reserved
+            .store(n.min(self.limit / 2), Ordering::Relaxed);
+    }
+
+    /// What blocks may use now: the limit less the reserved memory.
+    pub fn available(&self) -> u64 {
+        self.limit - self.reserved.load(Ordering::Relaxed).min(self.limit / 2)
+    }
+
+    /// Blocks hold more than they may now (the reserve grew).
+    pub fn over(&self) -> bool {
+        self.used() > self.available()
+    }
+
+    /// Takes `n` bytes if they fit under the limit (less the reserve).
     pub fn try_reserve(&self, n: u64) -> bool {
+        let limit = self.available();
         let mut cur = self.used.load(Ordering::Acquire);
         loop {
-            let Some(next) = cur.checked_add(n).filter(|v| *v <= self.limit) else {
+            let Some(next) = cur.checked_add(n).filter(|v| *v <= limit) else {
                 return false;
             };
             match self
@@ -200,6 +222,19 @@ impl BlockPool {
     /// budget permitting, a new mapping. None when the budget is spent.
     pub fn try_alloc(&self, len: usize) -> Option<Block> {
         let len = len.min(self.inner.block_size);
+        if self.inner.budget.over() {
+            // The reserve grew: unmap free blocks until blocks fit again; if
+            // blocks in use alone are over, the caller must evict first.
+            while self.inner.budget.over() {
+                let Some(m) = lock(&self.inner.free).pop() else {
+                    return None;
+                };
+                let n = m.len as u64;
+                drop(m);
+                self.inner.mapped.fetch_sub(n, Ordering::Relaxed);
+                self.inner.budget.release(n);
+            }
+        }
         let map = match lock(&self.inner.free).pop() {
             Some(m) => m,
             None => {
@@ -364,6 +399,13 @@ impl Drop for Block {
     fn drop(&mut self) {
         let Some(map) = self.map.take() else { return };
         match self.pool.upgrade() {
+            // Blocks hold more than the budget allows now: unmap, not keep.
+            Some(pool) if pool.budget.over() => {
+                let n = map.len as u64;
+                drop(map);
+                pool.mapped.fetch_sub(n, Ordering::Relaxed);
+                pool.budget.release(n);
+            }
             Some(pool) => lock(&pool.free).push(map),
             None => drop(map),
         }
@@ -391,6 +433,34 @@ mod tests {
         assert_eq!((b.used(), b.peak()), (10, 10));
         b.release(10);
         assert_eq!(b.used(), 0);
+    }
+
+    /// Memory reserved for the transport shrinks what blocks may use: while
+    /// blocks are over, freed blocks are unmapped (not kept warm) and no block
+    /// is handed out; the reserve never takes more than half the limit.
+    #[test]
+    fn reserve_shrinks_the_block_budget() {
+        let budget = Budget::new(8 * 4096);
+        let pool = BlockPool::new(4096, budget.clone());
+        let mut held: Vec<Block> = (0..6)
+            .map(|_| pool.try_alloc(4096).expect("fits"))
+            .collect();
+        budget.set_reserved(1 << 40);
+        assert_eq!(budget.available(), 4 * 4096, "at most half is reserved");
+        assert!(budget.over());
+        assert!(pool.try_alloc(1).is_none(), "over: the caller must evict");
+        held.pop();
+        assert_eq!(pool.free_blocks(), 0, "unmapped, not kept");
+        assert_eq!(budget.used(), 5 * 4096);
+        held.pop();
+        assert!(!budget.over());
+        assert!(pool.try_alloc(1).is_none(), "exactly at the reduced limit");
+        budget.set_reserved(0);
+        assert!(
+            pool.try_alloc(1).is_some(),
+            "room again once the reserve shrinks"
+        );
+        assert_eq!(pool.mapped(), budget.used());
     }
 
     #[test]

@@ -273,7 +273,7 @@ impl ReadEngine {
             if object.generation < inode.generation {
                 None
             } else {
-                let share = self.pool.budget().limit()
+                let share = self.pool.budget().available()
                     / (sequential_total.max(1) as u64)
                     / self.cfg.block_size.max(1);
                 let cap = share.saturating_sub(1).max(1);
@@ -344,6 +344,9 @@ impl ReadEngine {
     /// Allocates a block, evicting the least recently used idle block if the
     /// budget is spent.
     fn alloc(&self, len: usize) -> Option<Block> {
+        self.pool
+            .budget()
+            .set_reserved(self.client.transport_memory());
         loop {
             if let Some(b) = self.pool.try_alloc(len) {
                 return Some(b);
