@@ -226,9 +226,7 @@ impl BlockPool {
             // The reserve grew: unmap free blocks until blocks fit again; if
             // blocks in use alone are over, the caller must evict first.
             while self.inner.budget.over() {
-                let Some(m) = lock(&self.inner.free).pop() else {
-                    return None;
-                };
+                let m = lock(&self.inner.free).pop()?;
                 let n = m.len as u64;
                 drop(m);
                 self.inner.mapped.fetch_sub(n, Ordering::Relaxed);
