@@ -479,3 +479,74 @@ fn tailing_reader(flags: &[&str]) {
     });
     drop(emu);
 }
+
+/// Sends `sig` to the emulator child.
+fn signal(emu: &EmuChild, sig: i32) {
+    let pid = emu.child.as_ref().expect("running").id();
+    // SAFETY: kill(2) on our own unreaped child.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill");
+}
+
+#[test]
+fn frozen_service_gives_eio_not_a_hang_then_recovers() {
+    let tree = Tree::new();
+    let a = tree.put("a", &pattern(1 << 20, 31));
+    let b = tree.put("b", &pattern((4 << 20) + 5, 32));
+    let c = tree.put("c", &pattern(100_000, 33));
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let logs = tempfile::tempdir().expect("logs");
+    let log = logs.path().join("mount.log").to_string_lossy().to_string();
+    let _m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &[
+            "--retry-deadline",
+            "3s",
+            "--read-stall-timeout",
+            "1s",
+            "--log-file",
+            &log,
+        ],
+    );
+    let p = mnt.path().to_path_buf();
+    let fb = std::sync::Arc::new(std::fs::File::open(p.join("b")).expect("open b"));
+    assert!(std::fs::read(p.join("a")).expect("read a") == a);
+    // The service stops answering (connections stay open, nothing comes back).
+    signal(&emu, libc::SIGSTOP);
+    let (fb2, t) = (fb.clone(), Instant::now());
+    let r = bounded(
+        "read from a frozen service",
+        Duration::from_secs(40),
+        move || pread(&fb2, 2 << 20, 64 << 10),
+    );
+    println!(
+        "frozen service: read {:?} after {:?}",
+        errno_of(&r),
+        t.elapsed()
+    );
+    assert_eq!(errno_of(&r), Some(libc::EIO), "EIO, not wrong bytes: {r:?}");
+    let (pc, t) = (p.join("c"), Instant::now());
+    let r = bounded(
+        "lookup on a frozen service",
+        Duration::from_secs(40),
+        move || std::fs::metadata(pc).map(|m| m.len()),
+    );
+    println!(
+        "frozen service: lookup {:?} after {:?}",
+        errno_of(&r),
+        t.elapsed()
+    );
+    assert_eq!(errno_of(&r), Some(libc::EIO), "{r:?}");
+    // It thaws: the same handle and new lookups work again.
+    signal(&emu, libc::SIGCONT);
+    let (fb2, pc) = (fb.clone(), p.join("c"));
+    let got = bounded("reads after the thaw", Duration::from_secs(40), move || {
+        let b = pread(&fb2, 0, (4 << 20) + 100).expect("b after the thaw");
+        let c = std::fs::read(pc).expect("c after the thaw");
+        (b, c)
+    });
+    assert!(got.0 == b, "b after the thaw");
+    assert!(got.1 == c, "c after the thaw");
+}

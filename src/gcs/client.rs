@@ -139,8 +139,18 @@ impl GcsClient {
         Fut: std::future::Future<Output = Result<T, GcsError>>,
     {
         let mut backoff: Option<Backoff> = None;
+        // An attempt the server never answers (frozen, black-holed) must not
+        // outlive the retry deadline: it fails after the stall timeout, as a
+        // retryable error.
+        let attempt_limit = self.retry.stall_timeout.min(self.retry.deadline);
         loop {
-            match call().await {
+            let attempt = match tokio::time::timeout(attempt_limit, call()).await {
+                Ok(r) => r,
+                Err(_) => Err(GcsError::Unavailable(format!(
+                    "{what}: no answer within {attempt_limit:?}"
+                ))),
+            };
+            match attempt {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() => {
                     let b = backoff.get_or_insert_with(|| Backoff::new(&self.retry));

@@ -422,8 +422,28 @@ impl RangeTable {
 }
 
 impl Driver {
-    /// Opens the call and reads its first response.
+    /// Opens the call and reads its first response; a server that does not
+    /// answer within the stall timeout (frozen, black-holed) is a retryable
+    /// failure, so the retry deadline still bounds the wait.
     async fn connect(&mut self) -> Result<(Conn, ObjectInfo), Failure> {
+        let limit = self
+            .client
+            .retry
+            .stall_timeout
+            .min(self.client.retry.deadline);
+        match tokio::time::timeout(limit, self.try_connect()).await {
+            Ok(r) => r,
+            Err(_) => {
+                StreamStats::bump(&self.stats.retry_stall);
+                Err(Failure::Retry(GcsError::Unavailable(format!(
+                    "{}: no response to the stream open within {limit:?}",
+                    self.what
+                ))))
+            }
+        }
+    }
+
+    async fn try_connect(&mut self) -> Result<(Conn, ObjectInfo), Failure> {
         StreamStats::bump(&self.stats.streams_opened);
         let spec = BidiReadObjectSpec {
             bucket: format!("projects/_/buckets/{}", self.client.bucket),
