@@ -609,12 +609,17 @@ impl Driver {
                     return;
                 }
                 Err(Failure::Fatal(e)) => return self.give_up(&mut cmds, &e),
+                // The broken call is cancelled before the backoff, not after:
+                // else the server keeps sending into it (up to a whole stream
+                // window) while we wait.
                 Err(Failure::Redirect) => {
+                    drop(c);
                     if let Err(e) = continue_after(&mut backoff, &self, "redirected").await {
                         return self.give_up(&mut cmds, &e);
                     }
                 }
                 Err(Failure::Retry(e)) => {
+                    drop(c);
                     if let Err(d) = continue_after(&mut backoff, &self, &e.to_string()).await {
                         return self.give_up(&mut cmds, &with_last(d, &e));
                     }
