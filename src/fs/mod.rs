@@ -288,9 +288,9 @@ impl Fs {
                     return ino;
                 }
                 if n.lookups == 0 {
-                    // Nobody holds it (it came from a plain listing): drop it now.
+                    // The kernel holds no lookup on it (it came from a plain
+                    // listing), so nothing was read through it: drop it now.
                     table.nodes.remove(&ino);
-                    self.engine.forget(ino);
                 }
             }
         }
