@@ -555,3 +555,67 @@ fn frozen_service_gives_eio_not_a_hang_then_recovers() {
     assert!(got.0 == b, "b after the thaw");
     assert!(got.1 == c, "c after the thaw");
 }
+
+/// The client's retries of one cause so far, from its metrics.
+fn retries_of(metrics: &str, cause: &str) -> u64 {
+    let want = format!("zonalfs_stream_retries_total{{cause=\"{cause}\"}} ");
+    scrape(metrics)
+        .lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn outage_shorter_than_the_deadline_is_invisible_to_readers() {
+    let tree = Tree::new();
+    let a = tree.put("a", &pattern(1 << 20, 41));
+    let b = tree.put("b", &pattern((8 << 20) + 77, 42));
+    let mut emu = EmuChild::spawn(tree.root(), &[]);
+    let addr = emu.addr.clone();
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let logs = tempfile::tempdir().expect("logs");
+    let log = logs.path().join("mount.log").to_string_lossy().to_string();
+    let metrics = free_addr();
+    let _m = MountGuard::mount(
+        &format!("http://{addr}"),
+        mnt.path(),
+        &[
+            "--retry-deadline",
+            "30s",
+            "--log-file",
+            &log,
+            "--metrics-addr",
+            &metrics,
+        ],
+    );
+    let p = mnt.path().to_path_buf();
+    let fb = std::fs::File::open(p.join("b")).expect("open b");
+    assert!(std::fs::read(p.join("a")).expect("read a") == a);
+    let before = retries_of(&metrics, "unavailable");
+    // The service goes away; a reader starts reading b meanwhile.
+    emu.signal_and_wait(libc::SIGKILL);
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let r = (&fb).read_to_end(&mut got).map(|_| got);
+        let _ = tx.send(());
+        r
+    });
+    // Once the reader's read has failed at least once, the service comes back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while retries_of(&metrics, "unavailable") == before {
+        assert!(
+            Instant::now() < deadline,
+            "the read never tried the network"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _emu2 = EmuChild::spawn_on(tree.root(), &addr, &[]);
+    rx.recv_timeout(Duration::from_secs(40))
+        .expect("the read finished after the service came back");
+    let got = reader.join().expect("reader").expect("no error");
+    assert!(got == b, "b read across the outage");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("operation failed"), "{text}");
+}
