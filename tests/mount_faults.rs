@@ -222,26 +222,48 @@ fn redirects_and_failed_opens_are_followed() {
     );
 }
 
+/// Every fault flag together. (Stalls come after more bytes than breaks, so
+/// they only show where a stream ends otherwise first; the stall test covers
+/// them alone.)
+const ALL_FAULTS: &[&str] = &[
+    "--corrupt-every",
+    "5",
+    "--chunk-size",
+    "524288",
+    "--break-after-bytes",
+    "4000000",
+    "--stall-after-bytes",
+    "9000000",
+    "--redirect-every",
+    "3",
+    "--fail-open-rate",
+    "0.3",
+    "--latency-ms",
+    "5",
+];
+
 #[test]
 fn every_fault_at_once() {
     survive(
-        &[
-            "--corrupt-every",
-            "5",
-            "--chunk-size",
-            "524288",
-            "--break-after-bytes",
-            "4000000",
-            "--stall-after-bytes",
-            "9000000",
-            "--redirect-every",
-            "3",
-            "--fail-open-rate",
-            "0.3",
-            "--latency-ms",
-            "5",
-        ],
+        ALL_FAULTS,
         &["--read-stall-timeout", "1s"],
+        &["corrupt", "break", "redirect", "fail_open"],
+    );
+}
+
+/// The same with direct I/O (every read reaches zonalfs, in the program's
+/// sizes) and four streams per object (faults hit streams sharing reads).
+#[test]
+fn every_fault_at_once_with_direct_io_and_four_streams() {
+    survive(
+        ALL_FAULTS,
+        &[
+            "--read-stall-timeout",
+            "1s",
+            "--direct-io",
+            "--pool-size",
+            "4",
+        ],
         &["corrupt", "break", "redirect", "fail_open"],
     );
 }
@@ -618,4 +640,51 @@ fn outage_shorter_than_the_deadline_is_invisible_to_readers() {
     assert!(got == b, "b read across the outage");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("operation failed"), "{text}");
+}
+
+#[test]
+fn deleted_object_old_reader_sees_old_bytes_or_an_error_new_lookups_enoent() {
+    let tree = Tree::new();
+    let v1 = tree.put("gone", &pattern((3 << 20) + 1, 51));
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let _m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--metadata-ttl", "1s", "--negative-ttl", "1s"],
+    );
+    let p = mnt.path().join("gone");
+    let src = tree.path("gone");
+    bounded(
+        "delete under a reader",
+        Duration::from_secs(60),
+        move || {
+            let f = std::fs::File::open(&p).expect("open");
+            let head = pread(&f, 0, 1 << 20).expect("read before the delete");
+            assert!(head == v1[..1 << 20]);
+            std::fs::remove_file(&src).expect("delete the object");
+            match pread(&f, 2 << 20, 1 << 20) {
+                Ok(got) => assert!(got == v1[2 << 20..3 << 20], "old bytes"),
+                Err(e) => {
+                    let n = e.raw_os_error();
+                    assert!(n == Some(libc::ESTALE) || n == Some(libc::EIO), "{e}");
+                }
+            }
+            // New lookups find nothing once the metadata TTL passed.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match std::fs::metadata(&p) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+                    Err(e) => panic!("{e}"),
+                    Ok(m) => assert_eq!(m.len(), v1.len() as u64),
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the deleted object never went away"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
+    drop(emu);
 }
