@@ -530,9 +530,9 @@ fn frozen_service_gives_eio_not_a_hang_then_recovers() {
         mnt.path(),
         &[
             "--retry-deadline",
-            "3s",
+            "4s",
             "--read-stall-timeout",
-            "1s",
+            "2s",
             "--log-file",
             &log,
         ],

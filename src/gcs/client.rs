@@ -1,7 +1,8 @@
 //! The metadata calls of one bucket: storage layout / bucket (is it there, is it
 //! zonal), get object (stat), list objects (prefix, delimiter `/`, folders as
 //! prefixes, pagination). Unary calls are retried with backoff while the error
-//! is retryable and the retry deadline allows; every error names the bucket or
+//! is retryable and the retry deadline allows (an attempt with no answer within
+//! the stall timeout counts as UNAVAILABLE); every error names the bucket or
 //! object it concerns.
 
 use std::sync::Arc;

@@ -11,8 +11,9 @@
 //! (or the last requested byte) completes the range.
 //!
 //! When the stream breaks (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED,
-//! RESOURCE_EXHAUSTED, ABORTED, a CRC mismatch, an invalid response, or no data
-//! for `stall_timeout` while ranges are outstanding), the driver reopens it with
+//! RESOURCE_EXHAUSTED, ABORTED, a CRC mismatch, an invalid response, no data
+//! for `stall_timeout` while ranges are outstanding, or no answer to the open
+//! within `stall_timeout`), the driver reopens it with
 //! the read handle, the pinned generation and any routing token, and re-requests
 //! each unfinished range from its last verified byte, with exponential backoff
 //! and jitter until the retry deadline. A redirect (ABORTED carrying a
