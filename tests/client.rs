@@ -369,6 +369,50 @@ async fn server_gone_mid_read_fails_within_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_server_fails_calls_and_opens_within_the_deadline() {
+    let tree = Tree::new();
+    tree.put("obj", &pattern(MIB, 13));
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mut cfg = ClientConfig::new(BUCKET);
+    cfg.endpoint = Some(format!("http://{}", emu.addr));
+    cfg.credentials = CredentialsSource::Anonymous;
+    cfg.retry = RetryPolicy {
+        deadline: Duration::from_secs(1),
+        ..quick_retry()
+    };
+    let c = GcsClient::connect(cfg).await.expect("connect");
+    c.stat("obj").await.expect("stat while the server answers");
+    let pid = emu.child.as_ref().expect("running").id() as libc::pid_t;
+    // SAFETY: kill(2) on our own unreaped child: it stops answering, its
+    // connections stay open.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stat = tokio::time::timeout(Duration::from_secs(20), c.stat("obj"))
+        .await
+        .expect("a stat to a frozen server must not hang");
+    assert!(
+        matches!(stat, Err(GcsError::RetryDeadline { .. })),
+        "{stat:?}"
+    );
+    let stats = Arc::new(StreamStats::default());
+    let open = tokio::time::timeout(
+        Duration::from_secs(20),
+        MrdStream::open(&c, "obj", 0, None, stats),
+    )
+    .await
+    .expect("a stream open to a frozen server must not hang");
+    assert!(
+        matches!(open, Err(GcsError::RetryDeadline { .. })),
+        "{open:?}"
+    );
+    // SAFETY: as above; it answers again, and so does the client.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let back = tokio::time::timeout(Duration::from_secs(20), c.stat("obj"))
+        .await
+        .expect("no hang after the thaw");
+    assert_eq!(back.expect("stat after the thaw").size, MIB as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_fails_only_that_range() {
     let tree = Tree::new();
     let data = tree.put("obj", &pattern(2 * MIB, 13));

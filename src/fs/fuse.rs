@@ -186,7 +186,7 @@ impl Filesystem for FuseFs {
             Self::done(&stats, "open", id, t, r.as_ref().err());
             match r {
                 // Keep the page cache across opens: the handle pins a generation,
-                // and a changed object gets a new inode's worth of metadata.
+                // and a new generation of the object gets an inode of its own.
                 Ok(fh) => reply.opened(
                     FileHandle(fh),
                     if direct {

@@ -13,6 +13,19 @@
 //! handle (writes are refused with EROFS); `read` asks the [`ReadEngine`], the
 //! only read path, with that pinned version. Errors are [`FsError`], turned into
 //! an errno in one place ([`FsError::errno`]).
+//!
+//! Changing objects: a file inode stands for one object *generation*, because
+//! the kernel's page cache (kept across opens) is per inode. When a lookup,
+//! listing or open finds a new generation under a path, the path gets a new
+//! inode; the old one keeps its generation for the handles still open on it
+//! (they read old bytes, or get ESTALE once the service no longer serves that
+//! generation) and is dropped when the kernel forgets it. An open of the old
+//! inode (a path whose dentry the kernel still caches) fails with ESTALE,
+//! which makes the kernel look the name up again and open the new inode: a
+//! reader sees one generation's bytes, or an error, never a mix. Appendable
+//! objects: a read reaching past a handle's known size first
+//! refreshes the size (stat), updating the handle and the file's attributes,
+//! so a tailing reader gets the appended bytes and `stat` agrees with it.
 
 pub mod fuse;
 
@@ -259,18 +272,25 @@ impl Fs {
         }
     }
 
-    /// Records a node under its path (reusing the inode it already has).
+    /// Records a node under its path (reusing the inode it already has, unless
+    /// the type or the object's generation changed).
     fn intern(&self, table: &mut Table, parent: u64, path: &str, kind: Kind, lookup: bool) -> u64 {
         if let Some(&ino) = table.by_path.get(path) {
             if let Some(n) = table.nodes.get_mut(&ino) {
-                let same_type = matches!(
-                    (&n.kind, &kind),
-                    (Kind::Dir(_), Kind::Dir(_)) | (Kind::File(..), Kind::File(..))
-                );
-                if same_type {
+                let same = match (&n.kind, &kind) {
+                    (Kind::Dir(_), Kind::Dir(_)) => true,
+                    (Kind::File(a, _), Kind::File(b, _)) => a.generation == b.generation,
+                    _ => false,
+                };
+                if same {
                     n.kind = kind;
                     n.lookups += u64::from(lookup);
                     return ino;
+                }
+                if n.lookups == 0 {
+                    // The kernel holds no lookup on it (it came from a plain
+                    // listing), so nothing was read through it: drop it now.
+                    table.nodes.remove(&ino);
                 }
             }
         }
@@ -374,14 +394,45 @@ impl Fs {
         if let Kind::File(info, fetched) = &kind {
             if fetched.elapsed() >= self.cfg.metadata_ttl {
                 let fresh = self.client.stat(&info.name).await?;
-                let kind = Kind::File(fresh, Instant::now());
-                if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
-                    n.kind = kind.clone();
-                }
+                let kind = self.refreshed(ino, info, fresh);
                 return Ok(self.attr_of(ino, &kind));
             }
         }
         Ok(self.attr_of(ino, &kind))
+    }
+
+    /// Records fresh metadata of file inode `ino` (whose metadata was `old`).
+    /// Another generation does not change the inode: the path gets a new inode
+    /// for it, and `ino` keeps describing its own generation (re-checked no
+    /// sooner than the TTL). Returns the inode's kind now.
+    fn refreshed(&self, ino: u64, old: &ObjectInfo, fresh: ObjectInfo) -> Kind {
+        let mut t = lock(&self.table);
+        if fresh.generation == old.generation {
+            let kind = Kind::File(fresh, Instant::now());
+            if let Some(n) = t.nodes.get_mut(&ino) {
+                n.kind = kind.clone();
+            }
+            return kind;
+        }
+        let kind = Kind::File(old.clone(), Instant::now());
+        let parent = match t.nodes.get_mut(&ino) {
+            Some(n) => {
+                n.kind = kind.clone();
+                n.parent
+            }
+            None => return kind,
+        };
+        if t.by_path.get(&old.name) == Some(&ino) {
+            let name = fresh.name.clone();
+            self.intern(
+                &mut t,
+                parent,
+                &name,
+                Kind::File(fresh, Instant::now()),
+                false,
+            );
+        }
+        kind
     }
 
     /// The kernel dropped `n` lookups of `ino`.
@@ -554,7 +605,9 @@ impl Fs {
         lock(&self.dir_handles).remove(&fh);
     }
 
-    /// Opens a file for reading, pinning its current generation.
+    /// Opens a file for reading, pinning its current generation. ESTALE when
+    /// the object has a new generation: the inode stands for the old one, and
+    /// the kernel then looks the name up again (and finds the new inode).
     pub async fn open(&self, ino: u64, write: bool) -> Result<u64, FsError> {
         if write {
             return Err(FsError::ReadOnly);
@@ -569,9 +622,15 @@ impl Fs {
             Kind::File(info, fetched) if fetched.elapsed() < self.cfg.metadata_ttl => info,
             Kind::File(info, _) => {
                 let fresh = self.client.stat(&info.name).await?;
-                if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
-                    n.kind = Kind::File(fresh.clone(), Instant::now());
+                if fresh.generation != info.generation {
+                    let generation = fresh.generation;
+                    self.refreshed(ino, &info, fresh);
+                    return Err(FsError::Stale(format!(
+                        "{}: generation {} was replaced by {generation}",
+                        info.name, info.generation
+                    )));
                 }
+                self.refreshed(ino, &info, fresh.clone());
                 fresh
             }
         };
@@ -593,21 +652,60 @@ impl Fs {
 
     /// Reads through the read engine, the only read path.
     pub async fn read(&self, fh: u64, offset: u64, len: u32) -> Result<ReadData, FsError> {
-        let h = lock(&self.handles)
+        let mut h = lock(&self.handles)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
+        let mut fresh = false;
+        if !h.finalized && offset.saturating_add(u64::from(len)) > h.size {
+            h = self.refresh_appendable(fh, h).await?;
+            fresh = true;
+        }
+        // A size just refreshed needs no second look from the engine.
         Ok(self
             .engine
             .read(
                 h.ino,
                 &h.object,
                 h.size,
-                h.finalized,
+                h.finalized || fresh,
                 offset,
                 u64::from(len),
             )
             .await?)
+    }
+
+    /// An appendable object's handle is read past its known size: looks up the
+    /// current size (and whether it was finalized meanwhile), and records it in
+    /// the handle and the file's attributes. A new generation: ESTALE.
+    async fn refresh_appendable(&self, fh: u64, mut h: Handle) -> Result<Handle, FsError> {
+        let info = self.client.stat(&h.object.name).await?;
+        if info.generation != h.object.generation {
+            return Err(FsError::Stale(format!(
+                "{}: generation {} was replaced",
+                h.object.name, h.object.generation
+            )));
+        }
+        if info.size < h.size {
+            return Err(FsError::Io(format!(
+                "{}: the appendable object shrank from {} to {} bytes",
+                h.object.name, h.size, info.size
+            )));
+        }
+        h.size = info.size;
+        h.finalized = info.finalized;
+        if let Some(stored) = lock(&self.handles).get_mut(&fh) {
+            stored.size = h.size;
+            stored.finalized = h.finalized;
+        }
+        if let Some(n) = lock(&self.table).nodes.get_mut(&h.ino) {
+            if let Kind::File(old, _) = &n.kind {
+                if old.generation == info.generation && old.size <= info.size {
+                    n.kind = Kind::File(info, Instant::now());
+                }
+            }
+        }
+        Ok(h)
     }
 
     pub fn release(&self, fh: u64) {
@@ -696,6 +794,72 @@ mod tests {
         assert!(n <= 10 + 52, "{n} nodes");
         // Looked-up inodes survive the pruning, with their numbers.
         assert_eq!(fs.lookup(d.ino, "f7").await.unwrap().ino, kept.ino);
+    }
+
+    #[tokio::test]
+    async fn a_new_generation_gets_a_new_inode_and_old_handles_keep_theirs() {
+        let c = MemClient::new(Duration::ZERO);
+        c.put("o", b"first".to_vec(), true);
+        let engine = ReadEngine::new(
+            c.clone(),
+            BlockPool::new(1 << 20, Budget::new(16 << 20)),
+            PrefetchConfig::default(),
+        );
+        let fs = Fs::new(
+            c.clone(),
+            engine,
+            FsConfig {
+                metadata_ttl: Duration::ZERO,
+                ..Default::default()
+            },
+        );
+        let old = fs.lookup(ROOT_INO, "o").await.unwrap();
+        let fh = fs.open(old.ino, false).await.unwrap();
+        assert_eq!(fs.read(fh, 0, 5).await.unwrap().as_slice(), b"first");
+        c.put("o", b"other!".to_vec(), true);
+        // The old inode still describes (and opens) nothing but its generation.
+        assert_eq!(fs.getattr(old.ino).await.unwrap().size, 5);
+        assert!(matches!(
+            fs.open(old.ino, false).await,
+            Err(FsError::Stale(_))
+        ));
+        // The name now leads to a new inode with the new generation.
+        let new = fs.lookup(ROOT_INO, "o").await.unwrap();
+        assert_ne!(new.ino, old.ino, "a new generation is a new inode");
+        assert_eq!(new.size, 6);
+        let fh2 = fs.open(new.ino, false).await.unwrap();
+        assert_eq!(fs.read(fh2, 0, 6).await.unwrap().as_slice(), b"other!");
+        // The old handle reads its own generation, or fails; never the new one.
+        match fs.read(fh, 0, 5).await {
+            Ok(d) => assert_eq!(d.as_slice(), b"first"),
+            Err(e) => assert_eq!(e.errno(), libc::ESTALE, "{e}"),
+        }
+        // Listing shows the new inode too.
+        let dh = fs.opendir(ROOT_INO).await.unwrap();
+        let listed = fs.readdir(dh, 2).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.ino, new.ino);
+    }
+
+    #[tokio::test]
+    async fn reads_past_the_known_end_of_an_appendable_object_refresh_its_size() {
+        let c = MemClient::new(Duration::ZERO);
+        c.put("log", b"12345".to_vec(), false);
+        let fs = fs(c.clone()); // default metadata TTL: 60 s
+        let ino = fs.lookup(ROOT_INO, "log").await.unwrap().ino;
+        let fh = fs.open(ino, false).await.unwrap();
+        assert_eq!(fs.read(fh, 0, 100).await.unwrap().as_slice(), b"12345");
+        assert!(fs.read(fh, 5, 100).await.unwrap().is_empty(), "EOF for now");
+        c.append("log", b"678");
+        assert_eq!(fs.read(fh, 5, 100).await.unwrap().as_slice(), b"678");
+        assert_eq!(
+            fs.getattr(ino).await.unwrap().size,
+            8,
+            "the attributes agree with what was read, within the TTL"
+        );
+        // Replaced by a new generation: ESTALE, not the new object's bytes.
+        c.put("log", b"something else".to_vec(), false);
+        assert!(matches!(fs.read(fh, 8, 100).await, Err(FsError::Stale(_))));
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! The metadata calls of one bucket: storage layout / bucket (is it there, is it
 //! zonal), get object (stat), list objects (prefix, delimiter `/`, folders as
 //! prefixes, pagination). Unary calls are retried with backoff while the error
-//! is retryable and the retry deadline allows; every error names the bucket or
+//! is retryable and the retry deadline allows (an attempt with no answer within
+//! the stall timeout counts as UNAVAILABLE); every error names the bucket or
 //! object it concerns.
 
 use std::sync::Arc;
@@ -139,8 +140,18 @@ impl GcsClient {
         Fut: std::future::Future<Output = Result<T, GcsError>>,
     {
         let mut backoff: Option<Backoff> = None;
+        // An attempt the server never answers (frozen, black-holed) must not
+        // outlive the retry deadline: it fails after the stall timeout, as a
+        // retryable error.
+        let attempt_limit = self.retry.stall_timeout.min(self.retry.deadline);
         loop {
-            match call().await {
+            let attempt = match tokio::time::timeout(attempt_limit, call()).await {
+                Ok(r) => r,
+                Err(_) => Err(GcsError::Unavailable(format!(
+                    "{what}: no answer within {attempt_limit:?}"
+                ))),
+            };
+            match attempt {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() => {
                     let b = backoff.get_or_insert_with(|| Backoff::new(&self.retry));

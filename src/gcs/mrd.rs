@@ -11,8 +11,9 @@
 //! (or the last requested byte) completes the range.
 //!
 //! When the stream breaks (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED,
-//! RESOURCE_EXHAUSTED, ABORTED, a CRC mismatch, an invalid response, or no data
-//! for `stall_timeout` while ranges are outstanding), the driver reopens it with
+//! RESOURCE_EXHAUSTED, ABORTED, a CRC mismatch, an invalid response, no data
+//! for `stall_timeout` while ranges are outstanding, or no answer to the open
+//! within `stall_timeout`), the driver reopens it with
 //! the read handle, the pinned generation and any routing token, and re-requests
 //! each unfinished range from its last verified byte, with exponential backoff
 //! and jitter until the retry deadline. A redirect (ABORTED carrying a
@@ -422,8 +423,28 @@ impl RangeTable {
 }
 
 impl Driver {
-    /// Opens the call and reads its first response.
+    /// Opens the call and reads its first response; a server that does not
+    /// answer within the stall timeout (frozen, black-holed) is a retryable
+    /// failure, so the retry deadline still bounds the wait.
     async fn connect(&mut self) -> Result<(Conn, ObjectInfo), Failure> {
+        let limit = self
+            .client
+            .retry
+            .stall_timeout
+            .min(self.client.retry.deadline);
+        match tokio::time::timeout(limit, self.try_connect()).await {
+            Ok(r) => r,
+            Err(_) => {
+                StreamStats::bump(&self.stats.retry_stall);
+                Err(Failure::Retry(GcsError::Unavailable(format!(
+                    "{}: no response to the stream open within {limit:?}",
+                    self.what
+                ))))
+            }
+        }
+    }
+
+    async fn try_connect(&mut self) -> Result<(Conn, ObjectInfo), Failure> {
         StreamStats::bump(&self.stats.streams_opened);
         let spec = BidiReadObjectSpec {
             bucket: format!("projects/_/buckets/{}", self.client.bucket),
@@ -589,12 +610,17 @@ impl Driver {
                     return;
                 }
                 Err(Failure::Fatal(e)) => return self.give_up(&mut cmds, &e),
+                // The broken call is cancelled before the backoff, not after:
+                // else the server keeps sending into it (up to a whole stream
+                // window) while we wait.
                 Err(Failure::Redirect) => {
+                    drop(c);
                     if let Err(e) = continue_after(&mut backoff, &self, "redirected").await {
                         return self.give_up(&mut cmds, &e);
                     }
                 }
                 Err(Failure::Retry(e)) => {
+                    drop(c);
                     if let Err(d) = continue_after(&mut backoff, &self, &e.to_string()).await {
                         return self.give_up(&mut cmds, &with_last(d, &e));
                     }

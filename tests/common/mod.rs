@@ -192,13 +192,19 @@ impl EmuChild {
     /// Starts the emulator on an ephemeral port and waits for its "listening on"
     /// line (the readiness signal).
     pub fn spawn(root: &Path, extra: &[&str]) -> EmuChild {
+        EmuChild::spawn_on(root, "127.0.0.1:0", extra)
+    }
+
+    /// Starts the emulator listening on `listen` (e.g. the address of one that
+    /// was stopped, to bring "the service" back) and waits for its readiness line.
+    pub fn spawn_on(root: &Path, listen: &str, extra: &[&str]) -> EmuChild {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_zonalfs"))
             .arg("emulator")
             .arg("--root")
             .arg(root)
-            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["--listen", listen, "--log-level", "warn"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
