@@ -286,7 +286,7 @@ fn daemonize(args: MountArgs) -> ExitCode {
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     // Tell the parent as soon as the mount serves (or failed); closing the pipe
     // without a word means the daemon died.
-    std::thread::spawn(move || {
+    let reporter = std::thread::spawn(move || {
         if let Ok(r) = rx.recv() {
             let _ = match r {
                 Ok(()) => ready.write_all(b"ok\n"),
@@ -294,7 +294,12 @@ fn daemonize(args: MountArgs) -> ExitCode {
             };
         }
     });
-    run_tool(&log, || mount(args, Some(tx)))
+    let code = run_tool(&log, || mount(args, Some(tx)));
+    // An error is sent just before the mount returns: the process must not
+    // exit (ending the reporter thread) before it reached the parent. The
+    // sender is gone by now, so the thread ends either way.
+    let _ = reporter.join();
+    code
 }
 
 /// Stops a background task when dropped.

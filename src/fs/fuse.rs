@@ -187,14 +187,17 @@ impl Filesystem for FuseFs {
             match r {
                 // Keep the page cache across opens: the handle pins a generation,
                 // and a new generation of the object gets an inode of its own.
-                Ok(fh) => reply.opened(
-                    FileHandle(fh),
-                    if direct {
-                        FopenFlags::FOPEN_DIRECT_IO
-                    } else {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    },
-                ),
+                Ok(fh) => {
+                    stats.handle_opened(false);
+                    reply.opened(
+                        FileHandle(fh),
+                        if direct {
+                            FopenFlags::FOPEN_DIRECT_IO
+                        } else {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        },
+                    )
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -237,6 +240,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        self.stats.handle_released(false);
         reply.ok();
     }
 
@@ -247,7 +251,10 @@ impl Filesystem for FuseFs {
             let r = fs.opendir(ino.0).await;
             Self::done(&stats, "opendir", id, t, r.as_ref().err());
             match r {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    stats.handle_opened(true);
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -323,6 +330,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.fs.releasedir(fh.0);
+        self.stats.handle_released(true);
         reply.ok();
     }
 
