@@ -124,10 +124,13 @@ fn mount_read_list_errors_and_clean_unmount() {
     );
     assert!(value("zonalfs_memory_bytes{kind=\"peak\"}") <= (256u64 << 20) as f64);
     assert!(value("zonalfs_open_streams") >= 1.0);
+    // (The window gauge counts readers active in the last 5 s, which a
+    // loaded machine can outlast; block loads are a counter.)
     assert!(
-        value("zonalfs_prefetch_window_bytes{stat=\"max\"}") > 0.0,
-        "a window grew"
+        value("zonalfs_cache_misses_total") >= 1.0,
+        "the sequential read went through prefetch blocks"
     );
+    assert!(metrics.contains("zonalfs_prefetch_window_bytes{stat=\"max\"}"));
 
     drop(f);
     let status = m.stop();
