@@ -53,8 +53,10 @@ fi
 cargo build --release --quiet --bin zonalfs --example mem_mount --example engine_bench
 . scripts/lib/bench-common.sh   # WORK (removed on exit), machine_line
 detach_all() {
-  # Anything still mounted under WORK (a step that died) is detached.
+  # Anything still mounted under WORK (a step that died) is detached, and any
+  # process still running on WORK (its path is unique to this run) stopped.
   awk -v w="$WORK" '$2 ~ "^"w {print $2}' /proc/mounts | while read -r m; do umount -l "$m" || true; done
+  pkill -TERM -f -- "$WORK" 2> /dev/null || true
 }
 trap 'detach_all; cleanup' EXIT INT TERM
 
@@ -64,3 +66,6 @@ timeout --kill-after=30 1200 "$VENV/bin/python" scripts/bench/suite.py \
   --engine-bench target/release/examples/engine_bench \
   --python "$VENV/bin/python" \
   --work "$WORK" --runs "$RUNS" --machine "$(machine_line)" "${QUICK[@]}"
+left=$(awk -v w="$WORK" '$2 ~ "^"w' /proc/mounts; pgrep -af -- "$WORK" || true)
+[ -z "$left" ] || { echo "bench.sh: left behind: $left" >&2; exit 1; }
+echo "bench.sh: done; nothing left mounted or running" >&2
