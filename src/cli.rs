@@ -57,6 +57,69 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Checks a bucket name the way GCS does (3–63 characters, or up to 222 with
+/// dots, of `a-z 0-9 - _ .`, starting and ending with a letter or digit), so a
+/// typo such as `gs://bucket` or `My_Bucket` is refused before any network call.
+pub fn parse_bucket(s: &str) -> Result<String, String> {
+    if crate::emulator::store::valid_bucket_name(s) {
+        Ok(s.to_string())
+    } else if let Some(b) = s.strip_prefix("gs://") {
+        Err(format!(
+            "'{s}' is not a bucket name; give the name alone ('{}')",
+            b.trim_end_matches('/')
+        ))
+    } else {
+        Err(format!(
+            "'{s}' is not a valid bucket name (3-63 characters of a-z, 0-9, '-', '_' and '.', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// A clap error (unknown flag, bad value, missing argument) as one line:
+/// clap's own first line without its `error: ` prefix, the lines that belong
+/// to it (missing argument names, a "did you mean" tip) folded in, the usage
+/// block dropped, and a pointer to `--help` for the subcommand in `argv`.
+pub fn usage_error_line(e: &clap::Error, argv: &[String]) -> String {
+    let text = e.render().to_string();
+    let body = text
+        .split("\n\nUsage:")
+        .next()
+        .unwrap_or_default()
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or_default();
+    let mut out = String::new();
+    for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        if line.starts_with("tip: to pass") {
+            continue; // "use '-- --flag'": not what a mistyped flag needs
+        }
+        if out.is_empty() {
+            out.push_str(line);
+        } else if line.starts_with("tip:") {
+            out.push_str("; ");
+            out.push_str(line);
+        } else if out.ends_with(':') {
+            out.push(' ');
+            out.push_str(line);
+        } else {
+            out.push_str(", ");
+            out.push_str(line);
+        }
+    }
+    if out.is_empty() {
+        out = e.kind().to_string();
+    }
+    use clap::CommandFactory;
+    let sub = argv
+        .get(1)
+        .filter(|a| Cli::command().find_subcommand(a.as_str()).is_some());
+    match sub {
+        Some(sub) => format!("{out} (see 'zonalfs {sub} --help')"),
+        None => format!("{out} (see 'zonalfs --help')"),
+    }
+}
+
 /// How to reach the bucket: endpoint, credentials, connections, retries, pool.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
@@ -147,7 +210,8 @@ pub enum LogFormat {
 /// `zonalfs mount BUCKET MOUNTPOINT`
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// The bucket to mount.
+    /// The bucket to mount (its name, without gs://).
+    #[arg(value_parser = parse_bucket)]
     pub bucket: String,
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
@@ -465,6 +529,10 @@ pub struct EmulatorArgs {
     /// to stand in for a non-zonal bucket.
     #[arg(long, default_value = "zone")]
     pub location_type: String,
+    /// Require `authorization: Bearer TOKEN` on every call: without a token
+    /// calls fail UNAUTHENTICATED, with another one PERMISSION_DENIED.
+    #[arg(long, value_name = "TOKEN", env = "ZONALFS_EMULATOR_REQUIRE_TOKEN")]
+    pub require_token: Option<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
     pub log_level: String,
@@ -487,6 +555,7 @@ impl EmulatorArgs {
             },
             location: self.location.clone(),
             location_type: self.location_type.clone(),
+            require_token: self.require_token.clone(),
         }
     }
 }

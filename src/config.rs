@@ -74,6 +74,24 @@ pub fn read(path: &Path) -> Result<Vec<(String, String)>, String> {
                 ))
             }
         };
+        // Check the value now, so that a bad one is reported against the file
+        // (clap would name only the flag and not say where the value came from).
+        if arg.get_action().takes_values() {
+            let one = clap::Command::new("zonalfs")
+                .no_binary_name(true)
+                .arg(arg.clone().env(None::<&str>).required(false));
+            if let Err(e) = one.try_get_matches_from([format!("--{flag}={v}")]) {
+                let why = e.render().to_string();
+                let why = why.lines().next().unwrap_or_default();
+                let why = why.strip_prefix("error: ").unwrap_or(why);
+                return Err(format!("config file {}: '{key}': {why}", path.display()));
+            }
+        } else if v != "true" && v != "false" {
+            return Err(format!(
+                "config file {}: '{key}' must be true or false, not '{v}'",
+                path.display()
+            ));
+        }
         out.push((env.to_string(), v));
     }
     Ok(out)
@@ -107,6 +125,14 @@ mod tests {
         assert!(read(&p).unwrap_err().contains("unknown key 'bogus'"));
         std::fs::write(&p, "uid = [1]\n").unwrap();
         assert!(read(&p).unwrap_err().contains("must be a string"));
+        std::fs::write(&p, "file_mode = \"rw-r--r--\"\n").unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(
+            e.contains("'file_mode'") && e.contains("not an octal mode"),
+            "{e}"
+        );
+        std::fs::write(&p, "allow_other = \"maybe\"\n").unwrap();
+        assert!(read(&p).unwrap_err().contains("'allow_other'"));
         std::fs::write(&p, "uid = \n").unwrap();
         assert!(read(&p).is_err());
         assert!(read(&dir.path().join("missing.toml")).is_err());
