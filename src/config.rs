@@ -36,9 +36,19 @@ pub fn config_path(args: &[String]) -> Option<String> {
 pub fn read(path: &Path) -> Result<Vec<(String, String)>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("config file {}: {}", path.display(), e.message()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e.span().map(|r| {
+            text.as_bytes()[..r.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        });
+        match line {
+            Some(l) => format!("config file {}: line {l}: {}", path.display(), e.message()),
+            None => format!("config file {}: {}", path.display(), e.message()),
+        }
+    })?;
     let cmd = Cli::command();
     let mount = cmd
         .find_subcommand("mount")

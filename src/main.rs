@@ -288,7 +288,7 @@ fn daemonize(args: MountArgs) -> ExitCode {
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     // Tell the parent as soon as the mount serves (or failed); closing the pipe
     // without a word means the daemon died.
-    std::thread::spawn(move || {
+    let reporter = std::thread::spawn(move || {
         if let Ok(r) = rx.recv() {
             let _ = match r {
                 Ok(()) => ready.write_all(b"ok\n"),
@@ -296,7 +296,11 @@ fn daemonize(args: MountArgs) -> ExitCode {
             };
         }
     });
-    run_tool(&log, || mount(args, Some(tx)))
+    let code = run_tool(&log, || mount(args, Some(tx)));
+    // Every sender is gone now: the reporter has written the error (or "ok")
+    // and returns; exiting before it did would lose the error.
+    let _ = reporter.join();
+    code
 }
 
 /// Stops a background task when dropped.
