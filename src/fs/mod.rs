@@ -364,7 +364,15 @@ impl Fs {
         let (as_dir, as_file) =
             tokio::join!(self.client.list(&dir_path, None), self.client.stat(&path));
         let is_dir = match as_dir {
-            Ok(page) => !page.objects.is_empty() || !page.prefixes.is_empty(),
+            // Only names inside count (a misbehaving server's others do not);
+            // the folder's own placeholder object `dir/` does.
+            Ok(page) => {
+                page.objects.iter().any(|o| o.name.starts_with(&dir_path))
+                    || page
+                        .prefixes
+                        .iter()
+                        .any(|p| p.len() > dir_path.len() && p.starts_with(&dir_path))
+            }
             Err(GcsError::NotFound(_)) => false,
             Err(e) => return Err(e.into()),
         };
@@ -509,9 +517,13 @@ impl Fs {
                 is_dir: true,
             },
         ];
-        let dir_names: std::collections::HashSet<String> =
-            dirs.iter().map(|(n, _)| n.clone()).collect();
+        // Each name once (a server may repeat one, e.g. across pages), and a
+        // directory wins over a file of the same name.
+        let mut seen = std::collections::HashSet::new();
         for (name, p) in dirs {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
             let child = self.intern(&mut t, ino, &p, Kind::Dir(p.clone()), false);
             entries.push(DirEntry {
                 ino: child,
@@ -520,8 +532,8 @@ impl Fs {
             });
         }
         for (name, o) in files {
-            if dir_names.contains(&name) {
-                continue; // the directory wins
+            if !seen.insert(name.clone()) {
+                continue;
             }
             let path = o.name.clone();
             let child = self.intern(&mut t, ino, &path, Kind::File(o, Instant::now()), false);
@@ -724,10 +736,11 @@ mod tests {
                 for bad in [".", "..", "", "a/b"] {
                     prop_assert!(fs.lookup(ROOT_INO, bad).await.is_err(), "{:?}", bad);
                 }
+                let depth = names.iter().map(|n| n.matches('/').count()).max().unwrap_or(0);
                 let mut found = std::collections::HashSet::new();
                 let mut todo = vec![(ROOT_INO, Vec::<String>::new())];
                 while let Some((ino, path)) = todo.pop() {
-                    prop_assert!(path.len() <= 5, "deeper than any name: {:?}", path);
+                    prop_assert!(path.len() <= depth, "deeper than any name: {:?}", path);
                     let h = fs.opendir(ino).await.unwrap();
                     let entries = fs.readdir(h, 0).unwrap();
                     fs.releasedir(h);
