@@ -143,6 +143,10 @@ fn main() -> ExitCode {
         Command::InstallHelper(args) => install_helper(&args.dir),
         Command::Unmount(args) => match zonalfs::fs::fuse::unmount_path(&args.mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => failure(&format!(
+                "unmount {}: not a mount point",
+                args.mountpoint.display()
+            )),
             Err(e) => failure(&format!("unmount {}: {e}", args.mountpoint.display())),
         },
         Command::Cat(args) => run_tool(&LogSpec::plain(&args.log_level), || cat(args)),

@@ -288,6 +288,12 @@ const CASES: &[Case] = &[
         needles: &["key file {DIR}/badkey.json holds unusable service_account credentials"],
     },
     Case {
+        name: "unmount of a plain directory",
+        args: "unmount {MNT}",
+        code: 1,
+        needles: &["unmount {MNT}: not a mount point"],
+    },
+    Case {
         name: "tool: object not found",
         args: "stat gs://test-bucket/missing --endpoint {EP} --anonymous",
         code: 1,
