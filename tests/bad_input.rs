@@ -17,6 +17,24 @@ use common::*;
 
 const TOKEN: &str = "emulator-test-token";
 
+/// Runs `zonalfs ARGS` with no ambient endpoint or credentials: no gcloud
+/// configuration under `home`, and the metadata server at `metadata` (a closed
+/// port), so Application Default Credentials find nothing.
+fn run_isolated(args: &[String], home: &Path, metadata: &str) -> Output {
+    zonalfs_cmd()
+        .args(args)
+        .env("HOME", home)
+        .env("GCE_METADATA_HOST", metadata)
+        .env_remove("CLOUDSDK_CONFIG")
+        .env_remove("STORAGE_EMULATOR_HOST")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("ZONALFS_CONFIG")
+        .env_remove("ZONALFS_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run zonalfs")
+}
+
 /// Runs `zonalfs ARGS` with no ambient endpoint or credentials.
 fn run(args: &[String]) -> Output {
     zonalfs_cmd()
@@ -216,6 +234,12 @@ const CASES: &[Case] = &[
     },
     // Endpoint, TLS, credentials, bucket (exit 1).
     Case {
+        name: "no credentials at all",
+        args: "mount -f test-bucket {MNT} --endpoint {EP}",
+        code: 1,
+        needles: &["no Application Default Credentials", "--key-file"],
+    },
+    Case {
         name: "bucket not found",
         args: "mount -f no-such-bucket {MNT} --endpoint {EP} --anonymous",
         code: 1,
@@ -339,7 +363,7 @@ fn bad_input_is_one_line_nonzero_and_mounts_nothing() {
                 .replace("{CLOSED}", &closed)
         };
         let args: Vec<String> = fill(case.args).split(' ').map(str::to_string).collect();
-        let out = run(&args);
+        let out = run_isolated(&args, files.path(), &format!("127.0.0.1:{closed}"));
         assert_eq!(
             out.status.code(),
             Some(case.code),
