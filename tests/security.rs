@@ -176,12 +176,15 @@ fn no_credentials_in_logs_or_errors() {
         sha_of(&std::fs::read(mnt.path().join("x")).expect("read through the mount")),
         sha_of(&data)
     );
+    let stderr = m.child.as_mut().and_then(|c| c.stderr.take());
     let status = m.stop();
     assert!(status.success(), "{status}");
     let mut err = String::new();
-    if let Some(mut e) = m.child.as_mut().and_then(|c| c.stderr.take()) {
-        let _ = e.read_to_string(&mut err);
-    }
+    stderr
+        .expect("piped")
+        .read_to_string(&mut err)
+        .expect("mount's stderr");
+    assert!(err.contains("zonalfs: mounted gs://test-bucket"), "{err}");
     text += &err;
     let logs = std::fs::read_to_string(&log_file).expect("log file");
     assert!(logs.contains("TRACE"), "TRACE lines are in the log file");
@@ -541,7 +544,12 @@ fn object_names_never_escape_the_mount() {
         let addr = listener.local_addr().expect("addr");
         let adv = Adversarial {
             inner: StorageService { emu: emu.clone() },
-            injected: INJECTED.iter().map(|s| s.to_string()).collect(),
+            // 255 bytes: the longest valid name; 256: skipped.
+            injected: INJECTED
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["v".repeat(255), "L".repeat(256)])
+                .collect(),
         };
         let server = tonic::transport::Server::builder()
             .add_service(StorageServer::new(adv))
@@ -575,6 +583,7 @@ fn object_names_never_escape_the_mount() {
     ]
     .iter()
     .map(|(n, d)| (n.to_string(), *d))
+    .chain([("v".repeat(255), false)])
     .collect();
     assert_eq!(names, want, "only valid names, each once, all inside");
     for (p, _) in &got {
@@ -605,6 +614,22 @@ fn object_names_never_escape_the_mount() {
         std::fs::read(mnt.join("a/../../x")).expect("read"),
         b"outside"
     );
+    // Each skipped name was logged (once, as a warning).
+    let mut m = m;
+    let stderr = m.child.as_mut().and_then(|c| c.stderr.take());
+    assert!(m.stop().success());
+    let mut log = String::new();
+    if let Some(mut e) = stderr {
+        e.read_to_string(&mut log).expect("mount's stderr");
+    }
+    for want in [
+        "skipping an object whose name is not a valid file name",
+        "skipping a prefix that is not a valid directory name",
+        "LLLLLLLL",
+        "nul\\0byte",
+    ] {
+        assert!(log.contains(want), "{want:?} not in the log:\n{log}");
+    }
     drop(m);
     assert!(!is_mounted(&mnt));
 }
