@@ -120,6 +120,23 @@ pub fn usage_error_line(e: &clap::Error, argv: &[String]) -> String {
     }
 }
 
+/// Checks a log filter: a level (`error`, `warn`, `info`, `debug`, `trace`,
+/// `off`) or tracing directives (`zonalfs=debug,h2=warn`). A bare word that is
+/// not a level would be taken as a target name and silently log nothing else,
+/// so it is refused.
+pub fn parse_log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+    let plain_word = !s.contains(['=', ',', ':', '[']);
+    if (plain_word && !LEVELS.contains(&s.to_ascii_lowercase().as_str()))
+        || tracing_subscriber::EnvFilter::try_new(s).is_err()
+    {
+        return Err(format!(
+            "'{s}' is not a log level (error, warn, info, debug, trace, off) or a tracing directive (e.g. zonalfs=debug)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// How to reach the bucket: endpoint, credentials, connections, retries, pool.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
@@ -289,7 +306,7 @@ pub struct MountArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "info", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
     /// Log line format.
     #[arg(long, value_enum, default_value = "text", env = "ZONALFS_LOG_FORMAT")]
@@ -391,7 +408,7 @@ pub struct CatArgs {
     pub inflight: Option<usize>,
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -405,7 +422,7 @@ pub struct LsArgs {
     pub long: bool,
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -416,7 +433,7 @@ pub struct StatArgs {
     pub url: String,
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -534,7 +551,7 @@ pub struct EmulatorArgs {
     #[arg(long, value_name = "TOKEN", env = "ZONALFS_EMULATOR_REQUIRE_TOKEN")]
     pub require_token: Option<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "info", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -639,6 +656,41 @@ mod tests {
             Cli::try_parse_from(&bad).is_err(),
             "unknown options are rejected"
         );
+    }
+
+    #[test]
+    fn buckets_log_filters_and_usage_lines() {
+        assert_eq!(parse_bucket("my-bucket.x_1"), Ok("my-bucket.x_1".into()));
+        for bad in [
+            "", "ab", "gs://b1b", "Upper", "-lead", "trail-", "a/b", "x y",
+        ] {
+            assert!(parse_bucket(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_bucket("gs://b1b/").unwrap_err().contains("'b1b'"));
+        for ok in [
+            "info",
+            "TRACE",
+            "off",
+            "zonalfs=debug",
+            "zonalfs=debug,h2=warn",
+        ] {
+            assert_eq!(parse_log_filter(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["verbose", "a=b=c", ""] {
+            assert!(parse_log_filter(bad).is_err(), "{bad:?}");
+        }
+        let argv: Vec<String> = ["zonalfs", "mount", "--forc"].map(String::from).to_vec();
+        let e = Cli::try_parse_from(&argv).unwrap_err();
+        let line = usage_error_line(&e, &argv);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.contains("'--forc'") && line.contains("'--force'"),
+            "{line}"
+        );
+        assert!(line.ends_with("(see 'zonalfs mount --help')"), "{line}");
+        let argv: Vec<String> = ["zonalfs", "mount"].map(String::from).to_vec();
+        let e = Cli::try_parse_from(&argv).unwrap_err();
+        assert!(usage_error_line(&e, &argv).contains("<BUCKET>, <MOUNTPOINT>"));
     }
 
     #[test]

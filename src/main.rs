@@ -1,8 +1,8 @@
 //! The `zonalfs` binary: parses the command line (`cli`), sets up logging and the
 //! tokio runtime, and runs the chosen command. Errors end here as one line on
-//! stderr, `zonalfs: error: MESSAGE` (`zonalfs emulator: error: ...` for the
-//! emulator), and a non-zero exit code: 2 for bad usage (flags, values, config
-//! file, `-o` options), 1 for everything that fails later (mountpoint, endpoint,
+//! stderr, `zonalfs: error: MESSAGE`, and a non-zero exit code: 2 for bad
+//! usage (flags, values, config file, `-o` options; and every emulator
+//! failure), 1 for everything that fails later (mountpoint, endpoint,
 //! credentials, bucket). docs/errors.md lists them.
 
 use std::process::ExitCode;
@@ -174,7 +174,8 @@ fn install_helper(dir: &std::path::Path) -> ExitCode {
     }
 }
 
-/// A bad command line, config file or option: one line, exit 2.
+/// A bad command line, config file or option (or an emulator that cannot
+/// serve): one line, exit 2.
 fn usage_failure(msg: &str) -> ExitCode {
     eprintln!("zonalfs: error: {msg}");
     ExitCode::from(2)
@@ -546,18 +547,14 @@ fn tune_malloc() {
 
 fn run_emulator(args: EmulatorArgs) -> ExitCode {
     if let Err(e) = init_logging(&LogSpec::plain(&args.log_level)) {
-        eprintln!("zonalfs emulator: error: {e}");
-        return ExitCode::from(2);
+        return usage_failure(&e);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("zonalfs emulator: error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_failure(&format!("emulator: cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async {
         let emu = emulator::Emulator::new(&args.root, args.config())?;
@@ -573,9 +570,6 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
             eprintln!("{}", emu.counters.to_json());
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("zonalfs emulator: error: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => usage_failure(&format!("emulator: {e}")),
     }
 }

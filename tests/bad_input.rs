@@ -176,6 +176,12 @@ const CASES: &[Case] = &[
         needles: &["cannot be used with"],
     },
     Case {
+        name: "bad log level",
+        args: "mount test-bucket {MNT} --log-level verbose",
+        code: 2,
+        needles: &["'verbose' is not a log level"],
+    },
+    Case {
         name: "unwritable log file",
         args: "mount -f test-bucket {MNT} --endpoint {EP} --anonymous --log-file /nonexistent/zonalfs.log",
         code: 2,
