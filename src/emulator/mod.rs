@@ -8,7 +8,9 @@
 //! them), read bytes with `pread` into one fresh buffer per chunk (the `Bytes` that
 //! is sent), CRC32C each chunk, and consult [`faults`] for shaping and injected
 //! failures. Errors are [`EmuError`] inside and become `tonic::Status` at the edge,
-//! in one place ([`EmuError::into_status`]).
+//! in one place ([`EmuError::into_status`]). With `--require-token`, an
+//! interceptor in front of both services checks the bearer token of every call
+//! first (UNAUTHENTICATED / PERMISSION_DENIED).
 
 pub mod bidi;
 pub mod faults;
