@@ -87,13 +87,29 @@ pub fn read(path: &Path) -> Result<Vec<(String, String)>, String> {
         // Check the value now, so that a bad one is reported against the file
         // (clap would name only the flag and not say where the value came from).
         if arg.get_action().takes_values() {
-            let one = clap::Command::new("zonalfs")
-                .no_binary_name(true)
-                .arg(arg.clone().env(None::<&str>).required(false));
-            if let Err(e) = one.try_get_matches_from([format!("--{flag}={v}")]) {
-                let why = e.render().to_string();
-                let why = why.lines().next().unwrap_or_default();
-                let why = why.strip_prefix("error: ").unwrap_or(why);
+            // The flag's parser alone (not the flag itself: its relations to
+            // other flags, e.g. conflicts_with, name arguments not here).
+            let one = clap::Command::new("zonalfs").no_binary_name(true).arg(
+                clap::Arg::new("value")
+                    .long("value")
+                    .value_name("VALUE")
+                    .action(clap::ArgAction::Set)
+                    .value_parser(arg.get_value_parser().clone()),
+            );
+            if let Err(e) = one.try_get_matches_from([format!("--value={v}")]) {
+                // clap's first paragraph (the message and, for a choice, the
+                // possible values) on one line.
+                let text = e.render().to_string();
+                let why = text
+                    .split("\n\n")
+                    .next()
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let why = why.strip_prefix("error: ").unwrap_or(&why);
+                let why = why.replace(" for '--value <VALUE>'", "");
                 return Err(format!("config file {}: '{key}': {why}", path.display()));
             }
         } else if v != "true" && v != "false" {
@@ -139,6 +155,19 @@ mod tests {
         let e = read(&p).unwrap_err();
         assert!(
             e.contains("'file_mode'") && e.contains("not an octal mode"),
+            "{e}"
+        );
+        // Flags with relations to others (key_file conflicts with anonymous).
+        std::fs::write(
+            &p,
+            "key_file = \"/k.json\"\nlog_format = \"json\"\npool_size = 3\n",
+        )
+        .unwrap();
+        assert_eq!(read(&p).unwrap().len(), 3);
+        std::fs::write(&p, "log_format = \"xml\"\n").unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(
+            e.contains("'log_format'") && e.contains("text, json") && !e.contains('\n'),
             "{e}"
         );
         std::fs::write(&p, "allow_other = \"maybe\"\n").unwrap();

@@ -213,6 +213,12 @@ const CASES: &[Case] = &[
         needles: &["config file {DIR}/badvalue.toml: 'file_mode'", "not an octal mode"],
     },
     Case {
+        name: "config file with conflicting keys",
+        args: "mount test-bucket {MNT} --config {DIR}/conflict.toml",
+        code: 2,
+        needles: &["'--key-file <KEY_FILE>' cannot be used with '--anonymous'"],
+    },
+    Case {
         name: "config file wrong type",
         args: "mount test-bucket {MNT} --config {DIR}/badtype.toml",
         code: 2,
@@ -347,6 +353,11 @@ fn bad_input_is_one_line_nonzero_and_mounts_nothing() {
     )
     .expect("w");
     std::fs::write(files.path().join("badtype.toml"), "uid = [1]\n").expect("w");
+    std::fs::write(
+        files.path().join("conflict.toml"),
+        "key_file = \"/k.json\"\nanonymous = true\n",
+    )
+    .expect("w");
     let mut key: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture_key()).expect("fixture")).expect("json");
     key["private_key"] = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into();
