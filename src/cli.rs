@@ -57,6 +57,86 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Checks a bucket name the way GCS does (3–63 characters, or up to 222 with
+/// dots, of `a-z 0-9 - _ .`, starting and ending with a letter or digit), so a
+/// typo such as `gs://bucket` or `My_Bucket` is refused before any network call.
+pub fn parse_bucket(s: &str) -> Result<String, String> {
+    if crate::emulator::store::valid_bucket_name(s) {
+        Ok(s.to_string())
+    } else if let Some(b) = s.strip_prefix("gs://") {
+        Err(format!(
+            "'{s}' is not a bucket name; give the name alone ('{}')",
+            b.trim_end_matches('/')
+        ))
+    } else {
+        Err(format!(
+            "'{s}' is not a valid bucket name (3-63 characters of a-z, 0-9, '-', '_' and '.', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// A clap error (unknown flag, bad value, missing argument) as one line:
+/// clap's own first line without its `error: ` prefix, the lines that belong
+/// to it (missing argument names, a "did you mean" tip) folded in, the usage
+/// block dropped, and a pointer to `--help` for the subcommand in `argv`.
+pub fn usage_error_line(e: &clap::Error, argv: &[String]) -> String {
+    let text = e.render().to_string();
+    let body = text
+        .split("\n\nUsage:")
+        .next()
+        .unwrap_or_default()
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or_default();
+    let mut out = String::new();
+    for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        if line.starts_with("tip: to pass") {
+            continue; // "use '-- --flag'": not what a mistyped flag needs
+        }
+        if out.is_empty() {
+            out.push_str(line);
+        } else if line.starts_with("tip:") {
+            out.push_str("; ");
+            out.push_str(line);
+        } else if out.ends_with(':') {
+            out.push(' ');
+            out.push_str(line);
+        } else {
+            out.push_str(", ");
+            out.push_str(line);
+        }
+    }
+    if out.is_empty() {
+        out = e.kind().to_string();
+    }
+    use clap::CommandFactory;
+    let sub = argv
+        .get(1)
+        .filter(|a| Cli::command().find_subcommand(a.as_str()).is_some());
+    match sub {
+        Some(sub) => format!("{out} (see 'zonalfs {sub} --help')"),
+        None => format!("{out} (see 'zonalfs --help')"),
+    }
+}
+
+/// Checks a log filter: a level (`error`, `warn`, `info`, `debug`, `trace`,
+/// `off`) or tracing directives (`zonalfs=debug,h2=warn`). A bare word that is
+/// not a level would be taken as a target name and silently log nothing else,
+/// so it is refused.
+pub fn parse_log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+    let plain_word = !s.contains(['=', ',', ':', '[']);
+    if (plain_word && !LEVELS.contains(&s.to_ascii_lowercase().as_str()))
+        || tracing_subscriber::EnvFilter::try_new(s).is_err()
+    {
+        return Err(format!(
+            "'{s}' is not a log level (error, warn, info, debug, trace, off) or a tracing directive (e.g. zonalfs=debug)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// How to reach the bucket: endpoint, credentials, connections, retries, pool.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
@@ -147,7 +227,8 @@ pub enum LogFormat {
 /// `zonalfs mount BUCKET MOUNTPOINT`
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// The bucket to mount.
+    /// The bucket to mount (its name, without gs://).
+    #[arg(value_parser = parse_bucket)]
     pub bucket: String,
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
@@ -227,7 +308,7 @@ pub struct MountArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "info", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
     /// Log line format.
     #[arg(long, value_enum, default_value = "text", env = "ZONALFS_LOG_FORMAT")]
@@ -329,7 +410,7 @@ pub struct CatArgs {
     pub inflight: Option<usize>,
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -343,7 +424,7 @@ pub struct LsArgs {
     pub long: bool,
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -354,7 +435,7 @@ pub struct StatArgs {
     pub url: String,
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "warn", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -467,8 +548,12 @@ pub struct EmulatorArgs {
     /// to stand in for a non-zonal bucket.
     #[arg(long, default_value = "zone")]
     pub location_type: String,
+    /// Require `authorization: Bearer TOKEN` on every call: without a token
+    /// calls fail UNAUTHENTICATED, with another one PERMISSION_DENIED.
+    #[arg(long, value_name = "TOKEN", env = "ZONALFS_EMULATOR_REQUIRE_TOKEN")]
+    pub require_token: Option<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, default_value = "info", env = "ZONALFS_LOG")]
+    #[arg(long, default_value = "info", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
     pub log_level: String,
 }
 
@@ -489,6 +574,7 @@ impl EmulatorArgs {
             },
             location: self.location.clone(),
             location_type: self.location_type.clone(),
+            require_token: self.require_token.clone(),
         }
     }
 }
@@ -572,6 +658,41 @@ mod tests {
             Cli::try_parse_from(&bad).is_err(),
             "unknown options are rejected"
         );
+    }
+
+    #[test]
+    fn buckets_log_filters_and_usage_lines() {
+        assert_eq!(parse_bucket("my-bucket.x_1"), Ok("my-bucket.x_1".into()));
+        for bad in [
+            "", "ab", "gs://b1b", "Upper", "-lead", "trail-", "a/b", "x y",
+        ] {
+            assert!(parse_bucket(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_bucket("gs://b1b/").unwrap_err().contains("'b1b'"));
+        for ok in [
+            "info",
+            "TRACE",
+            "off",
+            "zonalfs=debug",
+            "zonalfs=debug,h2=warn",
+        ] {
+            assert_eq!(parse_log_filter(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["verbose", "a=b=c", ""] {
+            assert!(parse_log_filter(bad).is_err(), "{bad:?}");
+        }
+        let argv: Vec<String> = ["zonalfs", "mount", "--forc"].map(String::from).to_vec();
+        let e = Cli::try_parse_from(&argv).unwrap_err();
+        let line = usage_error_line(&e, &argv);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.contains("'--forc'") && line.contains("'--force'"),
+            "{line}"
+        );
+        assert!(line.ends_with("(see 'zonalfs mount --help')"), "{line}");
+        let argv: Vec<String> = ["zonalfs", "mount"].map(String::from).to_vec();
+        let e = Cli::try_parse_from(&argv).unwrap_err();
+        assert!(usage_error_line(&e, &argv).contains("<BUCKET>, <MOUNTPOINT>"));
     }
 
     #[test]

@@ -36,9 +36,19 @@ pub fn config_path(args: &[String]) -> Option<String> {
 pub fn read(path: &Path) -> Result<Vec<(String, String)>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("config file {}: {e}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("config file {}: {}", path.display(), e.message()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e.span().map(|r| {
+            text.as_bytes()[..r.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        });
+        match line {
+            Some(l) => format!("config file {}: line {l}: {}", path.display(), e.message()),
+            None => format!("config file {}: {}", path.display(), e.message()),
+        }
+    })?;
     let cmd = Cli::command();
     let mount = cmd
         .find_subcommand("mount")
@@ -74,6 +84,40 @@ pub fn read(path: &Path) -> Result<Vec<(String, String)>, String> {
                 ))
             }
         };
+        // Check the value now, so that a bad one is reported against the file
+        // (clap would name only the flag and not say where the value came from).
+        if arg.get_action().takes_values() {
+            // The flag's parser alone (not the flag itself: its relations to
+            // other flags, e.g. conflicts_with, name arguments not here).
+            let one = clap::Command::new("zonalfs").no_binary_name(true).arg(
+                clap::Arg::new("value")
+                    .long("value")
+                    .value_name("VALUE")
+                    .action(clap::ArgAction::Set)
+                    .value_parser(arg.get_value_parser().clone()),
+            );
+            if let Err(e) = one.try_get_matches_from([format!("--value={v}")]) {
+                // clap's first paragraph (the message and, for a choice, the
+                // possible values) on one line.
+                let text = e.render().to_string();
+                let why = text
+                    .split("\n\n")
+                    .next()
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let why = why.strip_prefix("error: ").unwrap_or(&why);
+                let why = why.replace(" for '--value <VALUE>'", "");
+                return Err(format!("config file {}: '{key}': {why}", path.display()));
+            }
+        } else if v != "true" && v != "false" {
+            return Err(format!(
+                "config file {}: '{key}' must be true or false, not '{v}'",
+                path.display()
+            ));
+        }
         out.push((env.to_string(), v));
     }
     Ok(out)
@@ -107,6 +151,27 @@ mod tests {
         assert!(read(&p).unwrap_err().contains("unknown key 'bogus'"));
         std::fs::write(&p, "uid = [1]\n").unwrap();
         assert!(read(&p).unwrap_err().contains("must be a string"));
+        std::fs::write(&p, "file_mode = \"rw-r--r--\"\n").unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(
+            e.contains("'file_mode'") && e.contains("not an octal mode"),
+            "{e}"
+        );
+        // Flags with relations to others (key_file conflicts with anonymous).
+        std::fs::write(
+            &p,
+            "key_file = \"/k.json\"\nlog_format = \"json\"\npool_size = 3\n",
+        )
+        .unwrap();
+        assert_eq!(read(&p).unwrap().len(), 3);
+        std::fs::write(&p, "log_format = \"xml\"\n").unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(
+            e.contains("'log_format'") && e.contains("text, json") && !e.contains('\n'),
+            "{e}"
+        );
+        std::fs::write(&p, "allow_other = \"maybe\"\n").unwrap();
+        assert!(read(&p).unwrap_err().contains("'allow_other'"));
         std::fs::write(&p, "uid = \n").unwrap();
         assert!(read(&p).is_err());
         assert!(read(&dir.path().join("missing.toml")).is_err());

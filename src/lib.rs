@@ -14,3 +14,13 @@ pub mod proto;
 pub mod read;
 pub mod sync;
 pub mod tools;
+
+/// Cases per property test: `$PROPTEST_CASES` when set (scripts/fuzz.sh runs
+/// thousands), else `default`, sized to keep `cargo test` brief.
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

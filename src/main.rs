@@ -1,6 +1,9 @@
 //! The `zonalfs` binary: parses the command line (`cli`), sets up logging and the
 //! tokio runtime, and runs the chosen command. Errors end here as one line on
-//! stderr and a non-zero exit code.
+//! stderr, `zonalfs: error: MESSAGE`, and a non-zero exit code: 2 for bad
+//! usage (flags, values, config file, `-o` options; and every emulator
+//! failure), 1 for everything that fails later (mountpoint, endpoint,
+//! credentials, bucket). docs/errors.md lists them.
 
 use std::process::ExitCode;
 
@@ -72,7 +75,7 @@ fn main() -> ExitCode {
         match zonalfs::cli::helper_args(&argv[1..]) {
             Ok(args) => args,
             Err(e) => {
-                eprintln!("mount.zonalfs: {e}");
+                eprintln!("mount.zonalfs: error: {e}");
                 return ExitCode::from(2);
             }
         }
@@ -94,10 +97,7 @@ fn main() -> ExitCode {
             match opts {
                 Some(o) => match zonalfs::cli::expand_mount_options(&o) {
                     Ok(flags) => out.extend(flags),
-                    Err(e) => {
-                        eprintln!("zonalfs: {e}");
-                        return ExitCode::from(2);
-                    }
+                    Err(e) => return usage_failure(&e),
                 },
                 None => out.push(a),
             }
@@ -116,13 +116,24 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Err(e) => {
-                eprintln!("zonalfs: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return usage_failure(&e),
         }
     }
-    let cli = Cli::parse_from(argv);
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            return usage_failure(&zonalfs::cli::usage_error_line(&e, &argv));
+        }
+    };
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
         Command::Mount(args) if args.foreground => {
@@ -132,10 +143,11 @@ fn main() -> ExitCode {
         Command::InstallHelper(args) => install_helper(&args.dir),
         Command::Unmount(args) => match zonalfs::fs::fuse::unmount_path(&args.mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("zonalfs: unmount {}: {e}", args.mountpoint.display());
-                ExitCode::FAILURE
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => failure(&format!(
+                "unmount {}: not a mount point",
+                args.mountpoint.display()
+            )),
+            Err(e) => failure(&format!("unmount {}: {e}", args.mountpoint.display())),
         },
         Command::Cat(args) => run_tool(&LogSpec::plain(&args.log_level), || cat(args)),
         Command::Ls(args) => run_tool(&LogSpec::plain(&args.log_level), || ls(args)),
@@ -158,11 +170,21 @@ fn install_helper(dir: &std::path::Path) -> ExitCode {
             println!("installed {}", link.display());
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("zonalfs: install-helper {}: {e}", link.display());
-            ExitCode::FAILURE
-        }
+        Err(e) => failure(&format!("install-helper {}: {e}", link.display())),
     }
+}
+
+/// A bad command line, config file or option (or an emulator that cannot
+/// serve): one line, exit 2.
+fn usage_failure(msg: &str) -> ExitCode {
+    eprintln!("zonalfs: error: {msg}");
+    ExitCode::from(2)
+}
+
+/// Anything that failed after the command line was accepted: one line, exit 1.
+fn failure(msg: &str) -> ExitCode {
+    eprintln!("zonalfs: error: {msg}");
+    ExitCode::FAILURE
 }
 
 /// Runs a client tool on a fresh runtime; errors become one line and exit 1.
@@ -172,25 +194,18 @@ where
     Fut: std::future::Future<Output = Result<(), GcsError>>,
 {
     if let Err(e) = init_logging(log) {
-        eprintln!("zonalfs: {e}");
-        return ExitCode::from(2);
+        return usage_failure(&e);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("zonalfs: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failure(&format!("cannot start the runtime: {e}")),
     };
     match runtime.block_on(f()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("zonalfs: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => failure(&e.to_string()),
     }
 }
 
@@ -235,14 +250,12 @@ fn daemonize(args: MountArgs) -> ExitCode {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        eprintln!("zonalfs: pipe: {}", std::io::Error::last_os_error());
-        return ExitCode::FAILURE;
+        return failure(&format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: single-threaded here (no runtime, no logging threads yet).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        eprintln!("zonalfs: fork: {}", std::io::Error::last_os_error());
-        return ExitCode::FAILURE;
+        return failure(&format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid > 0 {
         // SAFETY: fds[1] is ours and not used again in the parent.
@@ -253,14 +266,8 @@ fn daemonize(args: MountArgs) -> ExitCode {
         let _ = r.read_to_string(&mut msg);
         return match msg.strip_prefix("ok") {
             Some(_) => ExitCode::SUCCESS,
-            None if msg.is_empty() => {
-                eprintln!("zonalfs: the mount daemon exited before it was ready");
-                ExitCode::FAILURE
-            }
-            None => {
-                eprintln!("zonalfs: {}", msg.trim_end());
-                ExitCode::FAILURE
-            }
+            None if msg.is_empty() => failure("the mount daemon exited before it was ready"),
+            None => failure(msg.trim_end()),
         };
     }
     // The daemon: own session, stdio detached.
@@ -329,7 +336,7 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
     use zonalfs::read::{PrefetchConfig, ReadEngine};
 
     let mp = &args.mountpoint;
-    let bad = |m: String| GcsError::InvalidArgument(m);
+    let bad = GcsError::Other;
     match std::fs::metadata(mp) {
         Ok(md) if md.is_dir() => {}
         Ok(_) => return Err(bad(format!("mountpoint {}: not a directory", mp.display()))),
@@ -369,7 +376,10 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         return Err(bad(format!("mountpoint {}: not empty", mp.display())));
     }
     let client = connect(&args.client, &args.bucket).await?;
-    client.check_bucket().await?;
+    client
+        .check_bucket()
+        .await
+        .map_err(|e| bucket_failure(&args.bucket, e))?;
     let pool = Arc::new(zonalfs::gcs::MrdPool::new(
         client,
         args.client.pool_config(),
@@ -467,6 +477,28 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
     Ok(())
 }
 
+/// The mount-time bucket check's failures in the words of a mount tool: the
+/// bucket is missing, or these credentials may not read it.
+fn bucket_failure(bucket: &str, e: GcsError) -> GcsError {
+    let server = |m: &str| {
+        m.strip_prefix(&format!("gs://{bucket}: "))
+            .unwrap_or(m)
+            .to_string()
+    };
+    match e {
+        GcsError::NotFound(_) => GcsError::Other(format!("bucket \"{bucket}\" not found")),
+        GcsError::PermissionDenied(m) => GcsError::Other(format!(
+            "permission denied for bucket \"{bucket}\": {}",
+            server(&m)
+        )),
+        GcsError::Unauthenticated(m) => GcsError::Other(format!(
+            "not authenticated for bucket \"{bucket}\": {}; pass --key-file, or set up Application Default Credentials",
+            server(&m)
+        )),
+        other => other,
+    }
+}
+
 async fn ls(args: LsArgs) -> Result<(), GcsError> {
     let (bucket, prefix) = tools::parse_gs_url(&args.url)?;
     let client = connect(&args.client, &bucket).await?;
@@ -519,18 +551,14 @@ fn tune_malloc() {
 
 fn run_emulator(args: EmulatorArgs) -> ExitCode {
     if let Err(e) = init_logging(&LogSpec::plain(&args.log_level)) {
-        eprintln!("zonalfs emulator: {e}");
-        return ExitCode::from(2);
+        return usage_failure(&e);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("zonalfs emulator: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_failure(&format!("emulator: cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async {
         let emu = emulator::Emulator::new(&args.root, args.config())?;
@@ -546,9 +574,6 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
             eprintln!("{}", emu.counters.to_json());
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("zonalfs emulator: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => usage_failure(&format!("emulator: {e}")),
     }
 }

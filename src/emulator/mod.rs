@@ -8,7 +8,9 @@
 //! them), read bytes with `pread` into one fresh buffer per chunk (the `Bytes` that
 //! is sent), CRC32C each chunk, and consult [`faults`] for shaping and injected
 //! failures. Errors are [`EmuError`] inside and become `tonic::Status` at the edge,
-//! in one place ([`EmuError::into_status`]).
+//! in one place ([`EmuError::into_status`]). With `--require-token`, an
+//! interceptor in front of both services checks the bearer token of every call
+//! first (UNAUTHENTICATED / PERMISSION_DENIED).
 
 pub mod bidi;
 pub mod faults;
@@ -99,6 +101,10 @@ pub struct Config {
     pub location: String,
     /// Reported as the buckets' location type (`zone` for zonal buckets).
     pub location_type: String,
+    /// `--require-token`: every call must carry `authorization: Bearer TOKEN`;
+    /// none is UNAUTHENTICATED, another token PERMISSION_DENIED (as GCS answers
+    /// missing and insufficient credentials).
+    pub require_token: Option<String>,
 }
 
 impl Default for Config {
@@ -107,6 +113,7 @@ impl Default for Config {
             shaping: Shaping::default(),
             location: "us-central1-a".to_string(),
             location_type: "zone".to_string(),
+            require_token: None,
         }
     }
 }
@@ -118,6 +125,7 @@ pub struct Emulator {
     pub counters: Counters,
     pub location: String,
     pub location_type: String,
+    pub require_token: Option<String>,
 }
 
 impl Emulator {
@@ -129,6 +137,7 @@ impl Emulator {
             counters: Counters::default(),
             location: config.location,
             location_type: config.location_type,
+            require_token: config.require_token,
         }))
     }
 }
@@ -165,18 +174,49 @@ fn no_delay(
     })
 }
 
+/// The `--require-token` check, run before every call: no bearer token is
+/// UNAUTHENTICATED, a different one PERMISSION_DENIED. The token is compared,
+/// never logged.
+fn token_check(
+    token: Option<String>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let Some(want) = &token else {
+            return Ok(req);
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        match got {
+            None => Err(tonic::Status::unauthenticated(
+                "Request is missing required authentication credential (a bearer token)",
+            )),
+            Some(t) if t == want.as_bytes() => Ok(req),
+            Some(_) => Err(tonic::Status::permission_denied(
+                "The caller does not have storage.objects.get access to the bucket",
+            )),
+        }
+    }
+}
+
 /// Serves the emulator on `listener` until `shutdown` resolves.
 pub async fn serve(
     emu: Arc<Emulator>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), EmuError> {
-    let storage_svc =
+    let check = token_check(emu.require_token.clone());
+    let storage_svc = tonic::service::interceptor::InterceptedService::new(
         storage::storage_server::StorageServer::new(service::StorageService { emu: emu.clone() })
             .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(16 << 20);
-    let control_svc =
-        control::storage_control_server::StorageControlServer::new(service::ControlService { emu });
+            .max_encoding_message_size(16 << 20),
+        check.clone(),
+    );
+    let control_svc = tonic::service::interceptor::InterceptedService::new(
+        control::storage_control_server::StorageControlServer::new(service::ControlService { emu }),
+        check,
+    );
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

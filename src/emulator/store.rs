@@ -824,7 +824,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(64))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(64)))]
             #[test]
             fn paged_listing_matches_reference(
                 names in paths(),

@@ -6,8 +6,11 @@
 //! handed out on first sight and stay fixed for the life of the mount while the
 //! kernel holds a lookup on them (`forget` drops them). File metadata is cached
 //! for `metadata_ttl`, failed lookups for `negative_ttl`. Names that cannot be
-//! POSIX path components (empty, `.`, `..`, NUL, over 255 bytes) are skipped with
-//! a warning; when a file and a directory share a name, the directory wins.
+//! POSIX path components (empty, `.`, `..`, containing `/` or NUL, over 255
+//! bytes) are skipped with a warning ([`entry_name`] decides, for every name a
+//! listing returns, even one that does not belong to the directory listed), so
+//! no entry can lead outside the mount; when a file and a directory share a
+//! name, the directory wins.
 //!
 //! Data flow for a read: `open` pins the object's generation and size in a
 //! handle (writes are refused with EROFS); `read` asks the [`ReadEngine`], the
@@ -212,7 +215,28 @@ pub struct Fs {
 
 /// True for a valid POSIX path component.
 fn valid_component(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('\0') && name.len() <= 255
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
+        && name.len() <= 255
+}
+
+/// The entry name under which a listing of the directory `dir_prefix` ("" or
+/// "a/b/") shows `listed`: a collapsed prefix (`is_prefix`, "a/b/c/") or an
+/// object name ("a/b/f"). None when the name cannot be shown: it is not inside
+/// the directory (a misbehaving server), or its next segment is not a valid
+/// POSIX name (empty as in `a//b`, `.`, `..`, NUL, over 255 bytes), or it is
+/// nested deeper than one level. When Some, `dir_prefix + name` (plus `/` for
+/// a prefix) is exactly `listed`.
+pub fn entry_name<'a>(dir_prefix: &str, listed: &'a str, is_prefix: bool) -> Option<&'a str> {
+    let rest = listed.strip_prefix(dir_prefix)?;
+    let name = if is_prefix {
+        rest.strip_suffix('/')?
+    } else {
+        rest
+    };
+    valid_component(name).then_some(name)
 }
 
 impl Fs {
@@ -360,7 +384,15 @@ impl Fs {
         let (as_dir, as_file) =
             tokio::join!(self.client.list(&dir_path, None), self.client.stat(&path));
         let is_dir = match as_dir {
-            Ok(page) => !page.objects.is_empty() || !page.prefixes.is_empty(),
+            // Only names inside count (a misbehaving server's others do not);
+            // the folder's own placeholder object `dir/` does.
+            Ok(page) => {
+                page.objects.iter().any(|o| o.name.starts_with(&dir_path))
+                    || page
+                        .prefixes
+                        .iter()
+                        .any(|p| p.len() > dir_path.len() && p.starts_with(&dir_path))
+            }
             Err(GcsError::NotFound(_)) => false,
             Err(e) => return Err(e.into()),
         };
@@ -490,20 +522,19 @@ impl Fs {
         loop {
             let page = self.client.list(&prefix, token).await?;
             for p in page.prefixes {
-                let name = p[prefix.len()..].trim_end_matches('/').to_string();
-                if valid_component(&name) {
-                    dirs.push((name, p));
-                } else {
-                    self.warn_once(&p, "skipping a prefix that is not a valid directory name");
+                match entry_name(&prefix, &p, true) {
+                    Some(name) => dirs.push((name.to_string(), p)),
+                    None => {
+                        self.warn_once(&p, "skipping a prefix that is not a valid directory name")
+                    }
                 }
             }
             for o in page.objects {
-                let name = o.name[prefix.len()..].to_string();
-                if name.is_empty() {
+                if o.name == prefix {
                     continue; // the folder's own placeholder object
                 }
-                if valid_component(&name) {
-                    files.push((name, o));
+                if let Some(name) = entry_name(&prefix, &o.name, false) {
+                    files.push((name.to_string(), o));
                 } else {
                     self.warn_once(
                         &o.name,
@@ -537,9 +568,13 @@ impl Fs {
                 is_dir: true,
             },
         ];
-        let dir_names: std::collections::HashSet<String> =
-            dirs.iter().map(|(n, _)| n.clone()).collect();
+        // Each name once (a server may repeat one, e.g. across pages), and a
+        // directory wins over a file of the same name.
+        let mut seen = std::collections::HashSet::new();
         for (name, p) in dirs {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
             let child = self.intern(&mut t, ino, &p, Kind::Dir(p.clone()), false);
             entries.push(DirEntry {
                 ino: child,
@@ -548,8 +583,8 @@ impl Fs {
             });
         }
         for (name, o) in files {
-            if dir_names.contains(&name) {
-                continue; // the directory wins
+            if !seen.insert(name.clone()) {
+                continue;
             }
             let path = o.name.clone();
             let child = self.intern(&mut t, ino, &path, Kind::File(o, Instant::now()), false);
@@ -719,6 +754,7 @@ mod tests {
     use crate::gcs::mem::MemClient;
     use crate::read::buffer::{BlockPool, Budget};
     use crate::read::PrefetchConfig;
+    use proptest::prelude::*;
 
     fn fs(client: Arc<MemClient>) -> Arc<Fs> {
         let engine = ReadEngine::new(
@@ -727,6 +763,115 @@ mod tests {
             PrefetchConfig::default(),
         );
         Fs::new(client, engine, FsConfig::default())
+    }
+
+    /// Object names a bucket may hold, and names a misbehaving server may
+    /// send: valid segments mixed with empty, `.`, `..`, NUL, over-long and
+    /// arbitrary Unicode ones (which may contain `/` themselves).
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => "[a-c]{1,2}",
+            1 => Just(String::new()),
+            1 => Just(".".to_string()),
+            1 => Just("..".to_string()),
+            1 => Just("x\0y".to_string()),
+            1 => Just("n".repeat(256)),
+            1 => "[ %\\\n\u{301}\u{1F600}\u{5D0}e]{1,4}",
+            1 => any::<String>(),
+        ]
+    }
+
+    fn object_name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(segment(), 1..5).prop_map(|v| v.join("/"))
+    }
+
+    fn assert_valid(name: &str) -> Result<(), TestCaseError> {
+        prop_assert!(!name.is_empty());
+        prop_assert!(name != "." && name != "..", "{:?}", name);
+        prop_assert!(!name.contains('/') && !name.contains('\0'), "{:?}", name);
+        prop_assert!(name.len() <= 255);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(1024)))]
+
+        /// Whatever a listing returns, an entry name is a valid POSIX name that
+        /// leads back to exactly the listed name inside the directory.
+        #[test]
+        fn proptest_name_filter_entry_names(
+            dir in prop_oneof![Just(String::new()), object_name().prop_map(|n| n + "/"), any::<String>()],
+            listed in prop_oneof![object_name(), any::<String>()],
+            inside in any::<bool>(),
+            is_prefix in any::<bool>(),
+        ) {
+            let listed = if inside { format!("{dir}{listed}") } else { listed };
+            if let Some(name) = entry_name(&dir, &listed, is_prefix) {
+                assert_valid(name)?;
+                let back = format!("{dir}{name}{}", if is_prefix { "/" } else { "" });
+                prop_assert_eq!(back, listed);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(96)))]
+
+        /// A bucket of arbitrary names, walked as a program would (readdir, then
+        /// lookup of every entry): every entry is a valid name, `.` and `..`
+        /// stay inside (the root's `..` is the root), every file reached is the
+        /// object its path names, and every object whose segments are all valid
+        /// (and that no directory of the same name hides) is reached.
+        #[test]
+        fn proptest_name_filter_listing(names in proptest::collection::vec(object_name(), 1..20)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let c = MemClient::new(Duration::ZERO);
+                for n in &names {
+                    c.put(n, vec![1u8], true);
+                }
+                let fs = fs(c);
+                for bad in [".", "..", "", "a/b"] {
+                    prop_assert!(fs.lookup(ROOT_INO, bad).await.is_err(), "{:?}", bad);
+                }
+                let depth = names.iter().map(|n| n.matches('/').count()).max().unwrap_or(0);
+                let mut found = std::collections::HashSet::new();
+                let mut todo = vec![(ROOT_INO, Vec::<String>::new())];
+                while let Some((ino, path)) = todo.pop() {
+                    prop_assert!(path.len() <= depth, "deeper than any name: {:?}", path);
+                    let h = fs.opendir(ino).await.unwrap();
+                    let entries = fs.readdir(h, 0).unwrap();
+                    fs.releasedir(h);
+                    prop_assert_eq!(&entries[0].1.name, ".");
+                    prop_assert_eq!(entries[0].1.ino, ino);
+                    prop_assert_eq!(&entries[1].1.name, "..");
+                    if ino == ROOT_INO {
+                        prop_assert_eq!(entries[1].1.ino, ROOT_INO);
+                    }
+                    for (_, e) in &entries[2..] {
+                        assert_valid(&e.name)?;
+                        let attr = fs.lookup(ino, &e.name).await.unwrap();
+                        prop_assert_eq!((attr.ino, attr.is_dir), (e.ino, e.is_dir));
+                        let mut p = path.clone();
+                        p.push(e.name.clone());
+                        if e.is_dir {
+                            todo.push((e.ino, p));
+                        } else {
+                            found.insert(p.join("/"));
+                        }
+                    }
+                }
+                for f in &found {
+                    prop_assert!(names.contains(f), "{:?} is no object", f);
+                }
+                for n in &names {
+                    let shown = n.split('/').all(valid_component)
+                        && !names.iter().any(|m| m.starts_with(&format!("{n}/")));
+                    prop_assert_eq!(shown, found.contains(n), "{:?}", n);
+                }
+                Ok(())
+            })?;
+        }
     }
 
     #[tokio::test]

@@ -275,6 +275,7 @@ impl TokenProvider {
                 generation: 0,
                 built_at: Instant::now(),
                 broken: false,
+                served: false,
             }),
         });
         if probe {
@@ -623,6 +624,10 @@ struct State {
     built_at: Instant,
     /// A permanent failure or a timeout: rebuild on a later call.
     broken: bool,
+    /// A token was handed out once. Failures before that are only returned
+    /// (the caller reports them: a mount that cannot start says so in its one
+    /// error line); failures after it are also logged as warnings.
+    served: bool,
 }
 
 /// What one fetch saw, before it is turned into an [`AuthError`].
@@ -710,6 +715,7 @@ impl Live {
                 if st.generation == generation {
                     st.cached = Some((entity_tag, value.clone()));
                 }
+                st.served = true;
                 tracing::debug!(source = %st.describe, "credentials: new access token");
                 Ok(value)
             }
@@ -723,7 +729,11 @@ impl Live {
         if transient {
             tracing::debug!(source = %self.origin, error = %detail, "credentials: transient failure");
         } else {
-            tracing::warn!(source = %self.origin, error = %detail, "credentials: permanent failure");
+            if self.lock().served {
+                tracing::warn!(source = %self.origin, error = %detail, "credentials: permanent failure");
+            } else {
+                tracing::debug!(source = %self.origin, error = %detail, "credentials: permanent failure");
+            }
             self.mark_broken(generation);
         }
         FetchError::Token { detail, transient }

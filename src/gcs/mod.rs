@@ -55,7 +55,8 @@ pub enum GcsError {
     },
     #[error("credentials: {0}")]
     Auth(String),
-    #[error("endpoint: {0}")]
+    /// A bad or unreachable endpoint; the message names the endpoint.
+    #[error("{0}")]
     Endpoint(String),
     #[error("the request was cancelled")]
     Cancelled,

@@ -60,11 +60,11 @@ pub fn resolve_endpoint(
             false
         } else {
             return Err(GcsError::Endpoint(format!(
-                "'{url}' must start with https:// (or http:// for a plaintext endpoint such as the emulator)"
+                "endpoint '{url}' must start with https:// (or http:// for a plaintext endpoint such as the emulator)"
             )));
         };
         url.parse::<tonic::transport::Uri>()
-            .map_err(|e| GcsError::Endpoint(format!("'{url}': {e}")))?;
+            .map_err(|e| GcsError::Endpoint(format!("endpoint '{url}': {e}")))?;
         return Ok(Target {
             url: url.trim_end_matches('/').to_string(),
             tls,
@@ -115,7 +115,8 @@ impl std::fmt::Debug for Transport {
 }
 
 fn endpoint(target: &Target) -> Result<Endpoint, GcsError> {
-    let bad = |e: tonic::transport::Error| GcsError::Endpoint(format!("{}: {e}", target.url));
+    let bad =
+        |e: tonic::transport::Error| GcsError::Endpoint(format!("endpoint {}: {e}", target.url));
     let mut ep = Endpoint::from_shared(target.url.clone())
         .map_err(bad)?
         .user_agent(format!("zonalfs/{}", env!("CARGO_PKG_VERSION")))
@@ -136,6 +137,40 @@ fn endpoint(target: &Target) -> Result<Endpoint, GcsError> {
     Ok(ep)
 }
 
+/// Why a connection failed, in a few words: the innermost cause of the
+/// error chain (an OS error without its "(os error N)" tail, or the TLS
+/// alert), marked as a TLS failure when rustls refused the handshake.
+pub fn connect_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost: &(dyn std::error::Error + 'static) = e;
+    let mut tls = false;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            tls = true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                tls = true;
+            }
+        }
+        innermost = err;
+        cur = err.source();
+    }
+    let what = match innermost.downcast_ref::<std::io::Error>() {
+        Some(io) if io.raw_os_error().is_some() => io.kind().to_string(),
+        _ => innermost.to_string(),
+    };
+    let what = if what.is_empty() { e.to_string() } else { what };
+    if tls {
+        format!("TLS handshake failed: {what}")
+    } else {
+        what
+    }
+}
+
 impl Transport {
     /// Connects the first connection now (so a bad endpoint fails fast, with a
     /// clear error) and the others lazily.
@@ -146,13 +181,11 @@ impl Transport {
     ) -> Result<Transport, GcsError> {
         let ep = endpoint(&target)?;
         let first = ep.connect().await.map_err(|e| {
-            let mut msg = format!("cannot connect to {}: {e}", target.url);
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            GcsError::Endpoint(msg)
+            GcsError::Endpoint(format!(
+                "cannot connect to {}: {}",
+                target.url,
+                connect_failure(&e)
+            ))
         })?;
         let mut channels = vec![first];
         for _ in 1..connections.max(1) {
