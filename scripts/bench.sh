@@ -14,11 +14,11 @@
 #   usage: scripts/bench.sh [--quick] [--runs N]
 #     --quick   smaller objects and shorter random-read runs (a smoke run;
 #               its figures are marked as not for comparison)
-#     --runs N  runs per figure, median reported (default 3)
+#     --runs N  runs per figure, median reported (default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=()
-RUNS=3
+RUNS=5
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) QUICK=(--quick) ;;

@@ -271,6 +271,41 @@ async fn two_hundred_ranges_on_one_stream() {
     assert_eq!(s.load(), 0);
 }
 
+/// Streams spread evenly over the connections even when unary calls come
+/// between their opens (round-robin alone put every stream on one of two
+/// connections in this pattern), and a closed stream is uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_spread_over_connections_between_unary_calls() {
+    let tree = Tree::new();
+    tree.put("obj", &pattern(MIB, 4));
+    let emu = start(&tree, Config::default()).await;
+    let mut cfg = ClientConfig::new(BUCKET);
+    cfg.endpoint = Some(emu.endpoint());
+    cfg.credentials = CredentialsSource::Anonymous;
+    cfg.connections = 2;
+    let c = GcsClient::connect(cfg).await.expect("connect");
+    let stats = Arc::new(StreamStats::default());
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        c.stat("obj").await.expect("stat");
+        streams.push(
+            MrdStream::open(&c, "obj", 0, None, stats.clone())
+                .await
+                .expect("open"),
+        );
+    }
+    assert_eq!(c.streams_per_connection(), vec![2, 2]);
+    drop(streams);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.streams_per_connection() != vec![0, 0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "streams never uncounted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_reads_are_abandoned() {
     let tree = Tree::new();

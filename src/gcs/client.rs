@@ -123,12 +123,25 @@ impl GcsClient {
         &self.bucket
     }
 
+    /// Read streams open on each HTTP/2 connection now.
+    pub fn streams_per_connection(&self) -> Vec<usize> {
+        self.transport.streams_per_connection()
+    }
+
     fn bucket_resource(&self) -> String {
         format!("projects/_/buckets/{}", self.bucket)
     }
 
     pub(crate) fn storage(&self) -> StorageClient<tonic::transport::Channel> {
-        StorageClient::new(self.transport.channel())
+        self.storage_on(self.transport.channel())
+    }
+
+    /// The storage stub on a given connection.
+    pub(crate) fn storage_on(
+        &self,
+        channel: tonic::transport::Channel,
+    ) -> StorageClient<tonic::transport::Channel> {
+        StorageClient::new(channel)
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message)
     }

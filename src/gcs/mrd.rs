@@ -248,6 +248,8 @@ struct Active {
 struct Conn {
     tx: mpsc::UnboundedSender<BidiReadObjectRequest>,
     rx: Streaming<BidiReadObjectResponse>,
+    /// Counts this stream on its HTTP/2 connection while it is open.
+    _lease: super::transport::StreamLease,
 }
 
 /// The outstanding ranges of a stream and the rules every chunk must pass
@@ -473,7 +475,8 @@ impl Driver {
             )
             .await
             .map_err(Failure::Fatal)?;
-        let mut resp = match self.client.storage().bidi_read_object(req).await {
+        let (channel, lease) = self.client.transport.stream_channel();
+        let mut resp = match self.client.storage_on(channel).bidi_read_object(req).await {
             Ok(r) => r.into_inner(),
             Err(st) => return Err(self.classify(&st)),
         };
@@ -506,7 +509,11 @@ impl Driver {
         if let Some(h) = first.read_handle.as_ref().filter(|h| !h.handle.is_empty()) {
             self.handle = h.handle.clone();
         }
-        let mut conn = Conn { tx, rx: resp };
+        let mut conn = Conn {
+            tx,
+            rx: resp,
+            _lease: lease,
+        };
         if !first.object_data_ranges.is_empty() {
             // No ranges were requested yet: data here is a server error.
             return Err(Failure::Retry(GcsError::Protocol(format!(

@@ -11,6 +11,7 @@
 //! [`super::auth`]. The user agent is `zonalfs/VERSION`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
@@ -102,7 +103,22 @@ pub struct Transport {
     target: Target,
     channels: Vec<Channel>,
     next: AtomicUsize,
+    /// Read streams open on each connection (see [`Transport::stream_channel`]).
+    streams: Vec<AtomicUsize>,
     auth: TokenProvider,
+}
+
+/// A read stream counted on its connection; uncounted when dropped.
+#[derive(Debug)]
+pub struct StreamLease {
+    transport: Arc<Transport>,
+    index: usize,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.transport.streams[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Transport {
@@ -191,10 +207,12 @@ impl Transport {
         for _ in 1..connections.max(1) {
             channels.push(ep.connect_lazy());
         }
+        let streams = channels.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(Transport {
             target,
             channels,
             next: AtomicUsize::new(0),
+            streams,
             auth,
         })
     }
@@ -207,6 +225,36 @@ impl Transport {
     /// HTTP/2 connections (channels) to the endpoint.
     pub fn connections(&self) -> usize {
         self.channels.len()
+    }
+
+    /// The connection with the fewest open read streams, for a new stream, and
+    /// a lease that counts the stream there until dropped. (Round-robin alone
+    /// let unary calls between stream opens put every stream on one
+    /// connection, whose HTTP/2 framing one task does: four readers then ran
+    /// at ~750 MB/s or ~1250 MB/s depending on the interleaving.)
+    pub fn stream_channel(self: &Arc<Self>) -> (Channel, StreamLease) {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.channels.len();
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.streams[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.streams[i].fetch_add(1, Ordering::Relaxed);
+        (
+            self.channels[i].clone(),
+            StreamLease {
+                transport: self.clone(),
+                index: i,
+            },
+        )
+    }
+
+    /// Read streams open on each connection now.
+    pub fn streams_per_connection(&self) -> Vec<usize> {
+        self.streams
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub fn channel(&self) -> Channel {
