@@ -13,7 +13,6 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use common::mount::{is_mounted, zonalfs_cmd, MountGuard};
 use common::*;
@@ -76,36 +75,6 @@ fn token_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     (url, served)
 }
 
-/// Spawns `zonalfs mount -f BUCKET MNT ARGS` and waits for the mount.
-fn mount_with(mnt: &Path, args: &[&str]) -> MountGuard {
-    let child = zonalfs_cmd()
-        .args(["mount", "-f", BUCKET])
-        .arg(mnt)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn zonalfs mount");
-    let mut g = MountGuard {
-        child: Some(child),
-        mountpoint: mnt.to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_mounted(mnt) {
-        if let Some(Ok(Some(status))) = g.child.as_mut().map(|c| c.try_wait()) {
-            let mut err = String::new();
-            if let Some(mut e) = g.child.as_mut().and_then(|c| c.stderr.take()) {
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!("zonalfs mount exited early ({status}): {err}");
-        }
-        assert!(Instant::now() < deadline, "mount never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    g
-}
-
 fn run(cmd: &mut Command) -> Output {
     cmd.env_remove("STORAGE_EMULATOR_HOST")
         .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
@@ -159,7 +128,7 @@ fn no_credentials_in_logs_or_errors() {
 
     // A mount that works with the token, at TRACE, logging to a file.
     let mnt = tempfile::tempdir().expect("mountpoint");
-    let mut m = mount_with(
+    let mut m = MountGuard::mount_args(
         mnt.path(),
         &[
             "--endpoint",

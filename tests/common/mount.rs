@@ -34,11 +34,18 @@ pub fn is_mounted(p: &Path) -> bool {
 
 impl MountGuard {
     pub fn mount(endpoint: &str, mountpoint: &Path, extra: &[&str]) -> MountGuard {
+        let mut args = vec!["--endpoint", endpoint, "--anonymous", "--log-level", "warn"];
+        args.extend_from_slice(extra);
+        MountGuard::mount_args(mountpoint, &args)
+    }
+
+    /// `zonalfs mount -f BUCKET MOUNTPOINT ARGS...` (no endpoint or credential
+    /// flags added), waiting until the mount is up.
+    pub fn mount_args(mountpoint: &Path, args: &[&str]) -> MountGuard {
         let child = zonalfs_cmd()
             .args(["mount", "-f", BUCKET])
             .arg(mountpoint)
-            .args(["--endpoint", endpoint, "--anonymous", "--log-level", "warn"])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
