@@ -180,6 +180,17 @@ struct PoolInner {
     mapped: AtomicU64,
 }
 
+impl PoolInner {
+    /// Unmaps mappings taken off the books (free or just released) and gives
+    /// their bytes back to the budget.
+    fn unmap(&self, maps: Vec<Mapping>) {
+        let bytes: u64 = maps.iter().map(|m| m.len as u64).sum();
+        drop(maps);
+        self.mapped.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.release(bytes);
+    }
+}
+
 /// Hands out [`Block`]s under the budget and recycles them.
 #[derive(Clone)]
 pub struct BlockPool {
@@ -235,10 +246,7 @@ impl BlockPool {
             // blocks in use alone are over, the caller must evict first.
             while self.inner.budget.over() {
                 let m = lock(&self.inner.free).pop()?;
-                let n = m.len as u64;
-                drop(m);
-                self.inner.mapped.fetch_sub(n, Ordering::Relaxed);
-                self.inner.budget.release(n);
+                self.inner.unmap(vec![m]);
             }
         }
         let map = match lock(&self.inner.free).pop() {
@@ -279,10 +287,7 @@ impl BlockPool {
             let n = free.len().saturating_sub(keep);
             free.drain(..n).collect()
         };
-        let bytes = drop_these.len() as u64 * self.inner.block_size as u64;
-        drop(drop_these);
-        self.inner.mapped.fetch_sub(bytes, Ordering::Relaxed);
-        self.inner.budget.release(bytes);
+        self.inner.unmap(drop_these);
     }
 
     /// Free blocks kept warm.
@@ -406,12 +411,7 @@ impl Drop for Block {
         let Some(map) = self.map.take() else { return };
         match self.pool.upgrade() {
             // Blocks hold more than the budget allows now: unmap, not keep.
-            Some(pool) if pool.budget.over() => {
-                let n = map.len as u64;
-                drop(map);
-                pool.mapped.fetch_sub(n, Ordering::Relaxed);
-                pool.budget.release(n);
-            }
+            Some(pool) if pool.budget.over() => pool.unmap(vec![map]),
             Some(pool) => lock(&pool.free).push(map),
             None => drop(map),
         }
