@@ -764,6 +764,40 @@ mod tests {
         done: oneshot::Receiver<Result<u64, GcsError>>,
     }
 
+    /// No range has taken more bytes than it asked for.
+    fn no_range_overfilled(
+        t: &RangeTable,
+        readers: &[(i64, Reader)],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        for (id, r) in readers {
+            if let Some(a) = t.ranges.get(id) {
+                prop_assert!(a.delivered <= r.len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every byte a range reported (done or still in the table) is the
+    /// object's own.
+    fn sinks_hold_only_true_bytes(
+        t: &RangeTable,
+        readers: &mut [(i64, Reader)],
+        truth: &[u8],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        for (id, r) in readers.iter_mut() {
+            let got = r.sink.take();
+            let delivered = match r.done.try_recv() {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+                Err(_) => t.ranges.get(id).map_or(0, |a| a.delivered),
+            };
+            prop_assert!(delivered <= r.len);
+            let (o, n) = (r.offset as usize, delivered as usize);
+            prop_assert_eq!(&got[..n], &truth[o..o + n], "wrong bytes in range {}", id);
+        }
+        Ok(())
+    }
+
     fn table_with(ranges: &[(u64, u64)]) -> (RangeTable, Vec<(i64, Reader)>) {
         let mut t = RangeTable::new("gs://b/o".into(), Arc::new(StreamStats::default()));
         let mut readers = vec![];
@@ -945,23 +979,9 @@ mod tests {
                         let _ = t.resume();
                     }
                 }
-                for (id, r) in &readers {
-                    if let Some(a) = t.ranges.get(id) {
-                        prop_assert!(a.delivered <= r.len);
-                    }
-                }
+                no_range_overfilled(&t, &readers)?;
             }
-            for (id, r) in readers.iter_mut() {
-                let got = r.sink.take();
-                let delivered = match r.done.try_recv() {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(_)) => 0,
-                    Err(_) => t.ranges.get(id).map_or(0, |a| a.delivered),
-                };
-                prop_assert!(delivered <= r.len);
-                let (o, n) = (r.offset as usize, delivered as usize);
-                prop_assert_eq!(&got[..n], &truth[o..o + n], "wrong bytes in range {}", id);
-            }
+            sinks_hold_only_true_bytes(&t, &mut readers, &truth)?;
         }
     }
 
@@ -1033,24 +1053,10 @@ mod tests {
                     // As after a reconnect: the same table resumes.
                     let _ = t.resume();
                 }
-                for (id, r) in &readers {
-                    if let Some(a) = t.ranges.get(id) {
-                        prop_assert!(a.delivered <= r.len);
-                    }
-                }
+                no_range_overfilled(&t, &readers)?;
             }
             let _ = errors;
-            for (id, r) in readers.iter_mut() {
-                let got = r.sink.take();
-                let delivered = match r.done.try_recv() {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(_)) => 0,
-                    Err(_) => t.ranges.get(id).map_or(0, |a| a.delivered),
-                };
-                prop_assert!(delivered <= r.len);
-                let (o, n) = (r.offset as usize, delivered as usize);
-                prop_assert_eq!(&got[..n], &truth[o..o + n], "wrong bytes in range {}", id);
-            }
+            sinks_hold_only_true_bytes(&t, &mut readers, &truth)?;
         }
 
         /// A well-behaved server, chunking and interleaving at random, completes
