@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use zonalfs::gcs::auth::{AuthError, CredentialsSource, TokenProvider, SCOPES};
 
+mod common;
+
 /// Upper bound for anything a test awaits: a hang fails, it does not block CI.
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -66,6 +68,9 @@ impl Req {
 /// `(request number from 1, request) -> (status, JSON body)`.
 type Handler = Arc<dyn Fn(usize, &Req) -> (u16, String) + Send + Sync>;
 
+/// `request number from 1 -> how long the server sits on it before answering`.
+type Delay = Arc<dyn Fn(usize) -> Duration + Send + Sync>;
+
 struct Fake {
     addr: SocketAddr,
     reqs: Arc<Mutex<Vec<Req>>>,
@@ -80,13 +85,18 @@ impl Drop for Fake {
 
 impl Fake {
     async fn start(handler: Handler) -> Fake {
+        Fake::start_slow(handler, Arc::new(|_| Duration::ZERO)).await
+    }
+
+    /// A server that answers request `n` only after `delay(n)`.
+    async fn start_slow(handler: Handler, delay: Delay) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let reqs = Arc::new(Mutex::new(Vec::new()));
         let log = reqs.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let (log, handler) = (log.clone(), handler.clone());
+                let (log, handler, delay) = (log.clone(), handler.clone(), delay.clone());
                 tokio::spawn(async move {
                     let Some(req) = read_request(&mut sock).await else {
                         return;
@@ -96,6 +106,7 @@ impl Fake {
                         log.push(req.clone());
                         log.len()
                     };
+                    tokio::time::sleep(delay(n)).await;
                     let (status, body) = handler(n, &req);
                     let resp = format!(
                         "HTTP/1.1 {status} Fake\r\ncontent-type: application/json\r\n\
@@ -995,4 +1006,170 @@ async fn anonymous_sends_no_header() {
     assert!(tp.authorization().await.unwrap().is_none());
     assert!(tp.clone().authorization().await.unwrap().is_none());
     assert!(format!("{tp:?}").contains("anonymous"));
+}
+
+// ---------------------------------------------------------------------------
+// 7. Token failures while reads are in flight (through the client layer, the
+// shared MRD pool and the filesystem's errno mapping, against the emulator
+// with `--require-token` and streams that break every 2 MiB).
+
+const READ_TOKEN: &str = "read-token-7c1e";
+
+/// A client of the emulator that authenticates with the authorized-user file
+/// `creds` (its token endpoint is a fake).
+async fn token_client(emu: &zonalfs::emulator::Running, creds: PathBuf) -> zonalfs::gcs::GcsClient {
+    let mut cfg = zonalfs::gcs::client::ClientConfig::new(common::BUCKET);
+    cfg.endpoint = Some(emu.endpoint());
+    cfg.credentials = CredentialsSource::KeyFile(creds);
+    cfg.retry = zonalfs::gcs::retry::RetryPolicy {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+        deadline: Duration::from_secs(45),
+        stall_timeout: Duration::from_secs(3),
+    };
+    bounded("connect", zonalfs::gcs::GcsClient::connect(cfg))
+        .await
+        .expect("connect")
+}
+
+async fn breaking_emulator(tree: &common::Tree) -> zonalfs::emulator::Running {
+    common::start(
+        tree,
+        zonalfs::emulator::Config {
+            require_token: Some(READ_TOKEN.into()),
+            ..common::shaped(zonalfs::emulator::Shaping {
+                break_after_bytes: Some(2 << 20),
+                ..Default::default()
+            })
+        },
+    )
+    .await
+}
+
+/// The token endpoint hiccups while reads run over streams that keep breaking
+/// (so every few MiB a stream reopens and needs a token): request 1 gives a
+/// token that expires at once, so callers wait for the credentials' refresh
+/// task (google-cloud-auth refreshes such tokens every 10 s) and their stream
+/// opens time out; request 2 answers 503 after sitting on it for 2 s, which
+/// the credentials publish as a transient error that every caller gets until
+/// the next refresh; request 3 gives a good token. Every read completes with
+/// the object's bytes: the transient verdict of the credentials layer reaches
+/// the stream, which retries within the retry deadline instead of failing
+/// every range. (Before errors kept their kind, the 503 failed every read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_hiccups_during_reads_are_retried() {
+    use zonalfs::gcs::{MrdPool, ObjectId, PoolConfig, VecSink};
+    let _serial = serial().await;
+    let tree = common::Tree::new();
+    let data = tree.put("data.bin", &common::pattern(12 << 20, 7));
+    let emu = breaking_emulator(&tree).await;
+    let server = Fake::start_slow(
+        Arc::new(|n, _req: &Req| match n {
+            1 => (200, token_json_fixed(READ_TOKEN, 1)),
+            2 => (503, r#"{"error":"temporarily_unavailable"}"#.into()),
+            _ => (200, token_json_fixed(READ_TOKEN, 3600)),
+        }),
+        Arc::new(|n| Duration::from_secs(if n == 2 { 2 } else { 0 })),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = write_json(
+        &dir.path().join("user.json"),
+        &authorized_user(&server.url("/token")),
+    );
+    let client = token_client(&emu, creds).await;
+    let info = bounded("stat", client.stat("data.bin"))
+        .await
+        .expect("stat");
+    let pool = MrdPool::new(client.clone(), PoolConfig::default());
+    let id = ObjectId {
+        name: "data.bin".into(),
+        generation: info.generation,
+    };
+    // Whole-object reads, one after another, until one starts after the
+    // token endpoint has answered its third request (the good token).
+    let mut spanning = 0;
+    let mut reads = 0;
+    loop {
+        let before = server.count();
+        let sink = VecSink::new(data.len());
+        let got = bounded(
+            "read",
+            pool.read(&id, info.size, 0, info.size, sink.clone()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("read {reads} (token requests {before}): {e} ({e:?})"));
+        assert_eq!(got, info.size);
+        assert!(sink.take() == data, "read {reads}: wrong bytes");
+        reads += 1;
+        if before < 3 && server.count() >= 3 {
+            spanning += 1;
+        }
+        if before >= 3 {
+            break;
+        }
+    }
+    assert!(
+        spanning >= 1,
+        "a read was in flight across the token failures ({reads} reads)"
+    );
+    assert!(server.count() >= 3, "{} token requests", server.count());
+}
+
+/// A token endpoint that refuses the refresh token for good (`invalid_grant`):
+/// reads fail at once (not after the retry deadline) with the credentials'
+/// error kept as the source, a warning that names it, and EACCES.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_token_failure_fails_reads_fast_with_eacces() {
+    use zonalfs::fs::FsError;
+    use zonalfs::gcs::{GcsError, MrdPool, ObjectId, PoolConfig, VecSink};
+    use zonalfs::read::ReadError;
+    let _serial = serial().await;
+    let logs = captured_logs();
+    let tree = common::Tree::new();
+    tree.put("data.bin", &common::pattern(1 << 20, 8));
+    let emu = breaking_emulator(&tree).await;
+    let server = Fake::start(failing_endpoint(400)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = write_json(
+        &dir.path().join("user.json"),
+        &authorized_user(&server.url("/token")),
+    );
+    let client = token_client(&emu, creds).await;
+    let pool = MrdPool::new(client.clone(), PoolConfig::default());
+    let id = ObjectId {
+        name: "data.bin".into(),
+        generation: 0,
+    };
+    let err = bounded(
+        "read",
+        pool.read(&id, 1 << 20, 0, 1 << 20, VecSink::new(1 << 20)),
+    )
+    .await
+    .expect_err("no token, no read");
+    match &err {
+        GcsError::Auth(a) => assert!(!a.is_transient(), "{a:?}"),
+        other => panic!("expected the credentials' error, got {other:?}"),
+    }
+    let source = std::error::Error::source(&err).expect("the credentials' error is the source");
+    assert!(source.to_string().contains("400"), "{source}");
+    let fs_err = FsError::from(ReadError::Gcs(err.clone()));
+    assert_eq!(fs_err.errno(), libc::EACCES, "{fs_err}");
+    let stat = bounded("stat", client.stat("data.bin")).await;
+    assert!(
+        matches!(&stat, Err(e) if !e.is_retryable() && e.is_denied()),
+        "{stat:?}"
+    );
+    assert_eq!(FsError::from(stat.unwrap_err()).errno(), libc::EACCES);
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("read stream") && l.contains("400")),
+        "a warning names the failure:\n{logged}"
+    );
+}
+
+fn token_json_fixed(token: &str, expires_in: u64) -> String {
+    format!(r#"{{"access_token":"{token}","expires_in":{expires_in},"token_type":"Bearer"}}"#)
 }

@@ -103,7 +103,8 @@ async fn https_uses_tls_and_checks_the_certificate() {
     // Not in the trusted roots: refused, with a message that says why.
     std::env::set_var("SSL_CERT_FILE", "/nonexistent-roots.pem");
     match connect().await {
-        Err(GcsError::Endpoint(m)) => {
+        Err(GcsError::Endpoint { message: m, source }) => {
+            assert!(source.is_some(), "the TLS failure is kept as the source");
             assert!(m.contains("https://127.0.0.1"), "{m}");
             assert!(
                 m.to_lowercase().contains("certificate") || m.contains("tls"),

@@ -43,7 +43,9 @@ use crate::sync::lock;
 
 pub const ROOT_INO: u64 = 1;
 
-/// Errors of the filesystem layer.
+/// Errors of the filesystem layer: its own (a name or handle that is not
+/// there) and those of the layers below, kept whole (kind and source chain)
+/// until [`FsError::errno`] turns them into what a program sees.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FsError {
     #[error("no such file or directory")]
@@ -60,26 +62,44 @@ pub enum FsError {
     BadHandle,
     #[error("invalid name")]
     InvalidName,
-    #[error("permission denied: {0}")]
-    Permission(String),
+    /// What the service said of an object cannot be right (e.g. an appendable
+    /// object that shrank).
     #[error("I/O error: {0}")]
-    Io(String),
+    Inconsistent(String),
+    #[error(transparent)]
+    Read(ReadError),
+    #[error(transparent)]
+    Gcs(GcsError),
 }
 
 impl FsError {
-    /// The errno a program sees.
+    /// The errno a program sees: the one place errors become errnos.
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound => libc::ENOENT,
             FsError::ReadOnly => libc::EROFS,
             FsError::IsDir => libc::EISDIR,
             FsError::NotDir => libc::ENOTDIR,
-            FsError::Stale(_) => libc::ESTALE,
+            FsError::Stale(_) | FsError::Read(ReadError::Stale { .. }) => libc::ESTALE,
+            // The version an open handle pinned is gone.
+            FsError::Read(ReadError::Gcs(GcsError::NotFound(_))) => libc::ESTALE,
             FsError::BadHandle => libc::EBADF,
             FsError::InvalidName => libc::EINVAL,
-            FsError::Permission(_) => libc::EACCES,
-            FsError::Io(_) => libc::EIO,
+            FsError::Inconsistent(_) | FsError::Read(ReadError::Short { .. }) => libc::EIO,
+            FsError::Read(ReadError::Gcs(g)) | FsError::Gcs(g) => gcs_errno(g),
         }
+    }
+}
+
+/// A client error's errno, by its kind: a missing object is ENOENT, a refusal
+/// (by the service, or credentials that can no longer get a token) EACCES;
+/// everything else (the service unavailable past the retry deadline, a
+/// protocol violation, a cancelled call) is EIO.
+fn gcs_errno(e: &GcsError) -> i32 {
+    match e {
+        GcsError::NotFound(_) => libc::ENOENT,
+        e if e.is_denied() => libc::EACCES,
+        _ => libc::EIO,
     }
 }
 
@@ -87,19 +107,14 @@ impl From<GcsError> for FsError {
     fn from(e: GcsError) -> Self {
         match e {
             GcsError::NotFound(_) => FsError::NotFound,
-            GcsError::PermissionDenied(m) | GcsError::Unauthenticated(m) => FsError::Permission(m),
-            other => FsError::Io(other.to_string()),
+            other => FsError::Gcs(other),
         }
     }
 }
 
 impl From<ReadError> for FsError {
     fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Stale { .. } => FsError::Stale(e.to_string()),
-            ReadError::Gcs(g) => FsError::Io(g.to_string()),
-            other => FsError::Io(other.to_string()),
-        }
+        FsError::Read(e)
     }
 }
 
@@ -124,11 +139,14 @@ pub struct FsConfig {
 
 impl Default for FsConfig {
     fn default() -> Self {
+        // SAFETY: getuid takes no arguments, touches no memory of ours and
+        // cannot fail.
+        let uid = unsafe { libc::getuid() };
+        // SAFETY: as getuid.
+        let gid = unsafe { libc::getgid() };
         FsConfig {
-            // SAFETY (of the calls): getuid/getgid cannot fail.
-            uid: unsafe { libc::getuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getgid() },
+            uid,
+            gid,
             file_mode: 0o444,
             dir_mode: 0o555,
             metadata_ttl: Duration::from_secs(60),
@@ -722,7 +740,7 @@ impl Fs {
             )));
         }
         if info.size < h.size {
-            return Err(FsError::Io(format!(
+            return Err(FsError::Inconsistent(format!(
                 "{}: the appendable object shrank from {} to {} bytes",
                 h.object.name, h.size, info.size
             )));
@@ -1061,5 +1079,89 @@ mod tests {
         fs.forget(b.ino, 1);
         assert!(matches!(fs.getattr(b.ino).await, Err(FsError::Stale(_))));
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+    }
+
+    /// Errors reach the errno mapping whole: the kind decides the errno and
+    /// whether it is retried, and the source chain still names the cause.
+    #[test]
+    fn errors_keep_kind_and_source_down_to_the_errno() {
+        use crate::gcs::AuthError;
+        let auth = |transient| {
+            GcsError::from(AuthError::Token {
+                origin: "key file k.json".into(),
+                detail: "invalid_grant".into(),
+                transient,
+            })
+        };
+        let chain = |e: &dyn std::error::Error| {
+            let mut out = vec![e.to_string()];
+            let mut cur = e.source();
+            while let Some(s) = cur {
+                out.push(s.to_string());
+                cur = s.source();
+            }
+            out
+        };
+        // A permanent credentials failure: not retried, EACCES, whichever
+        // layer hands it up.
+        let permanent = auth(false);
+        assert!(!permanent.is_retryable() && permanent.is_denied());
+        for e in [
+            FsError::from(permanent.clone()),
+            FsError::from(ReadError::Gcs(permanent.clone())),
+        ] {
+            assert_eq!(e.errno(), libc::EACCES, "{e}");
+            assert!(
+                chain(&e).iter().any(|m| m.contains("invalid_grant")),
+                "{:?}",
+                chain(&e)
+            );
+        }
+        // A transient one is retried; if retrying runs out of time, the last
+        // failure is the source of the deadline error, and the errno is EIO.
+        let transient = auth(true);
+        assert!(transient.is_retryable() && !transient.is_denied());
+        let deadline = GcsError::RetryDeadline {
+            attempts: 3,
+            secs: 1.0,
+            last: Arc::new(transient),
+        };
+        assert!(!deadline.is_retryable());
+        let e = FsError::from(ReadError::Gcs(deadline));
+        assert_eq!(e.errno(), libc::EIO);
+        let c = chain(&e);
+        assert!(c.len() >= 3, "deadline -> credentials -> token: {c:?}");
+        assert!(
+            c.last().is_some_and(|m| m.contains("invalid_grant")),
+            "{c:?}"
+        );
+        // Kinds of the layers below keep their errnos.
+        let cases = [
+            (FsError::from(GcsError::NotFound("x".into())), libc::ENOENT),
+            (
+                FsError::from(GcsError::PermissionDenied("x".into())),
+                libc::EACCES,
+            ),
+            (
+                FsError::from(ReadError::Gcs(GcsError::Unauthenticated("x".into()))),
+                libc::EACCES,
+            ),
+            (
+                FsError::from(ReadError::Gcs(GcsError::NotFound("gone".into()))),
+                libc::ESTALE,
+            ),
+            (
+                FsError::from(ReadError::Stale {
+                    object: "o".into(),
+                    generation: 1,
+                }),
+                libc::ESTALE,
+            ),
+            (FsError::from(GcsError::Unavailable("x".into())), libc::EIO),
+            (FsError::Inconsistent("shrank".into()), libc::EIO),
+        ];
+        for (e, errno) in cases {
+            assert_eq!(e.errno(), errno, "{e:?}");
+        }
     }
 }

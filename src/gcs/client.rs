@@ -107,9 +107,7 @@ impl GcsClient {
         } else {
             cfg.credentials.clone()
         };
-        let auth = TokenProvider::new(source)
-            .await
-            .map_err(|e| GcsError::Auth(e.to_string()))?;
+        let auth = TokenProvider::new(source).await?;
         let transport = Transport::connect(target, cfg.connections, auth).await?;
         Ok(GcsClient {
             transport: Arc::new(transport),
@@ -177,7 +175,7 @@ impl GcsClient {
                             return Err(GcsError::RetryDeadline {
                                 attempts: b.attempts(),
                                 secs: b.elapsed().as_secs_f64(),
-                                last: e.to_string(),
+                                last: Arc::new(e),
                             })
                         }
                     }

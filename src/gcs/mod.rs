@@ -24,11 +24,20 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+pub use auth::AuthError;
 pub use client::GcsClient;
 pub use pool::{MrdPool, PoolConfig};
 
 /// Errors of the client layer. Cloneable: one stream failure fans out to every
-/// range that was riding on it.
+/// range that was riding on it (sources are shared behind an `Arc`).
+///
+/// Each variant is a *kind*: [`GcsError::is_retryable`] says whether a new
+/// attempt may succeed, and the filesystem maps kinds to errnos in one place
+/// (`FsError::errno`). Where an error has a cause from another layer (the
+/// credentials, the HTTP/2 transport, the last failed attempt before the retry
+/// deadline) it is kept as the error's [`std::error::Error::source`], so the
+/// verdict of the layer that saw it (e.g. a token endpoint's transient failure)
+/// survives to the top.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GcsError {
     #[error("not found: {0}")]
@@ -47,17 +56,25 @@ pub enum GcsError {
     PreconditionFailed(String),
     #[error("server sent an invalid response: {0}")]
     Protocol(String),
+    /// Retrying ran out of time; `last` is the failure of the last attempt.
     #[error("gave up after {attempts} attempts over {secs:.1} s: {last}")]
     RetryDeadline {
         attempts: u32,
         secs: f64,
-        last: String,
+        #[source]
+        last: Arc<GcsError>,
     },
+    /// No access token: the credentials' own verdict (transient or not) decides
+    /// whether the call is retried.
     #[error("credentials: {0}")]
-    Auth(String),
+    Auth(#[source] Arc<AuthError>),
     /// A bad or unreachable endpoint; the message names the endpoint.
-    #[error("{0}")]
-    Endpoint(String),
+    #[error("{message}")]
+    Endpoint {
+        message: String,
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("the request was cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -87,9 +104,50 @@ impl GcsError {
         }
     }
 
-    /// Worth retrying (with backoff) on a new stream or call.
+    /// A bad endpoint, with the error that shows it.
+    pub fn endpoint(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> GcsError {
+        GcsError::Endpoint {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// A bad endpoint found by our own checks.
+    pub fn bad_endpoint(message: impl Into<String>) -> GcsError {
+        GcsError::Endpoint {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Worth retrying (with backoff) on a new stream or call: the service or
+    /// the connection failed transiently, or the credentials say a later token
+    /// request may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, GcsError::Unavailable(_) | GcsError::Protocol(_))
+        match self {
+            GcsError::Unavailable(_) | GcsError::Protocol(_) => true,
+            GcsError::Auth(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The service or the credentials refused us (not a transient failure):
+    /// a program sees EACCES.
+    pub fn is_denied(&self) -> bool {
+        match self {
+            GcsError::PermissionDenied(_) | GcsError::Unauthenticated(_) => true,
+            GcsError::Auth(e) => !e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+impl From<AuthError> for GcsError {
+    fn from(e: AuthError) -> Self {
+        GcsError::Auth(Arc::new(e))
     }
 }
 

@@ -121,11 +121,14 @@ impl MrdStream {
         let (conn, info) = loop {
             match driver.connect().await {
                 Ok(ok) => break ok,
-                Err(Failure::Redirect) => continue_after(&mut backoff, &driver, "redirect").await?,
-                Err(Failure::Retry(e)) => continue_after(&mut backoff, &driver, &e.to_string())
-                    .await
-                    .map_err(|d| with_last(d, &e))?,
-                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Redirect) => {
+                    continue_after(&mut backoff, &driver, &driver.redirected()).await?
+                }
+                Err(Failure::Retry(e)) => continue_after(&mut backoff, &driver, &e).await?,
+                Err(Failure::Fatal(e)) => {
+                    tracing::warn!(object = %driver.what, error = %e, "cannot open a read stream");
+                    return Err(e);
+                }
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -194,34 +197,25 @@ impl MrdStream {
     }
 }
 
+/// Waits out the backoff before the next attempt after `last` failed, or gives
+/// up (with `last` as the cause) once the retry deadline has passed.
 async fn continue_after(
     backoff: &mut Option<Backoff>,
     driver: &Driver,
-    why: &str,
+    last: &GcsError,
 ) -> Result<(), GcsError> {
     let b = backoff.get_or_insert_with(|| Backoff::new(&driver.client.retry));
     match b.next_delay() {
         Some(d) => {
-            tracing::debug!(object = %driver.what, why, attempt = b.attempts(), "reopening stream");
+            tracing::debug!(object = %driver.what, why = %last, attempt = b.attempts(), "reopening stream");
             tokio::time::sleep(d).await;
             Ok(())
         }
         None => Err(GcsError::RetryDeadline {
             attempts: b.attempts(),
             secs: b.elapsed().as_secs_f64(),
-            last: why.to_string(),
+            last: Arc::new(last.clone()),
         }),
-    }
-}
-
-fn with_last(e: GcsError, last: &GcsError) -> GcsError {
-    match e {
-        GcsError::RetryDeadline { attempts, secs, .. } => GcsError::RetryDeadline {
-            attempts,
-            secs,
-            last: last.to_string(),
-        },
-        other => other,
     }
 }
 
@@ -474,7 +468,16 @@ impl Driver {
                 self.routing_token.as_deref(),
             )
             .await
-            .map_err(Failure::Fatal)?;
+            .map_err(|e| {
+                // No token right now: the credentials' verdict decides. A
+                // transient failure (token endpoint hiccup, timeout) is
+                // retried within the retry deadline like a broken stream.
+                if e.is_retryable() {
+                    Failure::Retry(e)
+                } else {
+                    Failure::Fatal(e)
+                }
+            })?;
         let (channel, lease) = self.client.transport.stream_channel();
         let mut resp = match self.client.storage_on(channel).bidi_read_object(req).await {
             Ok(r) => r.into_inner(),
@@ -564,8 +567,15 @@ impl Driver {
         }
     }
 
+    /// What a redirect counts as when it is the last failure before the retry
+    /// deadline.
+    fn redirected(&self) -> GcsError {
+        GcsError::Unavailable(format!("{}: redirected", self.what))
+    }
+
     /// Fails every range, outstanding or still queued, and stops taking more.
     fn give_up(&mut self, cmds: &mut mpsc::UnboundedReceiver<ReadCmd>, e: &GcsError) {
+        tracing::warn!(object = %self.what, error = %e, "read stream failed; its reads fail");
         self.table.fail_all(e);
         cmds.close();
         while let Ok(cmd) = cmds.try_recv() {
@@ -591,11 +601,11 @@ impl Driver {
                         Ok((c, _)) => c,
                         Err(Failure::Fatal(e)) => return self.give_up(&mut cmds, &e),
                         Err(f) => {
-                            let why = match &f {
-                                Failure::Retry(e) => e.to_string(),
-                                _ => "redirected".to_string(),
+                            let last = match f {
+                                Failure::Retry(e) => e,
+                                _ => self.redirected(),
                             };
-                            if let Err(e) = continue_after(&mut backoff, &self, &why).await {
+                            if let Err(e) = continue_after(&mut backoff, &self, &last).await {
                                 return self.give_up(&mut cmds, &e);
                             }
                             continue;
@@ -622,14 +632,15 @@ impl Driver {
                 // window) while we wait.
                 Err(Failure::Redirect) => {
                     drop(c);
-                    if let Err(e) = continue_after(&mut backoff, &self, "redirected").await {
+                    let last = self.redirected();
+                    if let Err(e) = continue_after(&mut backoff, &self, &last).await {
                         return self.give_up(&mut cmds, &e);
                     }
                 }
                 Err(Failure::Retry(e)) => {
                     drop(c);
-                    if let Err(d) = continue_after(&mut backoff, &self, &e.to_string()).await {
-                        return self.give_up(&mut cmds, &with_last(d, &e));
+                    if let Err(d) = continue_after(&mut backoff, &self, &e).await {
+                        return self.give_up(&mut cmds, &d);
                     }
                 }
             }

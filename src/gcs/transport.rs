@@ -60,12 +60,12 @@ pub fn resolve_endpoint(
         } else if url.starts_with("http://") {
             false
         } else {
-            return Err(GcsError::Endpoint(format!(
+            return Err(GcsError::bad_endpoint(format!(
                 "endpoint '{url}' must start with https:// (or http:// for a plaintext endpoint such as the emulator)"
             )));
         };
         url.parse::<tonic::transport::Uri>()
-            .map_err(|e| GcsError::Endpoint(format!("endpoint '{url}': {e}")))?;
+            .map_err(|e| GcsError::endpoint(format!("endpoint '{url}': {e}"), e))?;
         return Ok(Target {
             url: url.trim_end_matches('/').to_string(),
             tls,
@@ -77,14 +77,14 @@ pub fn resolve_endpoint(
         let url = if host.starts_with("http://") {
             host.to_string()
         } else if host.starts_with("https://") {
-            return Err(GcsError::Endpoint(format!(
+            return Err(GcsError::bad_endpoint(format!(
                 "STORAGE_EMULATOR_HOST={host}: the emulator is plaintext; use host:port"
             )));
         } else {
             format!("http://{host}")
         };
         url.parse::<tonic::transport::Uri>()
-            .map_err(|e| GcsError::Endpoint(format!("STORAGE_EMULATOR_HOST={host}: {e}")))?;
+            .map_err(|e| GcsError::endpoint(format!("STORAGE_EMULATOR_HOST={host}: {e}"), e))?;
         return Ok(Target {
             url,
             tls: false,
@@ -132,7 +132,7 @@ impl std::fmt::Debug for Transport {
 
 fn endpoint(target: &Target) -> Result<Endpoint, GcsError> {
     let bad =
-        |e: tonic::transport::Error| GcsError::Endpoint(format!("endpoint {}: {e}", target.url));
+        |e: tonic::transport::Error| GcsError::endpoint(format!("endpoint {}: {e}", target.url), e);
     let mut ep = Endpoint::from_shared(target.url.clone())
         .map_err(bad)?
         .user_agent(format!("zonalfs/{}", env!("CARGO_PKG_VERSION")))
@@ -197,11 +197,8 @@ impl Transport {
     ) -> Result<Transport, GcsError> {
         let ep = endpoint(&target)?;
         let first = ep.connect().await.map_err(|e| {
-            GcsError::Endpoint(format!(
-                "cannot connect to {}: {}",
-                target.url,
-                connect_failure(&e)
-            ))
+            let message = format!("cannot connect to {}: {}", target.url, connect_failure(&e));
+            GcsError::endpoint(message, e)
         })?;
         let mut channels = vec![first];
         for _ in 1..connections.max(1) {
@@ -279,12 +276,7 @@ impl Transport {
         let value = MetadataValue::try_from(params.as_str())
             .map_err(|_| GcsError::InvalidArgument(format!("bucket name {bucket:?}")))?;
         req.metadata_mut().insert("x-goog-request-params", value);
-        if let Some(auth) = self
-            .auth
-            .authorization()
-            .await
-            .map_err(|e| GcsError::Auth(e.to_string()))?
-        {
+        if let Some(auth) = self.auth.authorization().await? {
             req.metadata_mut().insert("authorization", auth);
         }
         Ok(req)
