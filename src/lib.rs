@@ -1,8 +1,16 @@
 //! zonalfs: a FUSE mount for Google Cloud Storage zonal (Rapid) buckets.
 //!
-//! Layers (see `../shared/DESIGN.md`): `proto` holds the generated wire types,
-//! `emulator` the loopback gRPC server that stands in for GCS, `cli` the command
-//! line of the `zonalfs` binary.
+//! Data flows up through the layers, one module each (`docs/architecture.md`
+//! is the map): [`gcs`] talks to the bucket (transport and credentials,
+//! metadata calls, BidiReadObject streams that verify every chunk's CRC32C,
+//! and the shared stream pool) behind the `ObjectClient` trait; [`read`] is
+//! the read engine (per-inode readahead cache, prefetcher, page-aligned blocks
+//! under one memory budget); [`fs`] is the filesystem as async methods plus the
+//! thin fuser adapter and the mount's life cycle. Beside them: [`emulator`],
+//! the loopback gRPC server that stands in for GCS; [`tools`], the `cat`, `ls`
+//! and `stat` commands; [`metrics`], the Prometheus endpoint; [`cli`] and
+//! [`config`], the command line and config files of the `zonalfs` binary;
+//! [`proto`], the generated wire types.
 
 pub mod cli;
 pub mod config;

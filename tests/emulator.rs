@@ -1,4 +1,4 @@
-//! The emulator against a raw tonic client: every rule of DESIGN.md section 2
+//! The emulator against a raw tonic client: every rule of the read protocol (docs/emulator.md)
 //! that the emulator must honour, and each shaping/fault flag.
 
 mod common;

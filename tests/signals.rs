@@ -233,11 +233,10 @@ fn daemon_pid(mountpoint: &Path) -> Option<i32> {
 fn sigterm_to_background_daemon_with_reads_in_flight_unmounts_within_2s() {
     // The daemon is re-parented to us rather than to init, so that its exit
     // status can be collected.
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes who reaps orphans.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integers and only
+    // changes who reaps this process's orphans.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0);
     let tree = slow_tree();
     let emu = EmuChild::spawn(tree.root(), &["--stream-mbps", "50"]);
     let mnt = tempfile::tempdir().expect("mountpoint");

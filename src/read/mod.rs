@@ -1,4 +1,4 @@
-//! The read engine (DESIGN.md section 1): FUSE reads are served from a per-inode
+//! The read engine (`docs/architecture.md`, "The read path"): FUSE reads are served from a per-inode
 //! readahead cache, which asks a prefetcher for sequential windows, which
 //! dispatches block-sized ranges through the object client into page-aligned
 //! mmap'd blocks ([`buffer`]) under one global memory budget.
