@@ -233,6 +233,7 @@ impl StorageService {
             storage_class: "RAPID".to_string(),
             create_time: Some(created),
             update_time: Some(created),
+            logging: None,
             etag: "CAE=".to_string(),
             hierarchical_namespace: Some(storage::bucket::HierarchicalNamespace { enabled: true }),
         })

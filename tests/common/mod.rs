@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Request;
 pub mod mount;
+pub mod python;
 
 use zonalfs::emulator::{self, Config, Running};
 use zonalfs::proto::control::storage_control_client::StorageControlClient;
