@@ -23,7 +23,7 @@ use futures::StreamExt;
 use zonalfs::gcs::auth::CredentialsSource;
 use zonalfs::gcs::client::ClientConfig;
 use zonalfs::gcs::{GcsClient, MrdPool, ObjectId, PoolConfig, VecSink};
-use zonalfs::read::buffer::{BlockPool, Budget};
+use zonalfs::memory::{Budget, Pool, PoolConfig as MemoryConfig};
 use zonalfs::read::prefetch::StartPolicy;
 use zonalfs::read::{PrefetchConfig, ReadEngine};
 
@@ -61,7 +61,7 @@ async fn run(
     };
     let engine = ReadEngine::new(
         pool.clone(),
-        BlockPool::new(8 << 20, Budget::new(1 << 30)),
+        Pool::new(Budget::new(1 << 30), MemoryConfig::new(8 << 20)),
         PrefetchConfig {
             start,
             ..Default::default()

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use zonalfs::fs::{fuse, Fs, FsConfig};
 use zonalfs::gcs::mem::MemClient;
-use zonalfs::read::buffer::{default_memory_limit, BlockPool, Budget};
+use zonalfs::memory::{default_memory_limit, Budget, Pool, PoolConfig};
 use zonalfs::read::{PrefetchConfig, ReadEngine};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -49,7 +49,10 @@ async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> 
     let n = load(&client, &dir, &dir)?;
     let engine = ReadEngine::new(
         client.clone(),
-        BlockPool::new(8 << 20, Budget::new(default_memory_limit())),
+        Pool::new(
+            Budget::new(default_memory_limit()),
+            PoolConfig::new(8 << 20),
+        ),
         PrefetchConfig {
             release_consumed: true,
             ..Default::default()

@@ -273,6 +273,11 @@ pub struct MountArgs {
     /// 64 MiB to 4 GiB).
     #[arg(long, value_parser = parse_size, env = "ZONALFS_MEMORY_LIMIT")]
     pub memory_limit: Option<u64>,
+    /// Free memory kept mapped and warm for reuse, within --memory-limit
+    /// (default: a quarter of it). Memory unused for 30 s, or all of it when
+    /// the system is under memory pressure, goes back to the OS.
+    #[arg(long, value_parser = parse_size, env = "ZONALFS_MEMORY_WARM_RESERVE")]
+    pub memory_warm_reserve: Option<u64>,
     /// Largest prefetch window of one reader.
     #[arg(long, default_value = "256MiB", value_parser = parse_size, env = "ZONALFS_READAHEAD_MAX")]
     pub readahead_max: u64,

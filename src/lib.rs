@@ -17,6 +17,7 @@ pub mod config;
 pub mod emulator;
 pub mod fs;
 pub mod gcs;
+pub mod memory;
 pub mod metrics;
 pub mod proto;
 pub mod read;

@@ -332,7 +332,7 @@ async fn mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> 
 async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> {
     use std::sync::Arc;
     use zonalfs::fs::{fuse, Fs, FsConfig};
-    use zonalfs::read::buffer::{default_memory_limit, BlockPool, Budget};
+    use zonalfs::memory::{default_memory_limit, Budget, Pool, PoolConfig};
     use zonalfs::read::{PrefetchConfig, ReadEngine};
 
     let mp = &args.mountpoint;
@@ -384,10 +384,20 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         client,
         args.client.pool_config(),
     ));
-    let budget = Budget::new(args.memory_limit.unwrap_or_else(default_memory_limit));
+    let limit = args.memory_limit.unwrap_or_else(default_memory_limit);
+    let memory = Pool::new(
+        Budget::new(limit),
+        PoolConfig {
+            warm_reserve: args.memory_warm_reserve.unwrap_or(limit / 4),
+            ..PoolConfig::new(args.block_size as usize)
+        },
+    );
+    memory
+        .spawn_maintainer(std::time::Duration::from_secs(1))
+        .map_err(|e| GcsError::Other(format!("cannot start the memory maintainer: {e}")))?;
     let engine = ReadEngine::new(
         pool.clone(),
-        BlockPool::new(args.block_size as usize, budget),
+        memory,
         PrefetchConfig {
             readahead_max: args.readahead_max,
             // Through the page cache the kernel keeps what was read; our

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use zonalfs::gcs::mem::MemClient;
 use zonalfs::gcs::{ObjectClient, ObjectId};
-use zonalfs::read::buffer::{BlockPool, Budget};
+use zonalfs::memory::{Budget, Pool, PoolConfig as MemoryConfig};
 use zonalfs::read::{PrefetchConfig, ReadEngine, ReadError};
 
 const KIB: u64 = 1024;
@@ -29,7 +29,7 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn engine(client: Arc<MemClient>, block: usize, budget: u64, readahead: u64) -> Arc<ReadEngine> {
-    let pool = BlockPool::new(block, Budget::new(budget));
+    let pool = Pool::new(Budget::new(budget), MemoryConfig::new(block));
     ReadEngine::new(
         client,
         pool,
@@ -104,7 +104,7 @@ proptest! {
             }
             for t in tasks { t.await.expect("reader"); }
             assert!(e.pool().budget().peak() <= budget);
-            assert!(e.pool().mapped() <= budget);
+            assert!(e.pool().resident() <= budget);
         });
     }
 }
@@ -166,7 +166,7 @@ async fn consumed_blocks_are_released_and_reused_when_asked() {
         generation: info.generation,
     };
     for release in [true, false] {
-        let pool = BlockPool::new(bs as usize, Budget::new(64 << 20));
+        let pool = Pool::new(Budget::new(64 << 20), MemoryConfig::new(bs as usize));
         let e = ReadEngine::new(
             client.clone(),
             pool.clone(),
@@ -184,9 +184,9 @@ async fn consumed_blocks_are_released_and_reused_when_asked() {
             assert!(released >= 40, "released only {released} blocks");
             assert!(cached <= 2 + 5, "{cached} blocks still cached");
             assert!(
-                pool.mapped() <= 12 * bs,
+                pool.resident() <= 12 * bs,
                 "mapped {} bytes for a window of 4 blocks",
-                pool.mapped()
+                pool.resident()
             );
         } else {
             assert_eq!(released, 0);
@@ -361,7 +361,7 @@ async fn engine_over_grpc_and_the_emulator() {
     };
     let e = ReadEngine::new(
         pool,
-        BlockPool::new(4 << 20, Budget::new(64 << 20)),
+        Pool::new(Budget::new(64 << 20), MemoryConfig::new(4 << 20)),
         PrefetchConfig::default(),
     );
     let got = read_all(&e, 1, &id, info.size, 1 << 20).await;

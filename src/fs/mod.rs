@@ -770,14 +770,14 @@ impl Fs {
 mod tests {
     use super::*;
     use crate::gcs::mem::MemClient;
-    use crate::read::buffer::{BlockPool, Budget};
+    use crate::memory::{Budget, Pool, PoolConfig};
     use crate::read::PrefetchConfig;
     use proptest::prelude::*;
 
     fn fs(client: Arc<MemClient>) -> Arc<Fs> {
         let engine = ReadEngine::new(
             client.clone(),
-            BlockPool::new(1 << 20, Budget::new(16 << 20)),
+            Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
             PrefetchConfig::default(),
         );
         Fs::new(client, engine, FsConfig::default())
@@ -935,7 +935,7 @@ mod tests {
         }
         let engine = ReadEngine::new(
             c.clone(),
-            BlockPool::new(1 << 20, Budget::new(4 << 20)),
+            Pool::new(Budget::new(4 << 20), PoolConfig::new(1 << 20)),
             PrefetchConfig::default(),
         );
         let fs = Fs::new(
@@ -965,7 +965,7 @@ mod tests {
         c.put("o", b"first".to_vec(), true);
         let engine = ReadEngine::new(
             c.clone(),
-            BlockPool::new(1 << 20, Budget::new(16 << 20)),
+            Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
             PrefetchConfig::default(),
         );
         let fs = Fs::new(

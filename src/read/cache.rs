@@ -8,7 +8,7 @@
 //! - *Blocks* (a sequential reader): the blocks covering the read, and the window
 //!   ahead of it, are requested, the block the reader waits for first, each as
 //!   one range through the object client (so they spread over the object's MRD
-//!   streams) into a page-aligned block from the [`BlockPool`]. The read then
+//!   streams) into a page-aligned block from the memory [`Pool`]. The read then
 //!   waits for just the bytes it needs. A read inside one block is returned as a
 //!   slice of that block (zero copy); a read spanning blocks is assembled once.
 //!
@@ -31,12 +31,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::buffer::{Block, BlockPool};
+use super::buffer::Block;
 use super::prefetch::{Cursors, Plan, PrefetchConfig};
 use crate::gcs::{GcsError, ObjectClient, ObjectId, VecSink};
-
-/// Free blocks kept mapped for reuse when the cache shrinks.
-const WARM_BLOCKS: usize = 4;
+use crate::memory::Pool;
 
 /// A sequential cursor used this recently counts toward the budget's split.
 const ACTIVE_CURSOR: std::time::Duration = std::time::Duration::from_secs(5);
@@ -139,7 +137,7 @@ struct Inode {
 /// The read engine: cache, prefetcher and block pool over an object client.
 pub struct ReadEngine {
     client: Arc<dyn ObjectClient>,
-    pool: BlockPool,
+    pool: Pool,
     cfg: PrefetchConfig,
     inodes: Mutex<HashMap<u64, Inode>>,
     /// When the active sequential readers were last counted, and how many.
@@ -151,10 +149,10 @@ pub struct ReadEngine {
 impl ReadEngine {
     pub fn new(
         client: Arc<dyn ObjectClient>,
-        pool: BlockPool,
+        pool: Pool,
         mut cfg: PrefetchConfig,
     ) -> Arc<ReadEngine> {
-        cfg.block_size = pool.block_size() as u64;
+        cfg.block_size = pool.largest() as u64;
         Arc::new(ReadEngine {
             client,
             pool,
@@ -171,7 +169,7 @@ impl ReadEngine {
         })
     }
 
-    pub fn pool(&self) -> &BlockPool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -213,12 +211,12 @@ impl ReadEngine {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Drops an inode's blocks and cursors (forget, or the object is gone), and
-    /// hands the memory of free blocks beyond a few warm ones back to the OS.
+    /// Drops an inode's blocks and cursors (forget, or the object is gone);
+    /// their buffers go back to the memory pool warm (the pool's maintainer,
+    /// not this call, gives idle memory back to the OS).
     pub fn forget(&self, ino: u64) {
         let gone = lock(&self.inodes).remove(&ino);
         drop(gone);
-        self.pool.trim(WARM_BLOCKS);
     }
 
     /// Blocks cached (or loading) for an inode, as (offset, filled) pairs.
@@ -348,7 +346,7 @@ impl ReadEngine {
             .budget()
             .set_reserved(self.client.transport_memory());
         loop {
-            if let Some(b) = self.pool.try_alloc(len) {
+            if let Some(b) = Block::alloc(&self.pool, len) {
                 return Some(b);
             }
             if !self.evict_one() {
