@@ -447,12 +447,14 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         &fuse::config(&args.bucket, args.allow_other, args.fuse_threads),
     )
     .map_err(|e| bad(format!("cannot mount at {}: {e}", mp.display())))?;
-    let kb = args.kernel_readahead_kb;
+    // Serving only once mountinfo lists this mount at `mp` and it answers
+    // there; on an error, dropping `mounted` unmounts it again.
     let mp2 = mp.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || fuse::set_read_ahead_kb(&mp2, kb))
+    let ours = tokio::task::spawn_blocking(move || fuse::verify_serving(&mp2))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-    {
+        .map_err(|e| bad(format!("mountpoint {}: mounted, but {e}", mp.display())))?;
+    if let Err(e) = fuse::set_read_ahead_kb(&ours, args.kernel_readahead_kb) {
         tracing::warn!(error = %e, "could not raise the kernel readahead");
     }
     eprintln!("zonalfs: mounted gs://{} at {}", args.bucket, mp.display());
@@ -465,7 +467,7 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
     }
     tokio::select! {
         _ = shutdown_signal() => {}
-        _ = fuse::unmounted(mp) => {
+        _ = fuse::unmounted(&ours) => {
             eprintln!("zonalfs: {} was unmounted", mp.display());
         }
     }
