@@ -43,7 +43,7 @@ fn load(client: &MemClient, root: &Path, dir: &Path) -> Result<u64, Error> {
 }
 
 async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> {
-    // Absolute, as /proc/mounts lists it (`unmounted` watches that).
+    // Absolute, as mountinfo lists it (`verify_serving` looks it up there).
     let mp = std::fs::canonicalize(&mp)?;
     let client = MemClient::new(Duration::ZERO);
     let n = load(&client, &dir, &dir)?;
@@ -66,7 +66,9 @@ async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> 
         Arc::new(zonalfs::metrics::FuseStats::default()),
     );
     let mounted = fuse::mount(fuse_fs, &mp, &fuse::config("memory", false, 4))?;
-    fuse::set_read_ahead_kb(&mp, readahead_kb)?;
+    let mp2 = mp.clone();
+    let ours = tokio::task::spawn_blocking(move || fuse::verify_serving(&mp2)).await??;
+    fuse::set_read_ahead_kb(&ours, readahead_kb)?;
     println!("mounted {n} objects");
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -74,7 +76,7 @@ async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> 
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-        _ = fuse::unmounted(&mp) => {}
+        _ = fuse::unmounted(&ours) => {}
     }
     tokio::task::spawn_blocking(move || mounted.unmount()).await??;
     Ok(())

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, MountArgs, StatArgs};
 use zonalfs::emulator;
+use zonalfs::fs::mountinfo::MountEntry;
 use zonalfs::gcs::{GcsClient, GcsError};
 use zonalfs::tools;
 
@@ -177,14 +178,22 @@ fn install_helper(dir: &std::path::Path) -> ExitCode {
 /// A bad command line, config file or option (or an emulator that cannot
 /// serve): one line, exit 2.
 fn usage_failure(msg: &str) -> ExitCode {
-    eprintln!("zonalfs: error: {msg}");
+    eprintln!("zonalfs: error: {}", one_line(msg));
     ExitCode::from(2)
 }
 
 /// Anything that failed after the command line was accepted: one line, exit 1.
 fn failure(msg: &str) -> ExitCode {
-    eprintln!("zonalfs: error: {msg}");
+    eprintln!("zonalfs: error: {}", one_line(msg));
     ExitCode::FAILURE
+}
+
+/// `msg` on one line: line breaks (a mount point may contain them) written
+/// as `\n` and `\r`, trailing ones dropped.
+fn one_line(msg: &str) -> String {
+    msg.trim_end_matches(['\n', '\r'])
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
 }
 
 /// Runs a client tool on a fresh runtime; errors become one line and exit 1.
@@ -242,8 +251,9 @@ fn mount_log(args: &MountArgs) -> LogSpec {
     }
 }
 
-/// Runs the mount in a child process and exits 0 once it serves, or 1 with the
-/// child's error. The fork happens before any thread exists.
+/// Runs the mount in a child process and exits 0 once the child reported the
+/// mount serving and this process sees it mounted too, or 1 with the child's
+/// error (or how it died). The fork happens before any thread exists.
 fn daemonize(args: MountArgs) -> ExitCode {
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
@@ -262,12 +272,31 @@ fn daemonize(args: MountArgs) -> ExitCode {
         unsafe { libc::close(fds[1]) };
         // SAFETY: fds[0] is an open pipe end we own from here on.
         let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        let mut msg = String::new();
-        let _ = r.read_to_string(&mut msg);
-        return match msg.strip_prefix("ok") {
-            Some(_) => ExitCode::SUCCESS,
-            None if msg.is_empty() => failure("the mount daemon exited before it was ready"),
-            None => failure(msg.trim_end()),
+        let mut msg = Vec::new();
+        let _ = r.read_to_end(&mut msg);
+        return match Readiness::decode(&msg) {
+            Readiness::Serving(ours) => match zonalfs::fs::mountinfo::read() {
+                Ok(m) if m.iter().any(|e| e.same_mount(&ours)) => ExitCode::SUCCESS,
+                Ok(_) => failure(&format!(
+                    "the mount daemon reported {} serving, but it is not mounted",
+                    ours.mount_point.display()
+                )),
+                Err(e) => failure(&format!(
+                    "cannot check the mount: {}: {e}",
+                    zonalfs::fs::mountinfo::MOUNTINFO
+                )),
+            },
+            Readiness::Failed(e) => {
+                // It exits right after reporting its error: reap it.
+                let _ = reap(pid, REAP_BOUND);
+                failure(&e)
+            }
+            // Nothing written: the daemon died (only its exit closes the pipe
+            // without a word).
+            Readiness::Died => failure(&format!(
+                "the mount daemon exited before it was ready ({})",
+                reap(pid, REAP_BOUND).unwrap_or_else(|| "it did not end".into())
+            )),
         };
     }
     // The daemon: own session, stdio detached.
@@ -290,13 +319,13 @@ fn daemonize(args: MountArgs) -> ExitCode {
     // SAFETY: fds[1] is the write end we own.
     let mut ready = unsafe { std::fs::File::from_raw_fd(fds[1]) };
     let log = mount_log(&args);
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<MountEntry, String>>();
     // Tell the parent as soon as the mount serves (or failed); closing the pipe
     // without a word means the daemon died.
     let reporter = std::thread::spawn(move || {
         if let Ok(r) = rx.recv() {
             let _ = match r {
-                Ok(()) => ready.write_all(b"ok\n"),
+                Ok(ours) => ready.write_all(&Readiness::encode_serving(&ours)),
                 Err(e) => ready.write_all(e.as_bytes()),
             };
         }
@@ -309,6 +338,80 @@ fn daemonize(args: MountArgs) -> ExitCode {
     code
 }
 
+/// What the mount daemon told the waiting parent through the pipe.
+#[derive(Debug, PartialEq)]
+enum Readiness {
+    /// `ok`, the mount verified live: which mount (its mountinfo id, device and
+    /// mount point), for the parent to find it in mountinfo too.
+    Serving(MountEntry),
+    /// The error that stopped it.
+    Failed(String),
+    /// Nothing: it died first.
+    Died,
+}
+
+impl Readiness {
+    /// `ok NUL ID NUL MAJ:MIN NUL MOUNTPOINT` (a path holds no NUL).
+    fn encode_serving(ours: &MountEntry) -> Vec<u8> {
+        let mut m = format!("ok\0{}\0{}\0", ours.mount_id, ours.dev()).into_bytes();
+        m.extend_from_slice(ours.mount_point.as_os_str().as_encoded_bytes());
+        m
+    }
+
+    fn decode(msg: &[u8]) -> Readiness {
+        use std::os::unix::ffi::OsStringExt;
+        if msg.is_empty() {
+            return Readiness::Died;
+        }
+        let Some(rest) = msg.strip_prefix(b"ok\0") else {
+            return Readiness::Failed(String::from_utf8_lossy(msg).trim_end().to_string());
+        };
+        let mut parts = rest.splitn(3, |b| *b == 0);
+        let (id, dev, path) = (parts.next(), parts.next(), parts.next());
+        let parse = || {
+            let id = std::str::from_utf8(id?).ok()?.parse().ok()?;
+            let (major, minor) = std::str::from_utf8(dev?).ok()?.split_once(':')?;
+            Some(MountEntry {
+                mount_id: id,
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+                mount_point: std::ffi::OsString::from_vec(path?.to_vec()).into(),
+                fstype: "fuse".into(),
+            })
+        };
+        match parse() {
+            Some(ours) => Readiness::Serving(ours),
+            None => Readiness::Failed("the mount daemon sent a garbled readiness message".into()),
+        }
+    }
+}
+
+/// How long a daemon parent waits for a child that failed to end.
+const REAP_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits, at most `within`, for the ending child `pid` and says how it ended
+/// (`None`: still running, or not ours to wait for). Bounded, so that a child
+/// slow to shut down never holds up the command's answer.
+fn reap(pid: libc::pid_t, within: std::time::Duration) -> Option<String> {
+    let deadline = std::time::Instant::now() + within;
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child, which nothing else waits for.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            r if r == pid => break,
+            _ => return None,
+        }
+    }
+    Some(if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    })
+}
+
 /// Stops a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -318,8 +421,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Reports readiness (or the error that prevented it) to a waiting parent.
-type ReadyTx = std::sync::mpsc::Sender<Result<(), String>>;
+/// Reports readiness, the mount verified live (or the error that prevented
+/// it), to a waiting parent.
+type ReadyTx = std::sync::mpsc::Sender<Result<MountEntry, String>>;
 
 async fn mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> {
     let result = serve_mount(args, ready.clone()).await;
@@ -457,12 +561,14 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         &fuse::config(&args.bucket, args.allow_other, args.fuse_threads),
     )
     .map_err(|e| bad(format!("cannot mount at {}: {e}", mp.display())))?;
-    let kb = args.kernel_readahead_kb;
+    // Serving only once mountinfo lists this mount at `mp` and it answers
+    // there; on an error, dropping `mounted` unmounts it again.
     let mp2 = mp.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || fuse::set_read_ahead_kb(&mp2, kb))
+    let ours = tokio::task::spawn_blocking(move || fuse::verify_serving(&mp2))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-    {
+        .map_err(|e| bad(format!("mountpoint {}: mounted, but {e}", mp.display())))?;
+    if let Err(e) = fuse::set_read_ahead_kb(&ours, args.kernel_readahead_kb) {
         tracing::warn!(error = %e, "could not raise the kernel readahead");
     }
     eprintln!("zonalfs: mounted gs://{} at {}", args.bucket, mp.display());
@@ -471,11 +577,11 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         tracing::warn!(error = %e, "could not notify systemd");
     }
     if let Some(tx) = ready {
-        let _ = tx.send(Ok(()));
+        let _ = tx.send(Ok(ours.clone()));
     }
     tokio::select! {
         _ = shutdown_signal() => {}
-        _ = fuse::unmounted(mp) => {
+        _ = fuse::unmounted(&ours) => {
             eprintln!("zonalfs: {} was unmounted", mp.display());
         }
     }
@@ -585,5 +691,61 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => usage_failure(&format!("emulator: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn entry(path: &[u8]) -> MountEntry {
+        MountEntry {
+            mount_id: 612,
+            major: 0,
+            minor: 75,
+            mount_point: std::ffi::OsStr::from_bytes(path).into(),
+            fstype: "fuse".into(),
+        }
+    }
+
+    #[test]
+    fn readiness_carries_any_mount_point() {
+        for path in [
+            &b"/mnt/with space"[..],
+            b"/mnt/new\nline\\040 ",
+            b"/mnt/donn\xc3\xa9es-\xff",
+        ] {
+            let ours = entry(path);
+            match Readiness::decode(&Readiness::encode_serving(&ours)) {
+                Readiness::Serving(got) => assert!(got.same_mount(&ours), "{got:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn readiness_errors_and_death() {
+        assert_eq!(Readiness::decode(b""), Readiness::Died);
+        assert_eq!(
+            Readiness::decode(b"bucket \"x\" not found\n"),
+            Readiness::Failed("bucket \"x\" not found".into())
+        );
+        for garbled in [&b"ok\0"[..], b"ok\x0012\x00", b"ok\0x\x000:1\0/m"] {
+            assert!(
+                matches!(Readiness::decode(garbled), Readiness::Failed(ref m) if m.contains("garbled")),
+                "{garbled:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_stay_on_one_line() {
+        assert_eq!(
+            one_line("mountpoint /a\nb: gone\n"),
+            "mountpoint /a\\nb: gone"
+        );
+        assert_eq!(one_line("x\r\ny"), "x\\r\\ny");
+        assert_eq!(one_line("données \t ok"), "données \t ok");
     }
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -195,48 +195,11 @@ fn sigterm_to_foreground_mount_with_reads_in_flight_unmounts_within_2s() {
     check_readers(&readers.join());
 }
 
-/// The background daemon of one mount, found by its command line; SIGKILLed
-/// and its mount detached on drop, so a failing test leaks neither.
-struct Daemon {
-    pid: Option<i32>,
-    mountpoint: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            // SAFETY: kill(2)/waitpid(2) on the daemon this test started (it is
-            // our child through PR_SET_CHILD_SUBREAPER).
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-        if is_mounted(&self.mountpoint) {
-            zonalfs::fs::fuse::lazy_unmount(&self.mountpoint);
-        }
-    }
-}
-
-/// The pid of the `zonalfs mount` process serving `mountpoint`.
-fn daemon_pid(mountpoint: &Path) -> Option<i32> {
-    let want = mountpoint.as_os_str().as_encoded_bytes();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        (args.len() > 2 && args[1] == b"mount" && args.contains(&want)).then_some(pid)
-    })
-}
-
 #[test]
 fn sigterm_to_background_daemon_with_reads_in_flight_unmounts_within_2s() {
     // The daemon is re-parented to us rather than to init, so that its exit
     // status can be collected.
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integers and only
-    // changes who reaps this process's orphans.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0);
+    become_subreaper();
     let tree = slow_tree();
     let emu = EmuChild::spawn(tree.root(), &["--stream-mbps", "50"]);
     let mnt = tempfile::tempdir().expect("mountpoint");
@@ -247,10 +210,7 @@ fn sigterm_to_background_daemon_with_reads_in_flight_unmounts_within_2s() {
         .args(["--endpoint", &format!("http://{}", emu.addr), "--anonymous"])
         .output()
         .expect("zonalfs mount");
-    let mut daemon = Daemon {
-        pid: daemon_pid(&mp),
-        mountpoint: mp.clone(),
-    };
+    let mut daemon = Daemon::of(&mp);
     assert!(
         out.status.success(),
         "{}",

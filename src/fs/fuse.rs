@@ -21,6 +21,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
+use super::mountinfo::{self, MountEntry};
 use super::{Attr, Fs, FsError};
 use crate::metrics::FuseStats;
 
@@ -393,20 +394,70 @@ impl Mounted {
     }
 }
 
-/// Is `path` a mount point right now (per /proc/self/mountinfo)?
+/// Is `path` (absolute, symlinks resolved) a mount point right now?
 pub fn is_mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(4) == Some(want.as_ref()))
-        })
-        .unwrap_or(false)
+    mountinfo::is_mounted(path)
 }
 
-/// Resolves once `path` is no longer mounted (someone ran `umount`).
-pub async fn unmounted(path: &Path) {
-    while is_mounted(path) {
+/// The statfs type of every FUSE filesystem.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Checks that the FUSE mount just made at `mountpoint` (absolute, symlinks
+/// resolved) is live: listed in mountinfo as the topmost mount there, of a
+/// FUSE type, and answering a request through that path (a
+/// statfs, which the kernel holds until the session has answered `init`).
+/// Returns its mountinfo entry. Blocks: call it off the FUSE loop threads and
+/// off the runtime's workers.
+pub fn verify_serving(mountpoint: &Path) -> io::Result<MountEntry> {
+    let mounts = mountinfo::read().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot read {}: {e}", mountinfo::MOUNTINFO),
+        )
+    })?;
+    let entry = mountinfo::find_in(&mounts, mountpoint).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("not in {}", mountinfo::MOUNTINFO),
+        )
+    })?;
+    // `fuse` when mounted directly, `fuse.zonalfs` through fusermount.
+    if entry.fstype != "fuse" && !entry.fstype.starts_with("fuse.") {
+        return Err(io::Error::other(format!(
+            "{} lists a {} mount on top of it",
+            mountinfo::MOUNTINFO,
+            entry.fstype
+        )));
+    }
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs with a valid NUL-terminated path and a pointer to a
+    // statfs we own.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("does not answer: {e}")));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
+    if st.f_type as i64 != FUSE_SUPER_MAGIC {
+        return Err(io::Error::other(format!(
+            "statfs reports a filesystem of type {:#x}, not FUSE",
+            st.f_type
+        )));
+    }
+    Ok(entry)
+}
+
+/// Resolves once the mount `ours` is gone from mountinfo (someone ran
+/// `umount`). An unreadable mountinfo does not count as gone.
+pub async fn unmounted(ours: &MountEntry) {
+    loop {
+        match mountinfo::read() {
+            Ok(m) if !m.iter().any(|e| e.same_mount(ours)) => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read {}", mountinfo::MOUNTINFO),
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -497,23 +548,11 @@ pub fn mount(fs: FuseFs, mountpoint: &Path, cfg: &fuser::Config) -> io::Result<M
     })
 }
 
-/// Raises the kernel readahead of the mount at `mountpoint` (in KiB), through
+/// Raises the kernel readahead of the mount `ours` (in KiB), through
 /// `/sys/class/bdi/MAJ:MIN/read_ahead_kb` (it cannot be raised in `init`).
-pub fn set_read_ahead_kb(mountpoint: &Path, kb: u32) -> io::Result<()> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let want = mountpoint
-        .canonicalize()
-        .unwrap_or_else(|_| mountpoint.to_path_buf());
-    let dev = info
-        .lines()
-        .rev()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 4 && Path::new(f[4]) == want).then(|| f[2].to_string())
-        })
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))?;
+pub fn set_read_ahead_kb(ours: &MountEntry, kb: u32) -> io::Result<()> {
     std::fs::write(
-        format!("/sys/class/bdi/{dev}/read_ahead_kb"),
+        format!("/sys/class/bdi/{}/read_ahead_kb", ours.dev()),
         kb.to_string(),
     )
 }

@@ -31,6 +31,7 @@
 //! so a tailing reader gets the appended bytes and `stat` agrees with it.
 
 pub mod fuse;
+pub mod mountinfo;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,7 @@
 //! Real-mount helpers shared by the mount test files: the `zonalfs` binary,
 //! a `MountGuard` that always detaches its mount (also when a test panics),
-//! `/proc/mounts` checks, a metrics scraper and a file hasher.
+//! a `Daemon` guard for a background `zonalfs mount`, mountinfo checks, a
+//! metrics scraper and a file hasher.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -22,14 +23,9 @@ pub struct MountGuard {
     pub mountpoint: PathBuf,
 }
 
+/// Is `p` a mount point now (per /proc/self/mountinfo, its fields decoded)?
 pub fn is_mounted(p: &Path) -> bool {
-    let want = p.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
-        })
-        .unwrap_or(false)
+    zonalfs::fs::mountinfo::is_mounted(p)
 }
 
 impl MountGuard {
@@ -91,6 +87,79 @@ impl Drop for MountGuard {
             zonalfs::fs::fuse::lazy_unmount(&self.mountpoint);
         }
     }
+}
+
+/// The background daemon of one mount, found by its command line; SIGKILLed
+/// and its mount detached on drop, so a failing test leaks neither.
+pub struct Daemon {
+    pub pid: Option<i32>,
+    pub mountpoint: PathBuf,
+}
+
+impl Daemon {
+    /// The daemon serving `mountpoint` (if one runs), to be cleaned up.
+    pub fn of(mountpoint: &Path) -> Daemon {
+        Daemon {
+            pid: daemon_pid(mountpoint),
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself and returns its wait
+    /// status. It must be this process's child: call [`become_subreaper`]
+    /// before starting it.
+    pub fn wait_exit(&mut self, within: Duration) -> i32 {
+        let pid = self.pid.expect("the daemon's pid (by its command line)");
+        let deadline = Instant::now() + within;
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid(2) on our (adopted) child, WNOHANG.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
+            if r == pid {
+                self.pid = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon still running");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            // SAFETY: kill(2)/waitpid(2) on the daemon this test started (it is
+            // our child through PR_SET_CHILD_SUBREAPER).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        if is_mounted(&self.mountpoint) {
+            zonalfs::fs::fuse::lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+/// Makes this process adopt its orphaned descendants, so that a background
+/// daemon (whose parent exits) is re-parented to it and can be waited for.
+pub fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integers and only
+    // changes who reaps this process's orphans.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0);
+}
+
+/// The pid of the `zonalfs mount` process serving `mountpoint`.
+pub fn daemon_pid(mountpoint: &Path) -> Option<i32> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        (args.len() > 2 && args[1] == b"mount" && args.contains(&want)).then_some(pid)
+    })
 }
 
 /// GET /metrics over plain HTTP/1.1.
