@@ -55,12 +55,15 @@ pub enum ReadError {
     },
 }
 
-/// What a read returns: a slice of a cached block, or bytes of its own.
+/// What a read returns: a slice of a cached block, a buffer of its own from
+/// the memory layer (a direct read, or a read assembled from several blocks),
+/// or, when the budget has no room, plain heap bytes.
 pub enum ReadData {
     Block {
         slot: Arc<Slot>,
         range: Range<usize>,
     },
+    Buffer(Arc<Block>),
     Owned(Vec<u8>),
 }
 
@@ -68,6 +71,7 @@ impl ReadData {
     pub fn as_slice(&self) -> &[u8] {
         match self {
             ReadData::Block { slot, range } => slot.block.bytes(range.clone()).unwrap_or(&[]),
+            ReadData::Buffer(b) => b.bytes(0..b.filled()).unwrap_or(&[]),
             ReadData::Owned(v) => v,
         }
     }
@@ -316,8 +320,18 @@ impl ReadEngine {
         len: u64,
     ) -> Result<ReadData, ReadError> {
         self.stats.direct_reads.fetch_add(1, Ordering::Relaxed);
-        let sink = VecSink::new(len as usize);
-        let n = match self.client.read(object, size, off, len, sink.clone()).await {
+        // A warm buffer from the pool when the budget has room (no eviction
+        // for it: this read is not cached); else heap bytes.
+        let buffer = (len as usize <= self.pool.largest())
+            .then(|| Block::alloc(&self.pool, len as usize))
+            .flatten()
+            .map(Arc::new);
+        let mut heap = None;
+        let sink: Arc<dyn crate::gcs::RangeSink> = match &buffer {
+            Some(b) => b.clone(),
+            None => heap.insert(VecSink::new(len as usize)).clone(),
+        };
+        let n = match self.client.read(object, size, off, len, sink).await {
             Ok(n) => n,
             Err(GcsError::NotFound(_)) => {
                 return Err(ReadError::Stale {
@@ -328,15 +342,20 @@ impl ReadEngine {
             Err(e) => return Err(e.into()),
         };
         self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
-        if n < len {
+        let got = buffer.as_ref().map_or(n, |b| b.filled() as u64);
+        if n < len || got < len {
             return Err(ReadError::Short {
                 object: object.name.clone(),
                 offset: off,
-                got: n,
+                got: got.min(n),
                 want: len,
             });
         }
-        Ok(ReadData::Owned(sink.take()))
+        Ok(match (buffer, heap) {
+            (Some(b), _) => ReadData::Buffer(b),
+            (None, Some(v)) => ReadData::Owned(v.take()),
+            (None, None) => ReadData::Owned(Vec::new()),
+        })
     }
 
     /// Allocates a block, evicting the least recently used idle block if the
@@ -563,11 +582,24 @@ impl ReadEngine {
                 range: lo..hi,
             });
         }
-        let mut out = Vec::with_capacity(len as usize);
-        for s in &needed {
+        // Spanning blocks: assembled once, into a warm buffer when there is room.
+        let parts = needed.iter().map(|s| {
             let lo = (off.max(s.offset) - s.offset) as usize;
             let hi = (end.min(s.offset + s.want) - s.offset) as usize;
-            out.extend_from_slice(s.block.bytes(lo..hi).unwrap_or(&[]));
+            s.block.bytes(lo..hi).unwrap_or(&[])
+        });
+        let room = (len as usize <= self.pool.largest())
+            .then(|| Block::alloc(&self.pool, len as usize))
+            .flatten();
+        if let Some(out) = room {
+            for p in parts {
+                out.write_at(out.filled(), p);
+            }
+            return Ok(ReadData::Buffer(Arc::new(out)));
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        for p in parts {
+            out.extend_from_slice(p);
         }
         Ok(ReadData::Owned(out))
     }
