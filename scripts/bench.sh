@@ -9,21 +9,26 @@
 # It installs what it needs: fio (Debian package) and a venv under target/ with
 # the pinned Python client (tests/python/requirements.txt) and matplotlib.
 # Run as root (it mounts). Finishes in about 15 minutes on 2 cores, bounded at
-# 20; leaves no mount or process behind.
+# 25 (the small-file runs added about 6); leaves no mount or process behind.
 #
-#   usage: scripts/bench.sh [--quick] [--runs N]
+#   usage: scripts/bench.sh [--quick] [--runs N] [--only SECTION[,SECTION...]]
 #     --quick   smaller objects and shorter random-read runs (a smoke run;
 #               its figures are marked as not for comparison)
 #     --runs N  runs per figure, median reported (default 5)
+#     --only S  run only these sections (ceilings, sequential, random, skip,
+#               firstbyte, ls, rss, smallfiles); the report is printed and
+#               docs/ is left alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
-QUICK=()
+USAGE="usage: scripts/bench.sh [--quick] [--runs N] [--only SECTION[,SECTION...]]"
+EXTRA=()
 RUNS=5
 while [ $# -gt 0 ]; do
   case $1 in
-    --quick) QUICK=(--quick) ;;
-    --runs) RUNS=$2; shift ;;
-    *) echo "usage: scripts/bench.sh [--quick] [--runs N]" >&2; exit 2 ;;
+    --quick) EXTRA+=(--quick) ;;
+    --runs) RUNS=${2:?$USAGE}; shift ;;
+    --only) EXTRA+=(--only "${2:?$USAGE}"); shift ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
   esac
   shift
 done
@@ -60,12 +65,12 @@ detach_all() {
 }
 trap 'detach_all; cleanup' EXIT INT TERM
 
-timeout --kill-after=30 1200 "$VENV/bin/python" scripts/bench/suite.py \
+timeout --kill-after=30 1500 "$VENV/bin/python" scripts/bench/suite.py \
   --bin target/release/zonalfs \
   --mem-mount target/release/examples/mem_mount \
   --engine-bench target/release/examples/engine_bench \
   --python "$VENV/bin/python" \
-  --work "$WORK" --runs "$RUNS" --machine "$(machine_line)" "${QUICK[@]}"
+  --work "$WORK" --runs "$RUNS" --machine "$(machine_line)" "${EXTRA[@]}"
 left=$(awk -v w="$WORK" '$2 ~ "^"w' /proc/mounts; pgrep -af -- "$WORK" || true)
 [ -z "$left" ] || { echo "bench.sh: left behind: $left" >&2; exit 1; }
 echo "bench.sh: done; nothing left mounted or running" >&2

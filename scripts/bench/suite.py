@@ -11,11 +11,15 @@ emulator profiles (unshaped loopback; shaped like a remote zonal bucket):
   of one file, fio randread 4k/64k/1M (page cache and direct=1), a skip pattern
   (read 64 MiB, skip 16 MiB), first-byte latency after open, `ls -lR` of 10,000
   objects, peak RSS with 16 readers under --memory-limit;
-- the peer: the official Python client (peer_mrd.py, 4 concurrent ranges).
+- the peer: the official Python client (peer_mrd.py, 4 concurrent ranges);
+- small files (issue 12), 10,000 objects of 4-256 KiB: the mount read whole by 1
+  and 8 reader processes (small_read.py) with the daemon's CPU per file, and the
+  peer opening one downloader per object, 1 and 8 in flight (peer_small.py).
 
 Each figure is the median of RUNS runs; every mount is fresh (cold page cache) and
 is unmounted even when a step fails. Writes docs/benchmarks.md (the suite's
-sections) and PNG plots under docs/img/, and prints the summary.
+sections) and PNG plots under docs/img/, and prints the summary; with --only
+(a partial run) it only prints.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -40,7 +45,12 @@ PROFILES = {
     "shaped": ["--latency-ms", "2", "--stream-mbps", "200"],
 }
 SHAPED_STREAM_MBPS = 200
+# What --only can select, in the order they run: the ceilings once, the rest in
+# each profile.
+SECTIONS = ("ceilings", "sequential", "random", "skip", "firstbyte", "ls", "rss", "smallfiles")
 BUCKET = "bench"
+BIG_OBJ = "seq/big.bin"  # the sequential object
+FETCHED = "zonalfs_bytes_fetched_total"  # the daemon's metric of bytes received
 
 
 def log(msg: str) -> None:
@@ -130,6 +140,13 @@ class Mount(contextlib.AbstractContextManager):
                     out[k] = float(v)
         return out
 
+    def cpu_seconds(self) -> float:
+        """The daemon's CPU time so far: utime + stime of /proc/PID/stat (all threads)."""
+        with open(f"/proc/{self.p.pid}/stat") as f:
+            # After the command name in parentheses, fields[0] is field 3 of proc(5).
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def hwm_kib(self) -> int:
         with open(f"/proc/{self.p.pid}/status") as f:
             for line in f:
@@ -187,9 +204,16 @@ class Suite:
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.bin = a.bin
         self.quick = a.quick
+        self.sections = a.only or list(SECTIONS)
         self.seq_size = 256 * MiB if a.quick else GiB
         self.multi_size = 64 * MiB if a.quick else 256 * MiB
         self.tree_dirs, self.tree_files = (10, 100) if a.quick else (100, 100)
+        # The small-file corpus: dirs × files_per_dir objects; the shaped profile
+        # reads the first tenth of the directories (a full pass at 2 ms a round
+        # trip would take minutes per run).
+        self.small_dirs, self.small_per_dir = (10, 100) if a.quick else (100, 100)
+        self.small_dirs_in = {"unshaped": self.small_dirs,
+                              "shaped": max(1, self.small_dirs // 10)}
         self.rand_secs = 2 if a.quick else 4
         self.runs = a.runs
         self.results: dict = {"profiles": {}}
@@ -225,7 +249,25 @@ class Suite:
             dd.mkdir(parents=True, exist_ok=True)
             for f in range(self.tree_files):
                 (dd / f"f{f:03}.txt").write_bytes(small)
+        # The small-file corpus (an image set): sizes log-uniform over 4-256 KiB,
+        # from a fixed seed, so every run reads the same sizes.
+        sizes = random.Random(12)
+        for d in range(self.small_dirs):
+            dd = b / "small" / f"d{d:03}"
+            dd.mkdir(parents=True, exist_ok=True)
+            for f in range(self.small_per_dir):
+                fill(dd / f"f{f:04}.jpg", round(4096 * 64 ** sizes.random()))
         (b / ".complete").write_text("")
+
+    def small_corpus(self, dirs: int) -> list[tuple[str, int]]:
+        """The first `dirs` directories of the small-file corpus, from the local
+        tree: (object name, size) in the order small_read.py lists them."""
+        out = []
+        for d in range(dirs):
+            dd = self.root / BUCKET / "small" / f"d{d:03}"
+            for e in sorted(os.scandir(dd), key=lambda e: e.name):
+                out.append((f"small/d{d:03}/{e.name}", e.stat().st_size))
+        return out
 
     def mount(self, emu: Emulator, *extra: str) -> Mount:
         port = free_port()
@@ -269,75 +311,102 @@ class Suite:
         r: dict = {"flags": flags}
         emu = Emulator(self.bin, self.root, flags)
         try:
-            self.profile_on(emu, r)
+            self.profile_on(name, emu, r)
         finally:
             emu.stop()
         return r
 
-    def profile_on(self, emu: Emulator, r: dict) -> None:
-        big_obj = "seq/big.bin"
-        big = self.mnt / big_obj
-        ep = emu.endpoint
-        cat = [self.bin, "cat", f"gs://{BUCKET}/{big_obj}", "--endpoint", ep, "--anonymous"]
-        timed(cat)  # warm the emulator's page cache
+    def cat(self, emu: Emulator) -> list[str]:
+        """The raw client reading the sequential object to stdout."""
+        return [self.bin, "cat", f"gs://{BUCKET}/{BIG_OBJ}", "--endpoint", emu.endpoint, "--anonymous"]
+
+    def profile_on(self, name: str, emu: Emulator, r: dict) -> None:
+        timed(self.cat(emu))  # warm the emulator's page cache
         log("emulator round trip (4 KiB ranges through the pool)")
-        line = subprocess.run([self.a.engine_bench, ep, BUCKET, big_obj, "rtt"], check=True,
-                              capture_output=True, text=True, timeout=300).stdout
+        line = subprocess.run([self.a.engine_bench, emu.endpoint, BUCKET, BIG_OBJ, "rtt"],
+                              check=True, capture_output=True, text=True, timeout=300).stdout
         r["rtt_us"] = float(re.search(r"p50_us=(\d+)", line).group(1))
+        steps = {
+            "sequential": self.sequential,
+            "random": self.random_reads,
+            "skip": self.skip_pattern,
+            "firstbyte": self.first_byte,
+            "ls": self.listing,
+            "rss": self.rss16,
+            "smallfiles": self.small_files,
+        }
+        for section, step in steps.items():
+            if section in self.sections:
+                step(name, emu, r)
 
-        def dd() -> float:
-            with self.mount(emu):
-                s = timed(["dd", f"if={big}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL)
-            return self.seq_size / s / 1e6
+    def dd(self, emu: Emulator) -> float:
+        with self.mount(emu):
+            s = timed(["dd", f"if={self.mnt / BIG_OBJ}", "of=/dev/null", "bs=1M"],
+                      stderr=subprocess.DEVNULL)
+        return self.seq_size / s / 1e6
 
+    def fio_on_mount(self, emu: Emulator, args: list[str], extra: tuple = ()) -> dict:
+        with self.mount(emu, *extra) as m:
+            before = m.metrics()
+            res = fio_read(fio(args)["jobs"][0])
+            after = m.metrics()
+        for key, metric in (("fetched", FETCHED),
+                            ("delivered", "zonalfs_bytes_read_total")):
+            res[key] = after.get(metric, 0) - before.get(metric, 0)
+        return res
+
+    def sequential(self, name: str, emu: Emulator, r: dict) -> None:
+        big = self.mnt / BIG_OBJ
         # The headline ratio: the raw client and the mount alternate, so both
         # see the same machine (a shared 2-vCPU VM drifts), after one untimed
         # mount that warms the emulator's state for the object.
         log("raw client (zonalfs cat) and mount (dd bs=1M), alternating")
-        dd()
+        self.dd(emu)
         r["raw"], r["dd"] = [], []
         for _ in range(self.runs):
-            r["raw"].append(self.seq_size / timed(cat) / 1e6)
-            r["dd"].append(dd())
-
-        def fio_on_mount(args: list[str], extra: tuple = ()) -> tuple[dict, dict]:
-            with self.mount(emu, *extra) as m:
-                before = m.metrics()
-                res = fio_read(fio(args)["jobs"][0])
-                after = m.metrics()
-            res["fetched"] = after.get("zonalfs_bytes_fetched_total", 0) - before.get(
-                "zonalfs_bytes_fetched_total", 0)
-            res["delivered"] = after.get("zonalfs_bytes_read_total", 0) - before.get(
-                "zonalfs_bytes_read_total", 0)
-            return res, after
+            r["raw"].append(self.seq_size / timed(self.cat(emu)) / 1e6)
+            r["dd"].append(self.dd(emu))
 
         log("mount: fio sequential bs=256k")
-        r["fio_seq"] = [x[0]["mbps"] for x in self.repeat(lambda: fio_on_mount(
-            ["--name=seq", f"--filename={big}", "--rw=read", "--bs=256k", "--ioengine=psync"]))]
+        r["fio_seq"] = [x["mbps"] for x in self.repeat(lambda: self.fio_on_mount(
+            emu, ["--name=seq", f"--filename={big}", "--rw=read", "--bs=256k", "--ioengine=psync"]))]
 
         log("mount: 4 readers on 4 files")
         files = [self.mnt / "multi" / f"f{i:02}.bin" for i in range(4)]
         four = ["--group_reporting", "--rw=read", "--bs=1M", "--ioengine=psync"]
         for i, f in enumerate(files):
             four += [f"--name=r{i}", f"--filename={f}"]
-        r["four_files"] = [x[0]["mbps"] for x in self.repeat(lambda: fio_on_mount(four))]
+        r["four_files"] = [x["mbps"] for x in self.repeat(lambda: self.fio_on_mount(emu, four))]
 
         log("mount: 4 threads on quarters of one file")
         q = self.seq_size // 4
-        r["quarters"] = [x[0]["mbps"] for x in self.repeat(lambda: fio_on_mount(
-            ["--name=q", f"--filename={big}", "--rw=read", "--bs=1M", "--ioengine=psync",
-             "--numjobs=4", f"--size={q}", f"--offset_increment={q}", "--thread",
-             "--group_reporting"]))]
+        r["quarters"] = [x["mbps"] for x in self.repeat(lambda: self.fio_on_mount(
+            emu, ["--name=q", f"--filename={big}", "--rw=read", "--bs=1M", "--ioengine=psync",
+                  "--numjobs=4", f"--size={q}", f"--offset_increment={q}", "--thread",
+                  "--group_reporting"]))]
 
+        log("peer: official Python client, 4 concurrent ranges")
+
+        def peer() -> float:
+            line = subprocess.run(
+                [self.a.python, str(Path(__file__).with_name("peer_mrd.py")), "--endpoint",
+                 emu.addr, "--bucket", BUCKET, "--object", BIG_OBJ, "--size", str(self.seq_size)],
+                check=True, capture_output=True, text=True, timeout=600).stdout
+            return float(re.search(r"mbps=(\d+)", line).group(1))
+
+        r["peer"] = self.repeat(peer)
+
+    def random_reads(self, name: str, emu: Emulator, r: dict) -> None:
+        big = self.mnt / BIG_OBJ
         r["rand"] = {}
         for bs in ("4k", "64k", "1M"):
             for direct in (0, 1):
                 key = f"{bs} {'direct' if direct else 'page cache'}"
                 log(f"mount: fio randread {key}")
-                runs = self.repeat(lambda: fio_on_mount(
-                    ["--name=rand", f"--filename={big}", "--rw=randread", f"--bs={bs}",
-                     f"--direct={direct}", "--ioengine=psync", f"--runtime={self.rand_secs}",
-                     "--time_based", "--norandommap", "--randrepeat=0"])[0])
+                runs = self.repeat(lambda: self.fio_on_mount(
+                    emu, ["--name=rand", f"--filename={big}", "--rw=randread", f"--bs={bs}",
+                          f"--direct={direct}", "--ioengine=psync", f"--runtime={self.rand_secs}",
+                          "--time_based", "--norandommap", "--randrepeat=0"]))
                 r["rand"][key] = {
                     "mbps": median([x["mbps"] for x in runs]),
                     "iops": median([x["iops"] for x in runs]),
@@ -348,7 +417,9 @@ class Suite:
                         [x["fetched"] / max(1, x["delivered"]) for x in runs]),
                 }
 
+    def skip_pattern(self, name: str, emu: Emulator, r: dict) -> None:
         log("mount: skip pattern (read 64 MiB, skip 16 MiB)")
+        big = self.mnt / BIG_OBJ
 
         def skip() -> dict:
             with self.mount(emu) as m:
@@ -366,17 +437,17 @@ class Suite:
                         off += 80 * MiB
                 secs = time.monotonic() - t0
                 after = m.metrics()
-            fetched = after.get("zonalfs_bytes_fetched_total", 0) - before.get(
-                "zonalfs_bytes_fetched_total", 0)
+            fetched = after.get(FETCHED, 0) - before.get(FETCHED, 0)
             return {"mbps": got / secs / 1e6, "fetched_ratio": fetched / max(1, got)}
 
         runs = self.repeat(skip)
         r["skip"] = {"mbps": [x["mbps"] for x in runs],
                      "fetched_ratio": median([x["fetched_ratio"] for x in runs])}
 
+    def first_byte(self, name: str, emu: Emulator, r: dict) -> None:
         log("mount: first-byte latency after open")
 
-        def first_byte() -> tuple[float, float]:
+        def once() -> tuple[float, float]:
             opens, firsts = [], []
             with self.mount(emu):
                 for i in range(16):
@@ -391,10 +462,11 @@ class Suite:
                     firsts.append((t2 - t1) * 1e6)
             return median(opens), median(firsts)
 
-        runs = self.repeat(first_byte)
+        runs = self.repeat(once)
         r["open_us"] = median([x[0] for x in runs])
         r["first_byte_us"] = median([x[1] for x in runs])
 
+    def listing(self, name: str, emu: Emulator, r: dict) -> None:
         log(f"mount: ls -lR over {self.tree_dirs * self.tree_files} objects")
 
         def ls() -> tuple[float, float]:
@@ -408,6 +480,7 @@ class Suite:
         r["ls_warm_s"] = median([x[1] for x in runs])
         r["ls_objects"] = self.tree_dirs * self.tree_files
 
+    def rss16(self, name: str, emu: Emulator, r: dict) -> None:
         log("mount: peak RSS with 16 concurrent readers")
         limit = self.a.memory_limit_mib
         sixteen = ["--group_reporting", "--rw=read", "--bs=1M", "--ioengine=psync", "--thread"]
@@ -420,28 +493,72 @@ class Suite:
                           "budget_peak_mib": m.metrics().get(
                               'zonalfs_memory_bytes{kind="peak"}', 0) / MiB}
 
-        log("peer: official Python client, 4 concurrent ranges")
-        size = self.seq_size
+    def small_files(self, name: str, emu: Emulator, r: dict) -> None:
+        dirs = self.small_dirs_in[name]
+        corpus = self.small_corpus(dirs)
+        files, size = len(corpus), sum(n for _, n in corpus)
+        manifest = self.work / f"small-{name}.tsv"
+        manifest.write_text("".join(f"{o}\t{n}\n" for o, n in corpus))
+        roots = [str(self.mnt / "small" / f"d{d:03}") for d in range(dirs)]
+        here = Path(__file__).parent
 
-        def peer() -> float:
-            line = subprocess.run(
-                [self.a.python, str(Path(__file__).with_name("peer_mrd.py")), "--endpoint",
-                 emu.addr, "--bucket", BUCKET, "--object", big_obj, "--size", str(size)],
-                check=True, capture_output=True, text=True, timeout=600).stdout
-            return float(re.search(r"mbps=(\d+)", line).group(1))
+        def checked(line: str, what: str) -> dict[str, float]:
+            got = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
+            if got.get("files") != files or got.get("bytes") != size:
+                raise RuntimeError(f"{what} read {line.strip()!r}; want files={files} bytes={size}")
+            return got
 
-        r["peer"] = self.repeat(peer)
+        def mount_read(m: Mount, procs: int) -> dict:
+            fetched0, cpu0 = m.metrics().get(FETCHED, 0), m.cpu_seconds()
+            line = subprocess.run([self.a.python, str(here / "small_read.py"), "--procs",
+                                   str(procs), *roots], check=True, capture_output=True,
+                                  text=True, timeout=600).stdout
+            cpu = m.cpu_seconds() - cpu0
+            fetched = m.metrics().get(FETCHED, 0) - fetched0
+            got = checked(line, f"small_read.py --procs {procs}")
+            return {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6,
+                    "cpu_us": cpu / files * 1e6, "list_s": got["list_seconds"],
+                    "fetched_ratio": fetched / size}
+
+        def mount_epochs(procs: int, epochs: int) -> list[dict]:
+            with self.mount(emu) as m:
+                return [mount_read(m, procs) for _ in range(epochs)]
+
+        def peer(concurrency: int) -> dict:
+            line = subprocess.run([self.a.python, str(here / "peer_small.py"), "--endpoint",
+                                   emu.addr, "--bucket", BUCKET, "--manifest", str(manifest),
+                                   "--concurrency", str(concurrency)], check=True,
+                                  capture_output=True, text=True, timeout=600).stdout
+            got = checked(line, f"peer_small.py --concurrency {concurrency}")
+            return {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6}
+
+        log(f"small files: {files} objects in {dirs} directories, mount (1 and 8 readers) "
+            "and peer (1 and 8 in flight), alternating")
+        mount_epochs(8, 1)  # warm-up: the emulator's state for every object
+        runs: dict[str, list] = {k: [] for k in SMALL_KEYS}
+        for _ in range(self.runs):
+            runs["mount1"] += mount_epochs(1, 1)
+            cold, warm = mount_epochs(8, 2)
+            runs["mount8"].append(cold)
+            runs["mount8_warm"].append(warm)
+            runs["peer1"].append(peer(1))
+            runs["peer8"].append(peer(8))
+        r["small"] = {"files": files, "bytes": size, "dirs": dirs, **runs}
 
     def run(self) -> dict:
         self.make_data()
         t0 = time.monotonic()
-        self.results["ceilings"] = self.ceilings()
-        for name, flags in PROFILES.items():
-            self.results["profiles"][name] = self.profile(name, flags)
+        if "ceilings" in self.sections:
+            self.results["ceilings"] = self.ceilings()
+        if set(self.sections) - {"ceilings"}:
+            for name, flags in PROFILES.items():
+                self.results["profiles"][name] = self.profile(name, flags)
         self.results["seconds"] = time.monotonic() - t0
         self.results["quick"] = self.quick
         self.results["seq_size"] = self.seq_size
         self.results["runs"] = self.runs
+        self.results["sections"] = self.sections
+        self.results["small_per_dir"] = self.small_per_dir
         return self.results
 
 
@@ -452,10 +569,23 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def fmt(xs) -> str:
+    return ", ".join(f"{x:.0f}" for x in xs)
+
+
+def spread(xs) -> float:
+    """max / min across runs."""
+    return max(xs) / min(xs) if xs and min(xs) > 0 else float("nan")
+
+
+def ratio_row(label: str, value: float, target: str = "", ok: bool | None = None,
+              spec: str = ".2f") -> str:
+    return f"| {label} | {value:{spec}} | {target} | {verdict(ok) if ok is not None else ''} |"
+
+
 def report(res: dict, machine: str, pool_streams: int) -> str:
-    c = res["ceilings"]
-    mem, tmpfs = median(c["fuse_mem"]), median(c["tmpfs"])
     size_mib = res["seq_size"] // MiB
+    partial = res["sections"] != list(SECTIONS)
     lines = [
         "## The suite (`scripts/bench.sh`)",
         "",
@@ -463,76 +593,203 @@ def report(res: dict, machine: str, pool_streams: int) -> str:
         f"One run of {res['seconds'] / 60:.1f} minutes; every figure is the median of "
         f"{res['runs']} runs (MB/s unless marked); every mount is fresh (cold page cache). "
         f"The sequential object is {size_mib} MiB."
-        + (" **Quick mode: smaller objects, not for comparison.**" if res["quick"] else ""),
-        "",
-        "FUSE ceilings (no network): zonalfs's filesystem over an in-memory object client "
-        f"(`examples/mem_mount`, `dd bs=1M`): **{mem:.0f}** (runs {fmt(c['fuse_mem'])}); "
-        f"tmpfs: **{tmpfs:.0f}** (runs {fmt(c['tmpfs'])}).",
+        + (" **Quick mode: smaller objects, not for comparison.**" if res["quick"] else "")
+        + (f" **Partial run: only {', '.join(res['sections'])}.**" if partial else ""),
         "",
     ]
-    for name, r in res["profiles"].items():
-        raw, dd, peer = median(r["raw"]), median(r["dd"]), median(r["peer"])
-        flags = " ".join(r["flags"]) or "none"
+    if c := res.get("ceilings"):
         lines += [
-            f"### Profile: {name} (emulator flags: `{flags}`)",
+            "FUSE ceilings (no network): zonalfs's filesystem over an in-memory object client "
+            f"(`examples/mem_mount`, `dd bs=1M`): **{median(c['fuse_mem']):.0f}** "
+            f"(runs {fmt(c['fuse_mem'])}); tmpfs: **{median(c['tmpfs']):.0f}** (runs {fmt(c['tmpfs'])}).",
             "",
-            f"Emulator round trip (p50 of 4 KiB range reads through the pool): {r['rtt_us']:.0f} µs.",
-            "",
-            "| measurement | median | runs |",
-            "|---|---:|---|",
-            f"| raw client: `zonalfs cat` > /dev/null | {raw:.0f} | {fmt(r['raw'])} |",
-            f"| mount: `dd bs=1M` | {dd:.0f} | {fmt(r['dd'])} |",
-            f"| mount: fio seq bs=256k | {median(r['fio_seq']):.0f} | {fmt(r['fio_seq'])} |",
-            f"| mount: 4 readers on 4 files (total) | {median(r['four_files']):.0f} | {fmt(r['four_files'])} |",
-            f"| mount: 4 threads on quarters of one file (total) | {median(r['quarters']):.0f} | {fmt(r['quarters'])} |",
-            f"| mount: skip pattern (read 64 MiB, skip 16 MiB; delivered) | {median(r['skip']['mbps']):.0f} | {fmt(r['skip']['mbps'])} |",
-            f"| peer: Python AsyncMultiRangeDownloader, 4 ranges in flight | {peer:.0f} | {fmt(r['peer'])} |",
-            "",
+        ]
+    if "small" in res["profiles"].get("unshaped", {}):
+        lines += small_files_intro(res)
+    for name, r in res["profiles"].items():
+        lines += profile_report(name, r, res, pool_streams)
+        if not partial:
+            lines += [f"![{name}](img/bench-{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def small_files_intro(res: dict) -> list[str]:
+    full = res["profiles"]["unshaped"]["small"]
+    shaped = res["profiles"].get("shaped", {}).get("small")
+    text = [
+        f"Small files, like an image corpus: {full['files']} objects of 4–256 KiB under `small/` "
+        f"(sizes log-uniform from a fixed seed; {full['bytes'] / 1e6:.0f} MB in all) in "
+        f"{full['dirs']} directories of {res['small_per_dir']} (`small/dNNN/fNNNN.jpg`).",
+        "The mount's reader, `scripts/bench/small_read.py`, lists the directories through the "
+        "mount (`os.scandir`, sorted by name) and forks 1 or 8 reader processes; reader k of 8 "
+        "takes files k, k+8, k+16, … of the listing (an interleaved split) and opens, reads "
+        "whole (1 MiB reads to end of file) and closes each. Its files/s and MB/s cover the "
+        "listing and the reading.",
+        "Each run is on a fresh mount (cold: nothing cached by the kernel or the daemon; the "
+        "emulator warmed by one untimed pass); the 8-reader run then reads everything again on "
+        "the same mount (the second epoch, warm).",
+        "Daemon CPU per file: the mount process's utime + stime (`/proc/PID/stat`, 10 ms ticks) "
+        "across the read, divided by the files read; fetched / read: the daemon's bytes "
+        "received (`zonalfs_bytes_fetched_total`) over the bytes the readers read.",
+        "The peer, `scripts/bench/peer_small.py`, is the official Python client reading each "
+        "object as gcsfs reads a zonal file it opens: one AsyncMultiRangeDownloader per object "
+        "(BidiReadObject opened, one whole-object range, closed), 1 or 8 objects in flight "
+        "(asyncio tasks in one process), names and sizes known beforehand (no listing).",
+        "Mount and peer runs alternate; every read is checked to return every file and byte of "
+        "the set.",
+    ]
+    if shaped:
+        text.append(f"The shaped profile reads only the first {shaped['dirs']} "
+                    f"director{'y' if shaped['dirs'] == 1 else 'ies'} ({shaped['files']} objects, "
+                    f"{shaped['bytes'] / 1e6:.0f} MB), to stay bounded.")
+    return [" ".join(text), ""]
+
+
+SEQ_ROWS = [
+    ("raw", "raw client: `zonalfs cat` > /dev/null"),
+    ("dd", "mount: `dd bs=1M`"),
+    ("fio_seq", "mount: fio seq bs=256k"),
+    ("four_files", "mount: 4 readers on 4 files (total)"),
+    ("quarters", "mount: 4 threads on quarters of one file (total)"),
+    ("skip", "mount: skip pattern (read 64 MiB, skip 16 MiB; delivered)"),
+    ("peer", "peer: Python AsyncMultiRangeDownloader, 4 ranges in flight"),
+]
+
+
+def profile_report(name: str, r: dict, res: dict, pool_streams: int) -> list[str]:
+    flags = " ".join(r["flags"]) or "none"
+    lines = [
+        f"### Profile: {name} (emulator flags: `{flags}`)",
+        "",
+        f"Emulator round trip (p50 of 4 KiB range reads through the pool): {r['rtt_us']:.0f} µs.",
+        "",
+    ]
+    seq = {k: (r[k]["mbps"] if k == "skip" else r[k]) for k, _ in SEQ_ROWS if k in r}
+    if seq:
+        lines += ["| measurement | median | max/min | runs |", "|---|---:|---:|---|"]
+        lines += [f"| {label} | {median(seq[k]):.0f} | {spread(seq[k]):.2f} | {fmt(seq[k])} |"
+                  for k, label in SEQ_ROWS if k in seq]
+        lines.append("")
+    if "rand" in r:
+        lines += [
             "| random reads (fio QD1, psync) | MB/s | IOPS | p50 µs | p99 µs | fetched / read by fio | fetched / returned by daemon |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for k, v in r["rand"].items():
             lines.append(f"| {k} | {v['mbps']:.1f} | {v['iops']:.0f} | {v['p50_us']:.0f} | "
                          f"{v['p99_us']:.0f} | {v['fetched_ratio']:.3f} | {v['fetched_per_daemon_byte']:.3f} |")
-        rss = r["rss16"]
-        lines += [
-            "",
-            f"- First byte after open (16 cold 4 MiB files, p50): open {r['open_us']:.0f} µs, "
-            f"first 4 KiB read {r['first_byte_us']:.0f} µs.",
-            f"- `ls -lR` over {r['ls_objects']} objects: {r['ls_cold_s']:.2f} s cold, "
-            f"{r['ls_warm_s']:.2f} s again on the same mount.",
-            f"- Skip pattern fetched {r['skip']['fetched_ratio']:.3f}× the bytes it read.",
-            f"- 16 concurrent readers with `--memory-limit {rss['limit_mib']}MiB`: peak RSS "
-            f"{rss['hwm_mib']:.0f} MiB (budget peak {rss['budget_peak_mib']:.0f} MiB), {rss['mbps']:.0f} MB/s total.",
-            "",
-        ]
+        lines.append("")
+    notes = []
+    if "open_us" in r:
+        notes.append(f"- First byte after open (16 cold 4 MiB files, p50): open {r['open_us']:.0f} µs, "
+                     f"first 4 KiB read {r['first_byte_us']:.0f} µs.")
+    if "ls_cold_s" in r:
+        notes.append(f"- `ls -lR` over {r['ls_objects']} objects: {r['ls_cold_s']:.2f} s cold, "
+                     f"{r['ls_warm_s']:.2f} s again on the same mount.")
+    if "skip" in r:
+        notes.append(f"- Skip pattern fetched {r['skip']['fetched_ratio']:.3f}× the bytes it read.")
+    if rss := r.get("rss16"):
+        notes.append(f"- 16 concurrent readers with `--memory-limit {rss['limit_mib']}MiB`: peak RSS "
+                     f"{rss['hwm_mib']:.0f} MiB (budget peak {rss['budget_peak_mib']:.0f} MiB), "
+                     f"{rss['mbps']:.0f} MB/s total.")
+    if notes:
+        lines += [*notes, ""]
+    if "small" in r:
+        lines += small_files_table(r["small"])
+    ratios = (sequential_ratios(name, r, res, pool_streams) + other_ratios(r)
+              + small_files_ratios(name, r.get("small")))
+    if ratios:
+        lines += ["| ratio | value | target | |", "|---|---:|---:|---|", *ratios, ""]
+    return lines
+
+
+def sequential_ratios(name: str, r: dict, res: dict, pool_streams: int) -> list[str]:
+    if "dd" not in r:
+        return []
+    raw, dd, peer = median(r["raw"]), median(r["dd"]), median(r["peer"])
+    four, quarters = median(r["four_files"]), median(r["quarters"])
+    rows = [ratio_row("mount `dd` / raw client", dd / raw, "≥ 0.85", dd / raw >= 0.85)]
+    if c := res.get("ceilings"):
+        rows.append(ratio_row("mount `dd` / FUSE ceiling (in-memory client)", dd / median(c["fuse_mem"])))
+    rows.append(ratio_row("mount `dd` / peer", dd / peer, "≥ 3", dd / peer >= 3))
+    unshaped_raw = res["profiles"].get("unshaped", {}).get("raw")
+    if name == "shaped" and unshaped_raw:
+        ceiling = min(pool_streams * SHAPED_STREAM_MBPS, median(unshaped_raw))
+        rows.append(ratio_row(f"one reader / min({pool_streams} streams × {SHAPED_STREAM_MBPS} MB/s, "
+                              f"unshaped raw) = {ceiling:.0f}", dd / ceiling, "≥ 0.80",
+                              dd / ceiling >= 0.80))
+    rows += [
+        ratio_row("4 readers on 4 files: max/min across runs", spread(r["four_files"]), "≤ 1.25",
+                  spread(r["four_files"]) <= 1.25),
+        ratio_row("4 threads on quarters: max/min across runs", spread(r["quarters"]), "≤ 1.25",
+                  spread(r["quarters"]) <= 1.25),
+        ratio_row("4 readers on 4 files / one reader (`dd`)", four / dd, "≥ 1.0", four / dd >= 1.0),
+        ratio_row("4 threads on quarters / one reader (`dd`)", quarters / dd, "≥ 0.9",
+                  quarters / dd >= 0.9),
+    ]
+    return rows
+
+
+def other_ratios(r: dict) -> list[str]:
+    rows = []
+    if "rand" in r:
         r4 = r["rand"]["4k page cache"]
-        ceiling = min(pool_streams * SHAPED_STREAM_MBPS,
-                      median(res["profiles"]["unshaped"]["raw"])) if name == "shaped" else None
-        lines += [
-            "| ratio | value | target | |",
-            "|---|---:|---:|---|",
-            f"| mount `dd` / raw client | {dd / raw:.2f} | ≥ 0.85 | {verdict(dd / raw >= 0.85)} |",
-            f"| mount `dd` / FUSE ceiling (in-memory client) | {dd / mem:.2f} | | |",
-            f"| mount `dd` / peer | {dd / peer:.2f} | ≥ 3 | {verdict(dd / peer >= 3)} |",
+        rows += [
+            ratio_row("random 4 KiB fetched / delivered", r4["fetched_ratio"], "≤ 1.25",
+                      r4["fetched_ratio"] <= 1.25, ".3f"),
+            ratio_row("random 4 KiB p50 / emulator round trip", r4["p50_us"] / r["rtt_us"], "≤ 1.5",
+                      r4["p50_us"] <= 1.5 * r["rtt_us"]),
         ]
-        if ceiling:
-            lines.append(f"| one reader / min({pool_streams} streams × {SHAPED_STREAM_MBPS} MB/s, "
-                         f"unshaped raw) = {ceiling:.0f} | {dd / ceiling:.2f} | ≥ 0.80 | "
-                         f"{verdict(dd / ceiling >= 0.80)} |")
-        lines += [
-            f"| random 4 KiB fetched / delivered | {r4['fetched_ratio']:.3f} | ≤ 1.25 | {verdict(r4['fetched_ratio'] <= 1.25)} |",
-            f"| random 4 KiB p50 / emulator round trip | {r4['p50_us'] / r['rtt_us']:.2f} | ≤ 1.5 | {verdict(r4['p50_us'] <= 1.5 * r['rtt_us'])} |",
-            f"| peak RSS − memory limit (16 readers), MiB | {rss['hwm_mib'] - rss['limit_mib']:.0f} | ≤ 64 | {verdict(rss['hwm_mib'] <= rss['limit_mib'] + 64)} |",
-            "",
-            f"![{name}](img/bench-{name}.png)",
-            "",
-        ]
-    return "\n".join(lines)
+    if rss := r.get("rss16"):
+        over = rss["hwm_mib"] - rss["limit_mib"]
+        rows.append(ratio_row("peak RSS − memory limit (16 readers), MiB", over, "≤ 64", over <= 64, ".0f"))
+    return rows
 
 
-def fmt(xs) -> str:
-    return ", ".join(f"{x:.0f}" for x in xs)
+SMALL_ROWS = [
+    ("mount1", "mount, 1 reader (cold mount)"),
+    ("mount8", "mount, 8 readers (cold mount)"),
+    ("mount8_warm", "mount, 8 readers, second epoch (same mount)"),
+    ("peer1", "peer: 1 object in flight"),
+    ("peer8", "peer: 8 objects in flight"),
+]
+SMALL_KEYS = [k for k, _ in SMALL_ROWS]
+
+
+def small_median(s: dict, key: str, field: str) -> float:
+    return median([x[field] for x in s[key]])
+
+
+def small_files_table(s: dict) -> list[str]:
+    lines = [
+        f"| small files ({s['files']} objects, {s['bytes'] / 1e6:.0f} MB) | files/s | MB/s | "
+        "daemon CPU µs/file | fetched / read | of which listing, s | files/s, runs |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, label in SMALL_ROWS:
+        mount = key.startswith("mount")
+        cpu = f"{small_median(s, key, 'cpu_us'):.0f}" if mount else "–"
+        fetched = f"{small_median(s, key, 'fetched_ratio'):.3f}" if mount else "–"
+        listing = f"{small_median(s, key, 'list_s'):.2f}" if mount else "–"
+        lines.append(f"| {label} | {small_median(s, key, 'files_s'):.0f} | "
+                     f"{small_median(s, key, 'mbps'):.0f} | {cpu} | {fetched} | {listing} | "
+                     f"{fmt(x['files_s'] for x in s[key])} |")
+    return [*lines, ""]
+
+
+def small_files_ratios(name: str, s: dict | None) -> list[str]:
+    if not s:
+        return []
+    one = small_median(s, "mount1", "files_s") / small_median(s, "peer1", "files_s")
+    eight = small_median(s, "mount8", "files_s") / small_median(s, "peer8", "files_s")
+    cpu = small_median(s, "mount8", "cpu_us")
+    want_one = 5 if name == "shaped" else 2
+    return [
+        ratio_row("small files/s: mount 1 reader / peer 1 in flight", one, f"≥ {want_one}",
+                  one >= want_one),
+        ratio_row("small files/s: mount 8 readers / peer 8 in flight", eight, "≥ 3", eight >= 3),
+        ratio_row("daemon CPU per small file, 8 readers, µs", cpu, "≤ 150", cpu <= 150, ".0f"),
+    ]
 
 
 def plots(res: dict, img: Path) -> None:
@@ -550,7 +807,8 @@ def plots(res: dict, img: Path) -> None:
                 median(r["fio_seq"]), median(r["four_files"]), median(r["quarters"]),
                 median(r["skip"]["mbps"]), median(r["peer"])]
         colors = ["#999999", "#999999", "#4c72b0"] + ["#55a868"] * 5 + ["#c44e52"]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.5),
+                                         gridspec_kw={"width_ratios": [3, 2, 2]})
         a1.bar(range(len(vals)), vals, color=colors)
         a1.set_xticks(range(len(vals)), labels, fontsize=8)
         a1.set_ylabel("MB/s (median)")
@@ -565,9 +823,27 @@ def plots(res: dict, img: Path) -> None:
         a2.set_ylabel("p50 latency, µs")
         a2.set_title("Random reads (fio QD1)")
         a2.legend(fontsize=8)
+        s = r["small"]
+        files_s = [small_median(s, k, "files_s") for k in SMALL_KEYS]
+        a3.bar(range(len(files_s)), files_s, color=["#55a868"] * 3 + ["#c44e52"] * 2)
+        a3.set_xticks(range(len(files_s)), ["mount\n1 reader", "mount\n8 readers", "mount 8,\n2nd epoch",
+                                             "peer\n1 in flight", "peer\n8 in flight"], fontsize=8)
+        a3.set_ylabel("files/s (median)")
+        a3.set_title(f"Small files ({s['files']} of 4-256 KiB)")
+        for i, v in enumerate(files_s):
+            a3.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
         fig.savefig(img / f"bench-{name}.png", dpi=90)
         plt.close(fig)
+
+
+def sections_arg(value: str) -> list[str]:
+    """--only's list, in the suite's order."""
+    want = set(value.split(","))
+    if unknown := want - set(SECTIONS):
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(sorted(unknown))}; "
+                                         f"choose from {', '.join(SECTIONS)}")
+    return [s for s in SECTIONS if s in want]
 
 
 def main() -> int:
@@ -584,6 +860,9 @@ def main() -> int:
     p.add_argument("--doc", default="docs/benchmarks.md")
     p.add_argument("--img", default="docs/img")
     p.add_argument("--machine", default="")
+    p.add_argument("--only", type=sections_arg, metavar="SECTION[,SECTION...]",
+                   help=f"run only these sections of {', '.join(SECTIONS)}; the report is "
+                        "printed, docs and plots are left alone")
     a = p.parse_args()
     # A timeout's SIGTERM unwinds like Ctrl-C: every mount and the emulator
     # are stopped by their finally blocks.
@@ -591,8 +870,11 @@ def main() -> int:
     res = Suite(a).run()
     Path(a.work, "results.json").write_text(json.dumps(res, indent=1))
     text = report(res, a.machine, a.pool_streams)
-    plots(res, Path(a.img))
     print(text)
+    if a.only:
+        log(f"partial run: {a.doc} and the plots are left alone")
+        return 0
+    plots(res, Path(a.img))
     doc = Path(a.doc)
     block = f"<!-- suite:begin (written by scripts/bench.sh) -->\n{text}\n<!-- suite:end -->"
     old = doc.read_text() if doc.exists() else ""
