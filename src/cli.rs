@@ -278,7 +278,8 @@ pub struct MountArgs {
     /// the system is under memory pressure, goes back to the OS.
     #[arg(long, value_parser = parse_size, env = "ZONALFS_MEMORY_WARM_RESERVE")]
     pub memory_warm_reserve: Option<u64>,
-    /// Largest prefetch window of one reader.
+    /// Largest prefetch window: one sequential reader's, shared fairly when
+    /// several read at once (so prefetch memory stays bounded and reused warm).
     #[arg(long, default_value = "256MiB", value_parser = parse_size, env = "ZONALFS_READAHEAD_MAX")]
     pub readahead_max: u64,
     /// Prefetch and cache block size.

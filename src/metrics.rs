@@ -185,7 +185,8 @@ pub fn render(s: &Sources) -> String {
         out,
         "# HELP zonalfs_prefetch_readers Sequential readers prefetching now.\n# TYPE zonalfs_prefetch_readers gauge\nzonalfs_prefetch_readers {readers}\n# HELP zonalfs_prefetch_window_bytes Prefetch windows ahead of readers.\n# TYPE zonalfs_prefetch_window_bytes gauge\nzonalfs_prefetch_window_bytes{{stat=\"max\"}} {max_w}\nzonalfs_prefetch_window_bytes{{stat=\"total\"}} {total_w}"
     );
-    let budget = s.engine.pool().budget();
+    let memory = s.engine.pool();
+    let budget = memory.budget();
     let _ = writeln!(
         out,
         "# HELP zonalfs_open_streams Streams open now.\n# TYPE zonalfs_open_streams gauge\nzonalfs_open_streams {}",
@@ -193,10 +194,20 @@ pub fn render(s: &Sources) -> String {
     );
     let _ = writeln!(
         out,
-        "# HELP zonalfs_memory_bytes Memory of prefetch and cache blocks.\n# TYPE zonalfs_memory_bytes gauge\nzonalfs_memory_bytes{{kind=\"used\"}} {}\nzonalfs_memory_bytes{{kind=\"limit\"}} {}\nzonalfs_memory_bytes{{kind=\"peak\"}} {}",
+        "# HELP zonalfs_memory_bytes Memory of buffers (used = in use + warm).\n# TYPE zonalfs_memory_bytes gauge\nzonalfs_memory_bytes{{kind=\"used\"}} {}\nzonalfs_memory_bytes{{kind=\"limit\"}} {}\nzonalfs_memory_bytes{{kind=\"peak\"}} {}\nzonalfs_memory_bytes{{kind=\"warm\"}} {}",
         budget.used(),
         budget.limit(),
-        budget.peak()
+        budget.peak(),
+        memory.hot_bytes()
+    );
+    let ms = memory.stats();
+    let _ = writeln!(
+        out,
+        "# HELP zonalfs_memory_allocations_total Buffers handed out, by whether their pages were warm (reused) or fresh (faulted in and zeroed).\n# TYPE zonalfs_memory_allocations_total counter\nzonalfs_memory_allocations_total{{pages=\"warm\"}} {}\nzonalfs_memory_allocations_total{{pages=\"fresh\"}} {}\n# HELP zonalfs_memory_fresh_bytes_total Bytes of buffers handed out with fresh pages.\n# TYPE zonalfs_memory_fresh_bytes_total counter\nzonalfs_memory_fresh_bytes_total {}\n# HELP zonalfs_memory_released_bytes_total Warm memory given back to the OS.\n# TYPE zonalfs_memory_released_bytes_total counter\nzonalfs_memory_released_bytes_total {}",
+        load(&ms.warm),
+        load(&ms.fresh),
+        load(&ms.fresh_bytes),
+        load(&ms.released_bytes)
     );
     resource_gauges(&mut out, &s.fuse, open_fds());
     let _ = writeln!(out, "# HELP zonalfs_fuse_op_seconds FUSE operation latency.\n# TYPE zonalfs_fuse_op_seconds histogram");

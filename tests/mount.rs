@@ -124,6 +124,13 @@ fn mount_read_list_errors_and_clean_unmount() {
     );
     assert!(value("zonalfs_memory_bytes{kind=\"peak\"}") <= (256u64 << 20) as f64);
     assert!(value("zonalfs_open_streams") >= 1.0);
+    // Every block came from the memory layer, warm or fresh.
+    assert!(
+        value("zonalfs_memory_allocations_total{pages=\"warm\"}")
+            + value("zonalfs_memory_allocations_total{pages=\"fresh\"}")
+            >= 1.0
+    );
+    assert!(value("zonalfs_memory_bytes{kind=\"warm\"}") <= (256u64 << 20) as f64);
     // (The window gauge counts readers active in the last 5 s, which a
     // loaded machine can outlast; block loads are a counter.)
     assert!(

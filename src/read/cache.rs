@@ -14,8 +14,11 @@
 //!
 //! Memory: blocks come from the pool only while the global budget allows. When it
 //! does not, the least recently used complete block nobody is reading (from any
-//! inode) is evicted; a reader's window is capped to its fair share of the budget
-//! (budget / sequential readers), so one greedy reader cannot take every block;
+//! inode) is evicted; a reader's window is capped to its fair share of one
+//! window's worth of memory (min(budget, `--readahead-max`) / sequential
+//! readers), so one greedy reader cannot take every block and several readers
+//! together keep few blocks in flight (which then cycle through warm buffers
+//! rather than each reader faulting in a whole window of fresh memory);
 //! and if even the block a read needs cannot be had, the read falls back to a
 //! direct fetch of just its span (always one unit of progress).
 //!
@@ -275,10 +278,12 @@ impl ReadEngine {
             if object.generation < inode.generation {
                 None
             } else {
-                let share = self.pool.budget().available()
-                    / (sequential_total.max(1) as u64)
-                    / self.cfg.block_size.max(1);
-                let cap = share.saturating_sub(1).max(1);
+                let cap = window_cap(
+                    self.pool.budget().available(),
+                    self.cfg.readahead_max,
+                    self.cfg.block_size,
+                    sequential_total,
+                );
                 let (plan, dropped) = inode.cursors.plan(&self.cfg, off, len, size, cap);
                 for c in dropped {
                     // Cancel that cursor's prefetch that nobody reads.
@@ -629,6 +634,19 @@ impl ReadEngine {
     }
 }
 
+/// The most blocks one sequential reader may prefetch ahead (beyond the block
+/// it reads) while `readers` read at once: the readers share one window's
+/// worth of memory (`readahead_max`, and never more than the budget), so
+/// several readers together keep few blocks in flight, which then cycle
+/// through warm buffers instead of each reader faulting in a whole window of
+/// fresh memory. At least one block.
+fn window_cap(available: u64, readahead_max: u64, block_size: u64, readers: usize) -> u64 {
+    let bs = block_size.max(1);
+    let total = available.min(readahead_max.saturating_add(bs));
+    let share = total / (readers.max(1) as u64) / bs;
+    share.saturating_sub(1).max(1)
+}
+
 /// Writes a range's verified chunks into a slot's block, for as long as the
 /// slot is cached (a dropped slot's late chunks go nowhere).
 struct SlotSink(std::sync::Weak<Slot>, Arc<ReadStats>);
@@ -641,5 +659,26 @@ impl crate::gcs::RangeSink for SlotSink {
         if let Some(s) = self.0.upgrade() {
             s.block.put(at, data);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window_cap;
+
+    #[test]
+    fn readers_share_one_window_of_memory() {
+        const MIB: u64 = 1 << 20;
+        let (bs, max) = (8 * MIB, 256 * MIB);
+        // One reader alone gets the whole window (32 blocks ahead).
+        assert_eq!(window_cap(4096 * MIB, max, bs, 1), 32);
+        // Four share it: together no more than one window ahead.
+        let four = window_cap(4096 * MIB, max, bs, 4);
+        assert_eq!(four, 7);
+        assert!(4 * (four + 1) * bs <= max + bs);
+        // A small budget caps it further, and a crowd still gets a block.
+        assert_eq!(window_cap(64 * MIB, max, bs, 1), 7);
+        assert_eq!(window_cap(4096 * MIB, max, bs, 1000), 1);
+        assert_eq!(window_cap(0, max, 0, 0), 1);
     }
 }
