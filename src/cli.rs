@@ -176,7 +176,7 @@ pub struct ClientArgs {
           value_parser = clap::value_parser!(u64).map(|v| v as usize))]
     pub max_idle_streams: usize,
     /// Close a stream idle for this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "ZONALFS_STREAM_IDLE_TIMEOUT")]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "ZONALFS_STREAM_IDLE_TIMEOUT")]
     pub stream_idle_timeout: Duration,
 }
 
@@ -206,6 +206,7 @@ impl ClientArgs {
             max_streams: self.max_streams,
             max_idle_streams: self.max_idle_streams,
             idle_timeout: self.stream_idle_timeout,
+            ..PoolConfig::default()
         }
     }
 }

@@ -593,3 +593,76 @@ async fn pool_sizes_shares_caps_and_reaps() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// One round trip to the first byte: the stream a read opens carries that read
+/// in its open request, and a reopen after a break carries what is left of it
+/// (every open the emulator saw came with its range). A whole small object gets
+/// a stream of its own, closed once the read is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_request_carries_the_first_read() {
+    let tree = Tree::new();
+    let big = tree.put("big", &pattern(20 * MIB, 31));
+    let small = tree.put("small", &pattern(100 * 1024, 32));
+    let emu = start(
+        &tree,
+        shaped(Shaping {
+            break_after_bytes: Some(3 * MIB as u64),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let counters = &emu.emu.counters;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let c = client(&emu, quick_retry()).await;
+    let pool = MrdPool::new(c.clone(), PoolConfig::default());
+
+    let info = c.stat("small").await.expect("stat");
+    let id = ObjectId {
+        name: "small".into(),
+        generation: info.generation,
+    };
+    let opened = count(&counters.streams_opened);
+    let sink = VecSink::new(small.len());
+    let got = pool.read(&id, info.size, 0, info.size, sink.clone()).await;
+    assert_eq!(got.expect("read"), small.len() as u64);
+    assert!(sink.take() == small, "the small object's bytes");
+    assert_eq!(count(&counters.streams_opened) - opened, 1);
+    assert_eq!(
+        count(&counters.ranges_in_open),
+        1,
+        "the read rode in the open"
+    );
+    assert_eq!(pool.streams_of(&id), 0, "no stream left in the pool");
+    assert_eq!(pool.open_streams(), 0, "its permit is back");
+
+    let info = c.stat("big").await.expect("stat");
+    let id = ObjectId {
+        name: "big".into(),
+        generation: info.generation,
+    };
+    let before = (
+        count(&counters.streams_opened),
+        count(&counters.ranges_in_open),
+    );
+    let sink = VecSink::new(8 * MIB);
+    let got = pool
+        .read(&id, info.size, MIB as u64, 8 * MIB as u64, sink.clone())
+        .await;
+    assert_eq!(got.expect("read"), 8 * MIB as u64);
+    assert!(sink.take() == big[MIB..9 * MIB], "the range's bytes");
+    let opens = count(&counters.streams_opened) - before.0;
+    assert!(
+        opens >= 3,
+        "8 MiB over streams breaking every 3 MiB: {opens} opens"
+    );
+    assert_eq!(
+        count(&counters.ranges_in_open) - before.1,
+        opens,
+        "every open carried the unfinished range"
+    );
+    assert_eq!(
+        pool.streams_of(&id),
+        1,
+        "a partial read keeps a pooled stream"
+    );
+}

@@ -199,6 +199,9 @@ pub async fn open(
         object_data_ranges: vec![],
         read_handle: Some(BidiReadHandle { handle }),
     };
+    emu.counters
+        .ranges_in_open
+        .fetch_add(first.read_ranges.len() as u64, Ordering::Relaxed);
     let engine = Engine::new(emu, meta, file, tx);
     tokio::spawn(engine.run(first_response, first.read_ranges, inbound));
     Ok(ReceiverStream::new(rx))

@@ -69,6 +69,9 @@ pub struct Counters {
     pub fault_stall: AtomicU64,
     /// Calls that carried an `authorization: Bearer` header.
     pub authorized_calls: AtomicU64,
+    /// Ranges that came in a stream's first message, with its
+    /// `read_object_spec` (one round trip to the first byte; not in the report).
+    pub ranges_in_open: AtomicU64,
     /// Calls whose user agent starts with `zonalfs/` (not in the report).
     pub zonalfs_agent_calls: AtomicU64,
 }

@@ -2,7 +2,10 @@
 //! many concurrent range reads of one object generation.
 //!
 //! [`MrdStream::open`] sends the `read_object_spec`, waits for the first response
-//! (metadata and read handle) and pins the generation. A spawned driver task then
+//! (metadata and read handle) and pins the generation. The open request also
+//! carries the read that opened the stream ([`MrdStream::open_reading`]) and,
+//! on a reopen, every unfinished range, so their data follows the metadata
+//! one round trip after the open. A spawned driver task then
 //! owns the call: [`MrdStream::read`] hands it a range and a [`RangeSink`]; the
 //! driver gives the range a `read_id`, requests it, and for every chunk that
 //! arrives checks the read_id, that the chunk starts exactly at the range's next
@@ -96,6 +99,25 @@ impl std::fmt::Debug for MrdStream {
     }
 }
 
+/// A first read carried by a stream's open request: `len` bytes at `offset`
+/// into `sink`.
+pub struct FirstRead {
+    pub offset: u64,
+    pub len: u64,
+    pub sink: Arc<dyn RangeSink>,
+}
+
+/// The outcome of a read handed to a stream: the bytes delivered, once done.
+pub struct PendingRead(oneshot::Receiver<Result<u64, GcsError>>);
+
+impl PendingRead {
+    pub async fn wait(self) -> Result<u64, GcsError> {
+        self.0.await.map_err(|_| {
+            GcsError::Unavailable("the stream closed before the range completed".into())
+        })?
+    }
+}
+
 impl MrdStream {
     /// Opens a stream on `object` (`generation` 0: the live one), optionally
     /// reusing a read handle from another stream of the same object.
@@ -106,6 +128,22 @@ impl MrdStream {
         handle: Option<Bytes>,
         stats: Arc<StreamStats>,
     ) -> Result<MrdStream, GcsError> {
+        let (stream, _) =
+            Self::open_reading(client, object, generation, handle, stats, None).await?;
+        Ok(stream)
+    }
+
+    /// Opens a stream whose open request already carries `first` (so its
+    /// bytes arrive one round trip after the open, right behind the
+    /// metadata); returns the stream and that read's outcome.
+    pub async fn open_reading(
+        client: &GcsClient,
+        object: &str,
+        generation: i64,
+        handle: Option<Bytes>,
+        stats: Arc<StreamStats>,
+        first: Option<FirstRead>,
+    ) -> Result<(MrdStream, Option<PendingRead>), GcsError> {
         let mut driver = Driver {
             client: client.clone(),
             what: format!("gs://{}/{object}", client.bucket),
@@ -117,6 +155,16 @@ impl MrdStream {
             queued: Arc::new(AtomicU64::new(0)),
             stats,
         };
+        let pending = first.map(|f| {
+            let (done, rx) = oneshot::channel();
+            driver.table.add(ReadCmd {
+                offset: f.offset,
+                len: f.len,
+                sink: f.sink,
+                done,
+            });
+            PendingRead(rx)
+        });
         let mut backoff: Option<Backoff> = None;
         let (conn, info) = loop {
             match driver.connect().await {
@@ -145,7 +193,7 @@ impl MrdStream {
             driver.run(conn, rx).await;
             closed.store(true, Ordering::Release);
         });
-        Ok(stream)
+        Ok((stream, pending))
     }
 
     /// The object version this stream reads, as its first response described it.
@@ -191,9 +239,7 @@ impl MrdStream {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             return Err(GcsError::Unavailable("the stream is closed".into()));
         }
-        rx.await.map_err(|_| {
-            GcsError::Unavailable("the stream closed before the range completed".into())
-        })?
+        PendingRead(rx).wait().await
     }
 }
 
@@ -453,9 +499,15 @@ impl Driver {
             ..Default::default()
         };
         let (tx, rx) = mpsc::unbounded_channel();
+        // One round trip: the open carries every unfinished range (the first
+        // read of a new stream, or what a broken stream still owed, from its
+        // last verified byte), and the server answers with the metadata and
+        // then their data. More than fit one message follow at once.
+        let mut pending = self.table.resume();
+        let rest = pending.split_off(pending.len().min(MAX_RANGES_PER_MESSAGE));
         let first = BidiReadObjectRequest {
             read_object_spec: Some(spec),
-            read_ranges: vec![],
+            read_ranges: pending,
         };
         tx.send(first)
             .map_err(|_| Failure::Fatal(GcsError::Other("request channel closed".into())))?;
@@ -517,16 +569,14 @@ impl Driver {
             rx: resp,
             _lease: lease,
         };
-        if !first.object_data_ranges.is_empty() {
-            // No ranges were requested yet: data here is a server error.
-            return Err(Failure::Retry(GcsError::Protocol(format!(
-                "{}: data before any range was requested",
-                self.what
-            ))));
+        send_ranges(&mut conn, rest).map_err(Failure::Retry)?;
+        // The first response may already carry data of the ranges it asked for.
+        for d in first.object_data_ranges {
+            if let Err(e) = self.table.chunk(d) {
+                StreamStats::bump(&self.stats.retry_protocol);
+                return Err(Failure::Retry(e));
+            }
         }
-        // Re-request what is unfinished, from the last verified byte.
-        let pending = self.table.resume();
-        send_ranges(&mut conn, pending).map_err(Failure::Retry)?;
         Ok((conn, info))
     }
 

@@ -9,7 +9,11 @@
 //! them (least recently used closed first), each closed after `idle_timeout`; a
 //! semaphore holds the total at `--max-streams`, closing idle streams of other
 //! objects when a new object needs one. A read of a new generation retires the
-//! streams of the old one.
+//! streams of the old one. The read that opens an object's first stream rides
+//! in its open request (one round trip to the first byte). A read of a whole
+//! small object (up to `whole_read_max`, 8 MiB) with no stream open for it
+//! gets a stream of its own, opened with that read and closed once it is
+//! done, as a program reading a file once needs nothing left open.
 
 use crate::sync::lock;
 use std::collections::HashMap;
@@ -20,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::client::GcsClient;
-use super::mrd::{MrdStream, StreamStats};
+use super::mrd::{FirstRead, MrdStream, PendingRead, StreamStats};
 use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, RangeSink};
 
 /// Pool settings.
@@ -34,6 +38,10 @@ pub struct PoolConfig {
     pub max_idle_streams: usize,
     /// An idle stream is closed after this long.
     pub idle_timeout: Duration,
+    /// A read of a whole object up to this size (a small file) gets a stream
+    /// of its own that carries the read in its open request and closes when
+    /// the read is done, instead of a pooled stream left idle afterwards.
+    pub whole_read_max: u64,
 }
 
 impl Default for PoolConfig {
@@ -42,7 +50,8 @@ impl Default for PoolConfig {
             pool_size: None,
             max_streams: 256,
             max_idle_streams: 64,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(10),
+            whole_read_max: 8 << 20,
         }
     }
 }
@@ -228,8 +237,16 @@ impl MrdPool {
         }
     }
 
-    /// The least-loaded live stream of `id`, opening the first if there is none.
-    async fn stream(&self, id: &ObjectId, size: u64) -> Result<Arc<PooledStream>, GcsError> {
+    /// The least-loaded live stream of `id`, opening the first if there is
+    /// none. A stream opened here carries `first_read` in its open request (one
+    /// round trip to the first byte), whose outcome is then returned with it;
+    /// with an existing stream, the read is left to the caller.
+    async fn stream(
+        &self,
+        id: &ObjectId,
+        size: u64,
+        first_read: Option<FirstRead>,
+    ) -> Result<(Arc<PooledStream>, Option<PendingRead>), GcsError> {
         loop {
             let first = {
                 let mut objects = lock(&self.inner.objects);
@@ -246,7 +263,7 @@ impl MrdPool {
                     if missing {
                         self.grow(id, size, best.stream.read_handle());
                     }
-                    return Ok(best);
+                    return Ok((best, None));
                 }
                 e.first.clone()
             };
@@ -258,12 +275,13 @@ impl MrdPool {
                 continue;
             }
             let permit = self.permit().await;
-            let stream = MrdStream::open(
+            let (stream, pending) = MrdStream::open_reading(
                 &self.inner.client,
                 &id.name,
                 id.generation,
                 None,
                 self.inner.stats.clone(),
+                first_read,
             )
             .await?;
             let handle = stream.read_handle();
@@ -278,7 +296,39 @@ impl MrdPool {
                 .streams
                 .push(pooled.clone());
             self.grow(id, size, handle);
-            return Ok(pooled);
+            return Ok((pooled, pending));
+        }
+    }
+
+    /// A whole small object: a stream of its own (under a permit) whose open
+    /// request carries the read; it closes once the read is done.
+    async fn read_whole(
+        &self,
+        id: &ObjectId,
+        len: u64,
+        sink: Arc<dyn RangeSink>,
+    ) -> Result<u64, GcsError> {
+        // A new generation retires the streams of the old ones, as in `stream`.
+        lock(&self.inner.objects).retain(|k, _| k.name != id.name || k == id);
+        let _permit = self.permit().await;
+        let (stream, pending) = MrdStream::open_reading(
+            &self.inner.client,
+            &id.name,
+            id.generation,
+            None,
+            self.inner.stats.clone(),
+            Some(FirstRead {
+                offset: 0,
+                len,
+                sink,
+            }),
+        )
+        .await?;
+        // The stream half-closes once its only read is done.
+        drop(stream);
+        match pending {
+            Some(p) => p.wait().await,
+            None => Ok(0),
         }
     }
 
@@ -291,10 +341,25 @@ impl MrdPool {
         len: u64,
         sink: Arc<dyn RangeSink>,
     ) -> Result<u64, GcsError> {
+        if offset == 0
+            && len >= size_hint
+            && size_hint <= self.inner.cfg.whole_read_max
+            && !self.has_stream(id)
+        {
+            return self.read_whole(id, len, sink).await;
+        }
         let mut tries = 0;
         loop {
-            let s = self.stream(id, size_hint).await?;
-            let r = s.stream.read(offset, len, sink.clone()).await;
+            let first = FirstRead {
+                offset,
+                len,
+                sink: sink.clone(),
+            };
+            let (s, pending) = self.stream(id, size_hint, Some(first)).await?;
+            let r = match pending {
+                Some(p) => p.wait().await,
+                None => s.stream.read(offset, len, sink.clone()).await,
+            };
             *lock(&s.last_used) = Instant::now();
             match r {
                 // The stream died before taking the range: use another one.
@@ -314,7 +379,7 @@ impl MrdPool {
             name: name.to_string(),
             generation: info.generation,
         };
-        let s = self.stream(&id, info.size).await?;
+        let (s, _) = self.stream(&id, info.size, None).await?;
         self.grow(&id, info.size, s.stream.read_handle());
         // Wait for every background open (ours and any started by `stream`).
         loop {
@@ -333,6 +398,13 @@ impl MrdPool {
             wait.await;
         }
         Ok(s.stream.info().clone())
+    }
+
+    /// Has the object version a live pooled stream?
+    fn has_stream(&self, id: &ObjectId) -> bool {
+        lock(&self.inner.objects)
+            .get(id)
+            .is_some_and(|e| e.streams.iter().any(|s| !s.stream.is_closed()))
     }
 
     /// Live streams of an object version (for tests and metrics).
