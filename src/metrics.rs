@@ -161,6 +161,11 @@ pub fn render(s: &Sources) -> String {
         "Blocks evicted under the memory budget.",
         load(&e.evictions),
     );
+    counter(
+        "zonalfs_open_prefetches_total",
+        "Small files whose whole object started loading when they were opened.",
+        load(&e.opens_prefetched),
+    );
     let p = s.pool.stats();
     counter(
         "zonalfs_streams_opened_total",

@@ -689,14 +689,19 @@ impl Fs {
             }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let object = ObjectId {
+            name: info.name.clone(),
+            generation: info.generation,
+        };
+        // A small object is read whole: start fetching it now, so the first
+        // read finds its bytes on the way (the open's reply and the fetch
+        // overlap).
+        self.engine.start_small(ino, &object, info.size);
         lock(&self.handles).insert(
             fh,
             Handle {
                 ino,
-                object: ObjectId {
-                    name: info.name.clone(),
-                    generation: info.generation,
-                },
+                object,
                 size: info.size,
                 finalized: info.finalized,
             },
@@ -1018,6 +1023,52 @@ mod tests {
                 "{release_consumed}"
             );
         }
+    }
+
+    /// Opening a small file (one block) starts fetching it whole before any
+    /// read; a larger file waits for its reads; a file already read through
+    /// and closed (whose bytes the kernel's page cache holds) fetches nothing
+    /// at its next open.
+    #[tokio::test]
+    async fn open_starts_fetching_a_small_file_whole() {
+        let c = MemClient::new(Duration::ZERO);
+        c.put("small", vec![3u8; 50_000], true);
+        c.put("big", vec![4u8; 3 << 20], true);
+        let engine = ReadEngine::new(
+            c.clone(),
+            Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+            PrefetchConfig {
+                release_consumed: true,
+                ..Default::default()
+            },
+        );
+        let fs = Fs::new(c.clone(), engine.clone(), FsConfig::default());
+        let small = fs.lookup(ROOT_INO, "small").await.unwrap();
+        let big = fs.lookup(ROOT_INO, "big").await.unwrap();
+        let fh = fs.open(small.ino, false).await.unwrap();
+        assert_eq!(
+            engine.blocks_of(small.ino).len(),
+            1,
+            "loading since the open"
+        );
+        let hb = fs.open(big.ino, false).await.unwrap();
+        assert!(
+            engine.blocks_of(big.ino).is_empty(),
+            "a big file waits for reads"
+        );
+        let data = fs.read(fh, 0, 1 << 20).await.unwrap();
+        assert_eq!(data.as_slice(), &vec![3u8; 50_000][..]);
+        drop(data);
+        assert_eq!(c.requests.load(Ordering::Relaxed), 1, "one fetch, at open");
+        fs.release(fh);
+        fs.release(hb);
+        let again = fs.open(small.ino, false).await.unwrap();
+        assert!(
+            engine.blocks_of(small.ino).is_empty(),
+            "read through once: the page cache has it"
+        );
+        assert_eq!(c.requests.load(Ordering::Relaxed), 1);
+        fs.release(again);
     }
 
     #[tokio::test]

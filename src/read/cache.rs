@@ -132,6 +132,8 @@ pub struct ReadStats {
     /// Consumed blocks handed back to the pool early (`release_consumed`).
     pub released: AtomicU64,
     pub budget_fallbacks: AtomicU64,
+    /// Small files whose block started loading at open.
+    pub opens_prefetched: AtomicU64,
 }
 
 #[derive(Default)]
@@ -139,6 +141,9 @@ struct Inode {
     generation: i64,
     blocks: BTreeMap<u64, Arc<Slot>>,
     cursors: Cursors,
+    /// Read to the end through the page cache and closed: the kernel holds
+    /// its bytes, so a later open fetches nothing ahead.
+    read_through: bool,
 }
 
 /// The read engine: cache, prefetcher and block pool over an object client.
@@ -226,6 +231,35 @@ impl ReadEngine {
         drop(gone);
     }
 
+    /// A file was opened: if the object fits in one block (a small file, which
+    /// is almost always read whole), its block starts loading now, whole, so
+    /// the first read finds it on the way. Larger files wait for their reads
+    /// (a random reader must not pay for a block it never reads). Needs the
+    /// tokio runtime (the load is a task).
+    pub fn start_small(&self, ino: u64, object: &ObjectId, size: u64) {
+        if size == 0 || size > self.cfg.block_size {
+            return;
+        }
+        {
+            let mut inodes = lock(&self.inodes);
+            let inode = inodes.entry(ino).or_default();
+            if object.generation < inode.generation
+                || (object.generation == inode.generation && inode.read_through)
+            {
+                return;
+            }
+            if object.generation > inode.generation {
+                inode.generation = object.generation;
+                inode.blocks.clear();
+                inode.cursors.clear();
+                inode.read_through = false;
+            }
+        }
+        if self.slot(ino, object, size, 0).is_some() {
+            self.stats.opens_prefetched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Blocks cached (or loading) for an inode, as (offset, filled) pairs.
     pub fn blocks_of(&self, ino: u64) -> Vec<(u64, usize)> {
         lock(&self.inodes)
@@ -274,6 +308,7 @@ impl ReadEngine {
                 inode.generation = object.generation;
                 inode.blocks.clear();
                 inode.cursors.clear();
+                inode.read_through = false;
             }
             if object.generation < inode.generation {
                 None
@@ -484,8 +519,10 @@ impl ReadEngine {
     /// same few warm buffers instead of faulting in fresh memory per file).
     /// Blocks prefetched but not read stay cached.
     pub fn closed(&self, ino: u64) {
-        if self.cfg.release_consumed {
-            self.drop_consumed(ino, 0);
+        if self.cfg.release_consumed && self.drop_consumed(ino, 0) > 0 {
+            if let Some(inode) = lock(&self.inodes).get_mut(&ino) {
+                inode.read_through = true;
+            }
         }
     }
 
@@ -504,11 +541,11 @@ impl ReadEngine {
     }
 
     /// Drops the inode's consumed, complete blocks nobody holds, but for the
-    /// `keep` most recently used.
-    fn drop_consumed(&self, ino: u64, keep: usize) {
+    /// `keep` most recently used; returns how many went.
+    fn drop_consumed(&self, ino: u64, keep: usize) -> usize {
         let mut inodes = lock(&self.inodes);
         let Some(inode) = inodes.get_mut(&ino) else {
-            return;
+            return 0;
         };
         let mut done: Vec<(u64, u64)> = inode
             .blocks
@@ -519,7 +556,7 @@ impl ReadEngine {
             .map(|(k, s)| (s.last_used.load(Ordering::Relaxed), *k))
             .collect();
         if done.len() <= keep {
-            return;
+            return 0;
         }
         done.sort_unstable();
         let n = done.len() - keep;
@@ -531,6 +568,7 @@ impl ReadEngine {
         self.stats
             .released
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        gone.len()
     }
 
     async fn through_blocks(
