@@ -286,6 +286,11 @@ pub struct MountArgs {
     /// Prefetch and cache block size.
     #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "ZONALFS_BLOCK_SIZE")]
     pub block_size: u64,
+    /// Prefetch across files: when a process opens a directory's files in
+    /// listing order (as dataset loaders do), fetch this many of the next
+    /// small files whole ahead of it, within the memory budget (0: off).
+    #[arg(long, default_value_t = 16, env = "ZONALFS_PREFETCH_FILES")]
+    pub prefetch_files: usize,
     /// Kernel readahead for the mount, in KiB (written to /sys/class/bdi).
     /// zonalfs prefetches on its own, so the kernel's readahead only needs to
     /// keep requests big: `dd bs=1M` of 1 GiB measured (median of 5, warm

@@ -516,6 +516,7 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         dir_mode: args.dir_mode,
         metadata_ttl: args.metadata_ttl,
         negative_ttl: args.negative_ttl,
+        prefetch_files: args.prefetch_files,
         ..Default::default()
     };
     if let Some(u) = args.uid {

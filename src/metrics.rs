@@ -162,6 +162,21 @@ pub fn render(s: &Sources) -> String {
         load(&e.evictions),
     );
     counter(
+        "zonalfs_prefetch_files_total",
+        "Files fetched whole ahead of a reader opening a directory's files in listing order.",
+        load(&e.prefetch_started),
+    );
+    counter(
+        "zonalfs_prefetch_files_used_total",
+        "Files fetched ahead that were then read.",
+        load(&e.prefetch_used),
+    );
+    counter(
+        "zonalfs_prefetch_files_wasted_total",
+        "Files fetched ahead and dropped without being read.",
+        load(&e.prefetch_wasted),
+    );
+    counter(
         "zonalfs_open_prefetches_total",
         "Small files whose whole object started loading when they were opened.",
         load(&e.opens_prefetched),

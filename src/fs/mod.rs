@@ -32,6 +32,7 @@
 
 pub mod fuse;
 pub mod mountinfo;
+pub mod order;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,6 +137,10 @@ pub struct FsConfig {
     /// kernel holds no lookup on (memory stays bounded however large the
     /// bucket; a later lookup re-creates them).
     pub max_nodes: usize,
+    /// Prefetch across files (`--prefetch-files`): when a directory's files
+    /// are opened in listing order, fetch this many of the next ones whole
+    /// ahead of the reader (0: off).
+    pub prefetch_files: usize,
 }
 
 impl Default for FsConfig {
@@ -155,6 +160,7 @@ impl Default for FsConfig {
             list_ttl: Duration::ZERO,
             max_nodes: 200_000,
             prefix: String::new(),
+            prefetch_files: 0,
         }
     }
 }
@@ -226,6 +232,9 @@ pub struct Fs {
     dir_handles: Mutex<HashMap<u64, Listing>>,
     /// Recent listings by directory inode, reused within `list_ttl`.
     listings: Mutex<HashMap<u64, (Instant, Listing)>>,
+    /// Files of listed directories in listing order, and how they are being
+    /// opened (prefetch across files).
+    orders: Mutex<HashMap<u64, Arc<order::DirOrder>>>,
     /// Invalid names already warned about (one warning each).
     warned: Mutex<std::collections::HashSet<String>>,
     next_fh: AtomicU64,
@@ -278,6 +287,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             dir_handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            orders: Mutex::new(HashMap::new()),
             warned: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
@@ -601,12 +611,27 @@ impl Fs {
                 is_dir: true,
             });
         }
+        let mut listed = Vec::new();
         for (name, o) in files {
             if !seen.insert(name.clone()) {
                 continue;
             }
             let path = o.name.clone();
+            let (object, size) = (
+                ObjectId {
+                    name: o.name.clone(),
+                    generation: o.generation,
+                },
+                o.size,
+            );
             let child = self.intern(&mut t, ino, &path, Kind::File(o, Instant::now()), false);
+            if self.cfg.prefetch_files > 0 {
+                listed.push(order::ListedFile {
+                    ino: child,
+                    object,
+                    size,
+                });
+            }
             entries.push(DirEntry {
                 ino: child,
                 name,
@@ -614,6 +639,13 @@ impl Fs {
             });
         }
         drop(t);
+        if self.cfg.prefetch_files > 0 {
+            let mut orders = lock(&self.orders);
+            if orders.len() >= 1_000 {
+                orders.clear();
+            }
+            orders.insert(ino, Arc::new(order::DirOrder::new(listed)));
+        }
         let entries = Arc::new(entries);
         if !self.cfg.list_ttl.is_zero() {
             let mut l = lock(&self.listings);
@@ -697,6 +729,7 @@ impl Fs {
         // read finds its bytes on the way (the open's reply and the fetch
         // overlap).
         self.engine.start_small(ino, &object, info.size);
+        self.prefetch_after(ino);
         lock(&self.handles).insert(
             fh,
             Handle {
@@ -707,6 +740,26 @@ impl Fs {
             },
         );
         Ok(fh)
+    }
+
+    /// Prefetch across files: file `ino` was opened; if its directory's files
+    /// are being opened in listing order, the next ones start loading whole
+    /// (within the memory budget, never evicting anything for them).
+    fn prefetch_after(&self, ino: u64) {
+        if self.cfg.prefetch_files == 0 {
+            return;
+        }
+        let Some(parent) = lock(&self.table).nodes.get(&ino).map(|n| n.parent) else {
+            return;
+        };
+        let Some(dir) = lock(&self.orders).get(&parent).cloned() else {
+            return;
+        };
+        for f in dir.opened(ino, self.cfg.prefetch_files) {
+            if !self.engine.prefetch_file(f.ino, &f.object, f.size) {
+                break;
+            }
+        }
     }
 
     /// Reads through the read engine, the only read path.
@@ -1069,6 +1122,106 @@ mod tests {
         );
         assert_eq!(c.requests.load(Ordering::Relaxed), 1);
         fs.release(again);
+    }
+
+    /// Prefetch across files: opening a directory's files in listing order
+    /// starts the next ones loading whole (at most `prefetch_files` ahead);
+    /// they are counted as used when read; random order fetches nothing
+    /// extra; a full budget stops it without evicting the open file's block.
+    #[tokio::test]
+    async fn files_opened_in_listing_order_are_fetched_ahead() {
+        let setup = |budget: u64| {
+            let c = MemClient::new(Duration::ZERO);
+            for i in 0..30 {
+                c.put(&format!("d/f{i:02}"), vec![i as u8; 20 << 10], true);
+            }
+            let engine = ReadEngine::new(
+                c.clone(),
+                Pool::new(Budget::new(budget), PoolConfig::new(1 << 20)),
+                PrefetchConfig {
+                    release_consumed: true,
+                    ..Default::default()
+                },
+            );
+            let cfg = FsConfig {
+                prefetch_files: 4,
+                ..Default::default()
+            };
+            (c.clone(), engine.clone(), Fs::new(c, engine, cfg))
+        };
+        async fn files(fs: &Fs) -> Vec<u64> {
+            let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+            let dh = fs.opendir(d.ino).await.unwrap();
+            let inos = fs
+                .readdir(dh, 0)
+                .unwrap()
+                .into_iter()
+                .filter(|(_, e)| !e.is_dir)
+                .map(|(_, e)| e.ino)
+                .collect();
+            fs.releasedir(dh);
+            inos
+        }
+        let loading = |e: &ReadEngine, inos: &[u64]| -> Vec<bool> {
+            inos.iter().map(|i| !e.blocks_of(*i).is_empty()).collect()
+        };
+
+        // In listing order: from the fourth open, the next four files.
+        let (_c, engine, fs) = setup(16 << 20);
+        let inos = files(&fs).await;
+        assert_eq!(inos.len(), 30);
+        for (i, ino) in inos.iter().take(4).enumerate() {
+            let fh = fs.open(*ino, false).await.unwrap();
+            let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+            assert_eq!(got.as_slice(), &vec![i as u8; 20 << 10][..]);
+            drop(got);
+            fs.release(fh);
+        }
+        assert_eq!(
+            loading(&engine, &inos[4..10]),
+            [true, true, true, true, false, false]
+        );
+        assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 4);
+        let fh = fs.open(inos[4], false).await.unwrap();
+        assert_eq!(
+            fs.read(fh, 0, 1 << 20).await.unwrap().as_slice(),
+            &vec![4u8; 20 << 10][..]
+        );
+        assert_eq!(engine.stats.prefetch_used.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            loading(&engine, &inos[8..10]),
+            [true, false],
+            "topped up by one"
+        );
+        assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 5);
+        assert_eq!(
+            engine.stats.block_misses.load(Ordering::Relaxed),
+            9,
+            "4 opened + 5 ahead, none fetched twice"
+        );
+
+        // Random order: nothing is fetched but what is opened.
+        let (_c, engine, fs) = setup(16 << 20);
+        let inos = files(&fs).await;
+        for i in [17, 3, 25, 9, 21, 0, 14, 28] {
+            let fh = fs.open(inos[i], false).await.unwrap();
+            fs.release(fh);
+        }
+        assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 0);
+        assert_eq!(engine.stats.block_misses.load(Ordering::Relaxed), 8);
+
+        // A budget with room for three files: the open files keep theirs and
+        // the files ahead take only what is free.
+        let (_c, engine, fs) = setup(3 * (20 << 10));
+        let inos = files(&fs).await;
+        let mut open = Vec::new();
+        for ino in inos.iter().take(4) {
+            open.push(fs.open(*ino, false).await.unwrap());
+        }
+        assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 0);
+        for fh in open {
+            fs.release(fh);
+        }
     }
 
     #[tokio::test]

@@ -100,12 +100,18 @@ pub struct Slot {
     last_used: AtomicU64,
     /// A reader has read to the end of it: evict these first.
     consumed: std::sync::atomic::AtomicBool,
+    /// Fetched ahead by prefetch across files and not read yet.
+    speculative: std::sync::atomic::AtomicBool,
+    stats: Arc<ReadStats>,
     /// The load, to cancel when nobody will read the block.
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if self.speculative.load(Ordering::Relaxed) {
+            self.stats.prefetch_wasted.fetch_add(1, Ordering::Relaxed);
+        }
         // A block dropped while loading (evicted, cancelled, a new generation):
         // stop its fetch so the stream abandons the range.
         if let Some(t) = lock(&self.task).take() {
@@ -134,6 +140,11 @@ pub struct ReadStats {
     pub budget_fallbacks: AtomicU64,
     /// Small files whose block started loading at open.
     pub opens_prefetched: AtomicU64,
+    /// Files fetched ahead by prefetch across files, then read, and dropped
+    /// unread.
+    pub prefetch_started: AtomicU64,
+    pub prefetch_used: AtomicU64,
+    pub prefetch_wasted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -257,6 +268,34 @@ impl ReadEngine {
         }
         if self.slot(ino, object, size, 0).is_some() {
             self.stats.opens_prefetched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Prefetch across files: starts loading a small file whole ahead of its
+    /// reader, if the memory budget has room for it without evicting
+    /// anything. False when it had no room (the caller stops there); a file
+    /// larger than one block, or already loading or read, is skipped.
+    pub fn prefetch_file(&self, ino: u64, object: &ObjectId, size: u64) -> bool {
+        if size == 0 || size > self.cfg.block_size {
+            return true;
+        }
+        {
+            let mut inodes = lock(&self.inodes);
+            let inode = inodes.entry(ino).or_default();
+            if object.generation != inode.generation && inode.generation != 0 {
+                return true;
+            }
+            inode.generation = object.generation;
+            if inode.read_through || inode.blocks.contains_key(&0) {
+                return true;
+            }
+        }
+        match self.slot_for(ino, object, size, 0, true) {
+            Some(_) => {
+                self.stats.prefetch_started.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
         }
     }
 
@@ -416,17 +455,24 @@ impl ReadEngine {
 
     /// Evicts a complete block nobody holds: blocks already read past first,
     /// then blocks prefetched ahead of readers, least recently used first in
-    /// each; false if there is none.
+    /// each (files fetched ahead by prefetch across files and not read yet
+    /// go before all of them); false if there is none.
     fn evict_one(&self) -> bool {
         let mut inodes = lock(&self.inodes);
-        let mut best: Option<(bool, u64, u64, u64)> = None;
+        let mut best: Option<(u8, u64, u64, u64)> = None;
         for (ino, inode) in inodes.iter() {
             for (off, s) in &inode.blocks {
                 if Arc::strong_count(s) == 1 && s.block.is_done() {
-                    let key = (
-                        !s.consumed.load(Ordering::Relaxed),
-                        s.last_used.load(Ordering::Relaxed),
-                    );
+                    // Files fetched ahead and never read go first, then
+                    // blocks read past, then the rest.
+                    let rank = if s.speculative.load(Ordering::Relaxed) {
+                        0
+                    } else if s.consumed.load(Ordering::Relaxed) {
+                        1
+                    } else {
+                        2
+                    };
+                    let key = (rank, s.last_used.load(Ordering::Relaxed));
                     if best.is_none_or(|(c, t, _, _)| key < (c, t)) {
                         best = Some((key.0, key.1, *ino, *off));
                     }
@@ -447,6 +493,20 @@ impl ReadEngine {
     /// The slot for the block at `boff`, starting its load if needed. None when
     /// no memory can be had for it.
     fn slot(&self, ino: u64, object: &ObjectId, size: u64, boff: u64) -> Option<Arc<Slot>> {
+        self.slot_for(ino, object, size, boff, false)
+    }
+
+    /// [`Self::slot`]; `ahead`: a speculative load (prefetch across files),
+    /// which takes memory only if the budget has it free (it evicts nothing)
+    /// and is counted as used or wasted.
+    fn slot_for(
+        &self,
+        ino: u64,
+        object: &ObjectId,
+        size: u64,
+        boff: u64,
+        ahead: bool,
+    ) -> Option<Arc<Slot>> {
         let want = self.cfg.block_size.min(size - boff);
         {
             let mut inodes = lock(&self.inodes);
@@ -459,18 +519,27 @@ impl ReadEngine {
                 if !failed && s.want >= want {
                     s.last_used.store(self.tick(), Ordering::Relaxed);
                     self.stats.block_hits.fetch_add(1, Ordering::Relaxed);
+                    if !ahead && s.speculative.swap(false, Ordering::Relaxed) {
+                        self.stats.prefetch_used.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Some(s.clone());
                 }
                 // A failed load, or the object grew past a short block: again.
                 inode.blocks.remove(&boff);
             }
         }
-        let block = self.alloc(want as usize)?;
+        let block = if ahead {
+            Block::alloc(&self.pool, want as usize)?
+        } else {
+            self.alloc(want as usize)?
+        };
         let slot = Arc::new(Slot {
             offset: boff,
             generation: object.generation,
             block,
             want,
+            speculative: std::sync::atomic::AtomicBool::new(ahead),
+            stats: self.stats.clone(),
             result: Mutex::new(None),
             last_used: AtomicU64::new(self.tick()),
             consumed: std::sync::atomic::AtomicBool::new(false),
