@@ -1224,6 +1224,82 @@ mod tests {
         }
     }
 
+    /// Objects replaced or deleted between the listing and the read, while
+    /// the files around them are fetched ahead: a reader gets a file's old
+    /// bytes whole, or ESTALE/ENOENT, and a new lookup the new bytes, never a
+    /// mix of generations.
+    #[tokio::test]
+    async fn files_changed_after_the_listing_never_mix_generations() {
+        for metadata_ttl in [Duration::from_secs(60), Duration::ZERO] {
+            let c = MemClient::new(Duration::ZERO);
+            for i in 0..12 {
+                c.put(&format!("d/f{i:02}"), vec![i as u8; 30 << 10], true);
+            }
+            let engine = ReadEngine::new(
+                c.clone(),
+                Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+                PrefetchConfig {
+                    release_consumed: true,
+                    ..Default::default()
+                },
+            );
+            let cfg = FsConfig {
+                prefetch_files: 8,
+                metadata_ttl,
+                ..Default::default()
+            };
+            let fs = Fs::new(c.clone(), engine.clone(), cfg);
+            let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+            let dh = fs.opendir(d.ino).await.unwrap();
+            let listed: Vec<DirEntry> = fs
+                .readdir(dh, 0)
+                .unwrap()
+                .into_iter()
+                .map(|(_, e)| e)
+                .filter(|e| !e.is_dir)
+                .collect();
+            fs.releasedir(dh);
+            // Opened in order: the files after the fourth are fetched ahead
+            // with the listing's generations; then two of them change.
+            for e in &listed[..4] {
+                let fh = fs.open(e.ino, false).await.unwrap();
+                fs.release(fh);
+            }
+            assert!(engine.stats.prefetch_started.load(Ordering::Relaxed) > 0);
+            c.put("d/f06", vec![0xee; 20 << 10], true);
+            c.delete("d/f08");
+            for (i, e) in listed.iter().enumerate().skip(4) {
+                let read = async {
+                    let fh = fs.open(e.ino, false).await?;
+                    let r = fs.read(fh, 0, 1 << 20).await.map(|d| d.as_slice().to_vec());
+                    fs.release(fh);
+                    r
+                };
+                match read.await {
+                    Ok(bytes) => assert!(
+                        bytes == vec![i as u8; 30 << 10],
+                        "{metadata_ttl:?}: file {i} is not its listed generation's bytes"
+                    ),
+                    Err(err) => {
+                        assert!(i == 6 || i == 8, "file {i}: {err}");
+                        assert!(
+                            [libc::ESTALE, libc::ENOENT].contains(&err.errno()),
+                            "file {i}: {err}"
+                        );
+                    }
+                }
+            }
+            // A new lookup finds the new generation, whole.
+            let fresh = fs.lookup(d.ino, "f06").await.unwrap();
+            let fh = fs.open(fresh.ino, false).await.unwrap();
+            if fresh.ino != listed[6].ino {
+                let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+                assert!(got.as_slice() == vec![0xee; 20 << 10].as_slice());
+            }
+            fs.release(fh);
+        }
+    }
+
     #[tokio::test]
     async fn a_new_generation_gets_a_new_inode_and_old_handles_keep_theirs() {
         let c = MemClient::new(Duration::ZERO);

@@ -77,6 +77,11 @@ impl MemClient {
         Some(info.clone())
     }
 
+    /// Deletes an object.
+    pub fn delete(&self, name: &str) -> bool {
+        crate::sync::write(&self.objects).remove(name).is_some()
+    }
+
     fn get(&self, name: &str) -> Option<(ObjectInfo, Bytes)> {
         let objects = crate::sync::read(&self.objects);
         objects.get(name).cloned()
