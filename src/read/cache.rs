@@ -255,8 +255,10 @@ impl ReadEngine {
             let mut inodes = lock(&self.inodes);
             let inode = inodes.entry(ino).or_default();
             if object.generation < inode.generation
-                || (object.generation == inode.generation && inode.read_through)
+                || (object.generation == inode.generation
+                    && (inode.read_through || inode.blocks.contains_key(&0)))
             {
+                // Older, read through already, or loading (e.g. fetched ahead).
                 return;
             }
             if object.generation > inode.generation {
