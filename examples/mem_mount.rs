@@ -6,10 +6,12 @@
 //! mem_mount DIR MOUNTPOINT [KERNEL_READAHEAD_KB]
 //! ```
 //! Every file under DIR (recursively) becomes an object named by its relative
-//! path, held in memory. The mount is read-only and configured as the daemon's
-//! defaults are (page cache, 1 MiB kernel readahead, 4 loop threads, consumed
-//! blocks released). Prints `mounted` when ready; unmounts and exits on SIGTERM
-//! or SIGINT, or when someone unmounts it.
+//! path, held in memory (a symbolic link is followed, so a tree of links to
+//! some directories serves just those). The mount is read-only and configured
+//! as the daemon's defaults are (page cache, 1 MiB kernel readahead, 4 loop
+//! threads, consumed blocks released, prefetch across 16 files). Prints
+//! `mounted` when ready; unmounts and exits on SIGTERM or SIGINT, or when
+//! someone unmounts it.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,7 +60,12 @@ async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> 
             ..Default::default()
         },
     );
-    let fs = Fs::new(client, engine, FsConfig::default());
+    let cfg = FsConfig {
+        // The daemon's default `--prefetch-files` (FsConfig's own is off).
+        prefetch_files: 16,
+        ..Default::default()
+    };
+    let fs = Fs::new(client, engine, cfg);
     let fuse_fs = fuse::FuseFs::new(
         fs,
         tokio::runtime::Handle::current(),

@@ -8,8 +8,10 @@
 #
 # It installs what it needs: fio (Debian package) and a venv under target/ with
 # the pinned Python client (tests/python/requirements.txt) and matplotlib.
-# Run as root (it mounts). Finishes in about 15 minutes on 2 cores, bounded at
-# 25 (the small-file runs added about 6); leaves no mount or process behind.
+# Run as root (it mounts). Finishes in about 12 minutes on 2 cores, bounded at
+# 25 (the small-file runs added about 6 of them, random order, the FUSE ceiling
+# and the run without prefetch across files about 1.5 more); leaves no mount
+# or process behind.
 #
 #   usage: scripts/bench.sh [--quick] [--runs N] [--only SECTION[,SECTION...]]
 #     --quick   smaller objects and shorter random-read runs (a smoke run;

@@ -7,8 +7,11 @@ descended in that order) into one listing, then forks PROCS readers. Reader k
 takes files k, k+PROCS, k+2*PROCS, ... of the listing (an interleaved split, as a
 data loader hands out consecutive samples to its workers) and opens, reads whole
 (1 MiB reads into one buffer, until end of file) and closes each in turn.
+With --order random the whole listing is shuffled first (random.Random(SEED),
+so every run reads the same order) and reader k takes the same interleaved
+share of the shuffled list: files come from any directory, in no order.
 
-    python small_read.py --procs N DIR [DIR...]
+    python small_read.py [--procs N] [--order listing|random] [--seed S] DIR [DIR...]
 
 Prints one line: `files=... bytes=... list_seconds=... seconds=...`, where
 seconds covers the listing and the reading (interpreter start-up excluded).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 import traceback
@@ -85,10 +89,14 @@ def collect(pid: int, r: int) -> tuple[int, int] | None:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--procs", type=int, default=1)
+    p.add_argument("--order", choices=("listing", "random"), default="listing")
+    p.add_argument("--seed", type=int, default=13)
     p.add_argument("dirs", nargs="+")
     a = p.parse_args()
     t0 = time.monotonic()
     files = [f for d in a.dirs for f in listing(d)]
+    if a.order == "random":
+        random.Random(a.seed).shuffle(files)
     t1 = time.monotonic()
     readers = [fork_reader(files[k :: a.procs]) for k in range(a.procs)]
     counts = [collect(pid, r) for pid, r in readers]

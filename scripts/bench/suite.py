@@ -14,7 +14,10 @@ emulator profiles (unshaped loopback; shaped like a remote zonal bucket):
 - the peer: the official Python client (peer_mrd.py, 4 concurrent ranges);
 - small files (issue 12), 10,000 objects of 4-256 KiB: the mount read whole by 1
   and 8 reader processes (small_read.py) with the daemon's CPU per file, and the
-  peer opening one downloader per object, 1 and 8 in flight (peer_small.py).
+  peer opening one downloader per object, 1 and 8 in flight (peer_small.py);
+  issue 13: one reader in random file order, prefetch across files as the
+  daemon counts it, the second epoch against mem_mount's, and (shaped) one
+  reader with --prefetch-files 0.
 
 Each figure is the median of RUNS runs; every mount is fresh (cold page cache) and
 is unmounted even when a step fails. Writes docs/benchmarks.md (the suite's
@@ -51,6 +54,13 @@ SECTIONS = ("ceilings", "sequential", "random", "skip", "firstbyte", "ls", "rss"
 BUCKET = "bench"
 BIG_OBJ = "seq/big.bin"  # the sequential object
 FETCHED = "zonalfs_bytes_fetched_total"  # the daemon's metric of bytes received
+# Prefetch across files, as the daemon counts it (small-file runs).
+PREFETCH_METRICS = [
+    ("pf_ahead", "zonalfs_prefetch_files_total"),
+    ("pf_used", "zonalfs_prefetch_files_used_total"),
+    ("pf_wasted", "zonalfs_prefetch_files_wasted_total"),
+    ("open_pf", "zonalfs_open_prefetches_total"),
+]
 
 
 def log(msg: str) -> None:
@@ -500,6 +510,16 @@ class Suite:
         manifest = self.work / f"small-{name}.tsv"
         manifest.write_text("".join(f"{o}\t{n}\n" for o, n in corpus))
         roots = [str(self.mnt / "small" / f"d{d:03}") for d in range(dirs)]
+        # The FUSE ceiling serves the same directories from memory: mem_mount
+        # loads every file under the tree it is given, here a tree of links to
+        # just the directories this profile reads (named dNNN at its root).
+        mem_tree = self.work / f"mem-small-{name}"
+        mem_tree.mkdir(exist_ok=True)
+        for d in range(dirs):
+            link = mem_tree / f"d{d:03}"
+            if not link.is_symlink():
+                link.symlink_to(self.root / BUCKET / "small" / f"d{d:03}")
+        mem_roots = [str(self.mnt / f"d{d:03}") for d in range(dirs)]
         here = Path(__file__).parent
 
         def checked(line: str, what: str) -> dict[str, float]:
@@ -508,21 +528,30 @@ class Suite:
                 raise RuntimeError(f"{what} read {line.strip()!r}; want files={files} bytes={size}")
             return got
 
-        def mount_read(m: Mount, procs: int) -> dict:
-            fetched0, cpu0 = m.metrics().get(FETCHED, 0), m.cpu_seconds()
+        def mount_read(m: Mount, procs: int, order: str = "listing",
+                       dirs_read: list[str] = roots) -> dict:
+            before, cpu0 = m.metrics(), m.cpu_seconds()
             line = subprocess.run([self.a.python, str(here / "small_read.py"), "--procs",
-                                   str(procs), *roots], check=True, capture_output=True,
-                                  text=True, timeout=600).stdout
+                                   str(procs), "--order", order, *dirs_read], check=True,
+                                  capture_output=True, text=True, timeout=600).stdout
             cpu = m.cpu_seconds() - cpu0
-            fetched = m.metrics().get(FETCHED, 0) - fetched0
-            got = checked(line, f"small_read.py --procs {procs}")
-            return {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6,
-                    "cpu_us": cpu / files * 1e6, "list_s": got["list_seconds"],
-                    "fetched_ratio": fetched / size}
+            after = m.metrics()
+            got = checked(line, f"small_read.py --procs {procs} --order {order}")
+            out = {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6,
+                   "cpu_us": cpu / files * 1e6, "list_s": got["list_seconds"]}
+            if m.metrics_port is not None:  # a zonalfs mount (mem_mount has no metrics)
+                out["fetched_ratio"] = (after.get(FETCHED, 0) - before.get(FETCHED, 0)) / size
+                for key, metric in PREFETCH_METRICS:
+                    out[key] = after.get(metric, 0) - before.get(metric, 0)
+            return out
 
-        def mount_epochs(procs: int, epochs: int) -> list[dict]:
-            with self.mount(emu) as m:
-                return [mount_read(m, procs) for _ in range(epochs)]
+        def mount_epochs(procs: int, epochs: int, *extra: str, order: str = "listing") -> list[dict]:
+            with self.mount(emu, *extra) as m:
+                return [mount_read(m, procs, order) for _ in range(epochs)]
+
+        def mem_epochs(procs: int, epochs: int) -> list[dict]:
+            with Mount([self.a.mem_mount, str(mem_tree), str(self.mnt)], self.mnt) as m:
+                return [mount_read(m, procs, dirs_read=mem_roots) for _ in range(epochs)]
 
         def peer(concurrency: int) -> dict:
             line = subprocess.run([self.a.python, str(here / "peer_small.py"), "--endpoint",
@@ -532,18 +561,34 @@ class Suite:
             got = checked(line, f"peer_small.py --concurrency {concurrency}")
             return {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6}
 
-        log(f"small files: {files} objects in {dirs} directories, mount (1 and 8 readers) "
-            "and peer (1 and 8 in flight), alternating")
+        # Each step of a run, in the order they alternate: key(s) it fills, and
+        # how. Without prefetch across files only in the shaped profile (where
+        # the feature has round trips to hide).
+        steps = [
+            (("mount1",), lambda: mount_epochs(1, 1)),
+            (("mount8", "mount8_warm"), lambda: mount_epochs(8, 2)),
+            (("mount1_random",), lambda: mount_epochs(1, 1, order="random")),
+            (("peer1",), lambda: [peer(1)]),
+            (("peer8",), lambda: [peer(8)]),
+            (("mem8", "mem8_warm"), lambda: mem_epochs(8, 2)),
+        ]
+        if name == "shaped":
+            steps.insert(1, (("mount1_nopf",), lambda: mount_epochs(1, 1, "--prefetch-files", "0")))
+        log(f"small files: {files} objects in {dirs} directories: mount (1 and 8 readers, "
+            "1 in random order), peer (1 and 8 in flight), FUSE ceiling (8 readers), alternating")
+        t0 = time.monotonic()
         mount_epochs(8, 1)  # warm-up: the emulator's state for every object
-        runs: dict[str, list] = {k: [] for k in SMALL_KEYS}
+        secs = {"warm-up": time.monotonic() - t0}
+        runs: dict[str, list] = {k: [] for keys, _ in steps for k in keys}
         for _ in range(self.runs):
-            runs["mount1"] += mount_epochs(1, 1)
-            cold, warm = mount_epochs(8, 2)
-            runs["mount8"].append(cold)
-            runs["mount8_warm"].append(warm)
-            runs["peer1"].append(peer(1))
-            runs["peer8"].append(peer(8))
-        r["small"] = {"files": files, "bytes": size, "dirs": dirs, **runs}
+            for keys, step in steps:
+                t0 = time.monotonic()
+                for k, res in zip(keys, step(), strict=True):
+                    runs[k].append(res)
+                secs[keys[0]] = secs.get(keys[0], 0) + time.monotonic() - t0
+        log("small files: seconds per step (all runs): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+        r["small"] = {"files": files, "bytes": size, "dirs": dirs, "step_seconds": secs, **runs}
 
     def run(self) -> dict:
         self.make_data()
@@ -635,6 +680,15 @@ def small_files_intro(res: dict) -> list[str]:
         "object as gcsfs reads a zonal file it opens: one AsyncMultiRangeDownloader per object "
         "(BidiReadObject opened, one whole-object range, closed), 1 or 8 objects in flight "
         "(asyncio tasks in one process), names and sizes known beforehand (no listing).",
+        "Random file order: the same reader with the whole listing shuffled first (a fixed "
+        "seed), one reader on a fresh mount; its fetched / read shows what the mount fetches "
+        "that nobody reads when files come in no order (the target: at most 1.1×).",
+        "The FUSE ceiling: `examples/mem_mount` (zonalfs's filesystem, with the daemon's "
+        "defaults, over an in-memory client) loaded with the same directories and read by the "
+        "same 8 readers twice on one mount; the mount's second epoch is compared with its "
+        "second epoch (the target: at least 0.8×).",
+        "In the shaped profile one more 1-reader run mounts with `--prefetch-files 0`, so the "
+        "effect of prefetch across files shows in the same run.",
         "Mount and peer runs alternate; every read is checked to return every file and byte of "
         "the set.",
     ]
@@ -748,12 +802,27 @@ def other_ratios(r: dict) -> list[str]:
 
 SMALL_ROWS = [
     ("mount1", "mount, 1 reader (cold mount)"),
+    ("mount1_nopf", "mount, 1 reader, `--prefetch-files 0` (cold mount)"),
     ("mount8", "mount, 8 readers (cold mount)"),
     ("mount8_warm", "mount, 8 readers, second epoch (same mount)"),
+    ("mount1_random", "mount, 1 reader, random file order (cold mount)"),
     ("peer1", "peer: 1 object in flight"),
     ("peer8", "peer: 8 objects in flight"),
+    ("mem8", "FUSE ceiling (`mem_mount`), 8 readers (cold mount)"),
+    ("mem8_warm", "FUSE ceiling (`mem_mount`), 8 readers, second epoch (same mount)"),
 ]
-SMALL_KEYS = [k for k, _ in SMALL_ROWS]
+# The plot's bars: the mount against its peer.
+SMALL_PLOT = [
+    ("mount1", "mount\n1 reader"), ("mount8", "mount\n8 readers"),
+    ("mount8_warm", "mount 8,\n2nd epoch"), ("peer1", "peer\n1 in flight"),
+    ("peer8", "peer\n8 in flight"),
+]
+# Prefetch across files reported under the table: (key, what the run was).
+SMALL_PREFETCH = [
+    ("mount1", "1 reader"),
+    ("mount8", "8 readers"),
+    ("mount1_random", "1 reader in random order"),
+]
 
 
 def small_median(s: dict, key: str, field: str) -> float:
@@ -767,14 +836,30 @@ def small_files_table(s: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for key, label in SMALL_ROWS:
-        mount = key.startswith("mount")
-        cpu = f"{small_median(s, key, 'cpu_us'):.0f}" if mount else "–"
-        fetched = f"{small_median(s, key, 'fetched_ratio'):.3f}" if mount else "–"
-        listing = f"{small_median(s, key, 'list_s'):.2f}" if mount else "–"
+        if key not in s:
+            continue
+        runs = s[key]
+
+        def col(field: str, spec: str) -> str:
+            return f"{small_median(s, key, field):{spec}}" if field in runs[0] else "–"
+
         lines.append(f"| {label} | {small_median(s, key, 'files_s'):.0f} | "
-                     f"{small_median(s, key, 'mbps'):.0f} | {cpu} | {fetched} | {listing} | "
-                     f"{fmt(x['files_s'] for x in s[key])} |")
-    return [*lines, ""]
+                     f"{small_median(s, key, 'mbps'):.0f} | {col('cpu_us', '.0f')} | "
+                     f"{col('fetched_ratio', '.3f')} | {col('list_s', '.2f')} | "
+                     f"{fmt(x['files_s'] for x in runs)} |")
+    lines.append("")
+    pf = [f"{what}: {small_median(s, key, 'pf_ahead'):.0f} fetched ahead, "
+          f"{small_median(s, key, 'pf_used'):.0f} used, {small_median(s, key, 'pf_wasted'):.0f} wasted"
+          f", {small_median(s, key, 'open_pf'):.0f} open prefetches"
+          for key, what in SMALL_PREFETCH if key in s and "pf_ahead" in s[key][0]]
+    if pf:
+        lines += [f"Prefetch across files (`--prefetch-files 16`, the default), cold mount, files "
+                  f"of the {s['files']} (medians of the runs' `zonalfs_prefetch_files_total`, "
+                  f"`_used_total`, `_wasted_total` and `zonalfs_open_prefetches_total`, read "
+                  f"from the metrics endpoint before and after the read; the last counts every "
+                  f"open of a small file not yet read, whether or not it was fetched ahead): "
+                  + "; ".join(pf) + ".", ""]
+    return lines
 
 
 def small_files_ratios(name: str, s: dict | None) -> list[str]:
@@ -784,12 +869,24 @@ def small_files_ratios(name: str, s: dict | None) -> list[str]:
     eight = small_median(s, "mount8", "files_s") / small_median(s, "peer8", "files_s")
     cpu = small_median(s, "mount8", "cpu_us")
     want_one = 5 if name == "shaped" else 2
-    return [
+    rows = [
         ratio_row("small files/s: mount 1 reader / peer 1 in flight", one, f"≥ {want_one}",
                   one >= want_one),
         ratio_row("small files/s: mount 8 readers / peer 8 in flight", eight, "≥ 3", eight >= 3),
         ratio_row("daemon CPU per small file, 8 readers, µs", cpu, "≤ 150", cpu <= 150, ".0f"),
     ]
+    if "mount1_random" in s:
+        rnd = small_median(s, "mount1_random", "fetched_ratio")
+        rows.append(ratio_row("small files, random file order: fetched / read", rnd, "≤ 1.1",
+                              rnd <= 1.1, ".3f"))
+    if "mem8_warm" in s:
+        warm = small_median(s, "mount8_warm", "files_s") / small_median(s, "mem8_warm", "files_s")
+        rows.append(ratio_row("small files/s, 8 readers: second epoch / `mem_mount` second epoch",
+                              warm, "≥ 0.8", warm >= 0.8))
+    if "mount1_nopf" in s:
+        pf = small_median(s, "mount1", "files_s") / small_median(s, "mount1_nopf", "files_s")
+        rows.append(ratio_row("small files/s, 1 reader: with / without prefetch across files", pf))
+    return rows
 
 
 def plots(res: dict, img: Path) -> None:
@@ -824,10 +921,9 @@ def plots(res: dict, img: Path) -> None:
         a2.set_title("Random reads (fio QD1)")
         a2.legend(fontsize=8)
         s = r["small"]
-        files_s = [small_median(s, k, "files_s") for k in SMALL_KEYS]
+        files_s = [small_median(s, k, "files_s") for k, _ in SMALL_PLOT]
         a3.bar(range(len(files_s)), files_s, color=["#55a868"] * 3 + ["#c44e52"] * 2)
-        a3.set_xticks(range(len(files_s)), ["mount\n1 reader", "mount\n8 readers", "mount 8,\n2nd epoch",
-                                             "peer\n1 in flight", "peer\n8 in flight"], fontsize=8)
+        a3.set_xticks(range(len(files_s)), [label for _, label in SMALL_PLOT], fontsize=8)
         a3.set_ylabel("files/s (median)")
         a3.set_title(f"Small files ({s['files']} of 4-256 KiB)")
         for i, v in enumerate(files_s):
