@@ -286,6 +286,12 @@ pub struct MountArgs {
     /// Prefetch and cache block size.
     #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "ZONALFS_BLOCK_SIZE")]
     pub block_size: u64,
+    /// FUSE passthrough: small finalized files are held whole in memory files
+    /// and the kernel serves their reads itself, where the kernel offers it
+    /// (6.9+, CAP_SYS_ADMIN). Off by default: on a cold read-once pass it
+    /// costs more per file than it saves (see docs/benchmarks.md).
+    #[arg(long, env = "ZONALFS_PASSTHROUGH")]
+    pub passthrough: bool,
     /// Prefetch across files: when a process opens a directory's files in
     /// listing order (as dataset loaders do), fetch this many of the next
     /// small files whole ahead of it, within the memory budget (0: off).
@@ -459,6 +465,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the mount's variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount a bucket read-only at a directory.

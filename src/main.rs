@@ -556,6 +556,7 @@ async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsE
         fuse_stats,
     );
     fuse_fs.max_background = args.max_background;
+    fuse_fs.passthrough = args.passthrough;
     let mounted = fuse::mount(
         fuse_fs,
         mp,

@@ -57,6 +57,8 @@ pub struct FuseStats {
     pub open_files: AtomicU64,
     /// Directory handles open (opendir replied, releasedir not yet seen).
     pub open_dirs: AtomicU64,
+    /// Opens answered with FUSE passthrough (their reads never reach us).
+    pub passthrough_opens: AtomicU64,
 }
 
 impl FuseStats {
@@ -175,6 +177,11 @@ pub fn render(s: &Sources) -> String {
         "zonalfs_prefetch_files_wasted_total",
         "Files fetched ahead and dropped without being read.",
         load(&e.prefetch_wasted),
+    );
+    counter(
+        "zonalfs_passthrough_opens_total",
+        "Opens of small files answered with FUSE passthrough to a memory file (the kernel serves their reads).",
+        load(&s.fuse.passthrough_opens),
     );
     counter(
         "zonalfs_open_prefetches_total",

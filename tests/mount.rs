@@ -826,3 +826,75 @@ fn allow_other_and_statfs() {
     assert_eq!(out.stdout, b"for everyone\n");
     assert!(m.stop().success());
 }
+
+/// The running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let mut num = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    (num(), num()) >= (major, minor)
+}
+
+/// `--passthrough`: small finalized files are held whole in memory files and
+/// the kernel serves their reads itself. Their bytes are right on every open,
+/// and (where the kernel offers passthrough: 6.9 and later) no read of them
+/// reaches the daemon; an appendable object stays on the normal path.
+#[test]
+fn passthrough_serves_small_files_from_the_kernel() {
+    let tree = Tree::new();
+    let files: Vec<(String, Vec<u8>)> = (0..12u64)
+        .map(|i| {
+            let name = format!("d/f{i:02}");
+            let data = pattern(1000 + i as usize * 7919, 40 + i);
+            tree.put(&name, &data);
+            (name, data)
+        })
+        .collect();
+    tree.put("d/log", b"appendable, still growing");
+    tree.mark_appendable("d/log");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").to_string()
+    };
+    let mut m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--metrics-addr", &metrics_addr, "--passthrough"],
+    );
+    for round in 0..2 {
+        for (name, data) in &files {
+            let got = std::fs::read(mnt.path().join(name)).expect("read");
+            assert!(got == *data, "round {round}: {name} has the wrong bytes");
+        }
+    }
+    let log = std::fs::read(mnt.path().join("d/log")).expect("read log");
+    assert_eq!(log, b"appendable, still growing");
+    let metrics = scrape(&metrics_addr);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"))
+    };
+    let passthrough = value("zonalfs_passthrough_opens_total");
+    let reads = value("zonalfs_fuse_op_seconds_count{op=\"read\"}");
+    if kernel_at_least(6, 9) {
+        assert_eq!(passthrough, 24.0, "every open of a small file, both rounds");
+        assert!(
+            (1.0..=3.0).contains(&reads),
+            "only the appendable object's reads reach the daemon: {reads}"
+        );
+    } else {
+        assert_eq!(passthrough, 0.0);
+    }
+    assert!(m.stop().success());
+}

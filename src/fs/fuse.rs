@@ -9,10 +9,12 @@
 //! [`Mounted`] unmounts when dropped, so no path (error, panic, signal) leaves
 //! the mountpoint behind.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
@@ -24,6 +26,7 @@ use fuser::{
 use super::mountinfo::{self, MountEntry};
 use super::{Attr, Fs, FsError};
 use crate::metrics::FuseStats;
+use crate::sync::lock;
 
 /// Operations slower than this are logged.
 const SLOW_OP: Duration = Duration::from_secs(1);
@@ -39,6 +42,12 @@ pub struct FuseFs {
     stats: Arc<FuseStats>,
     /// Asynchronous requests the kernel may have in flight.
     pub max_background: u16,
+    /// Ask the kernel for FUSE passthrough (small files served from memory
+    /// files by the kernel itself): `--passthrough`.
+    pub passthrough: bool,
+    /// The backing files registered for passthrough opens, by file handle,
+    /// released with the handle.
+    backings: Arc<Mutex<HashMap<u64, fuser::BackingId>>>,
 }
 
 impl FuseFs {
@@ -54,6 +63,8 @@ impl FuseFs {
             direct_io,
             stats,
             max_background: 64,
+            passthrough: false,
+            backings: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -140,6 +151,24 @@ impl Filesystem for FuseFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // Small finalized files are served by the kernel from memory files
+        // (FUSE passthrough) where the kernel offers it (6.9 and later, with
+        // CAP_SYS_ADMIN); with direct I/O every read must come to us.
+        if self.passthrough && !self.direct_io {
+            let offered = config.set_max_stack_depth(1).is_ok()
+                && config
+                    .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                    .is_ok();
+            if offered {
+                tracing::info!("FUSE passthrough on: small files are read by the kernel");
+            } else {
+                let _ = config.set_max_stack_depth(0);
+                tracing::info!(
+                    "FUSE passthrough not offered by this kernel: every read comes to the daemon"
+                );
+            }
+            self.fs.set_passthrough(offered);
+        }
         Ok(())
     }
 
@@ -182,25 +211,42 @@ impl Filesystem for FuseFs {
         let (fs, direct) = (self.fs.clone(), self.direct_io);
         let (stats, t) = (self.stats.clone(), Instant::now());
         let id = req.unique().0;
+        let backings = self.backings.clone();
         self.rt.spawn(async move {
-            let r = fs.open(ino.0, write).await;
+            let r = fs.open_file(ino.0, write).await;
             Self::done(&stats, "open", id, t, r.as_ref().err());
-            match r {
-                // Keep the page cache across opens: the handle pins a generation,
-                // and a new generation of the object gets an inode of its own.
-                Ok(fh) => {
-                    stats.handle_opened(false);
-                    reply.opened(
-                        FileHandle(fh),
-                        if direct {
-                            FopenFlags::FOPEN_DIRECT_IO
-                        } else {
-                            FopenFlags::FOPEN_KEEP_CACHE
-                        },
-                    )
+            let opened = match r {
+                Ok(o) => o,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            stats.handle_opened(false);
+            let fh = FileHandle(opened.fh);
+            if let Some(file) = opened.passthrough.as_ref().and_then(|s| s.block.memfile()) {
+                match reply.open_backing(file) {
+                    Ok(id) => {
+                        // No FOPEN_KEEP_CACHE: the kernel refuses it with
+                        // passthrough (it reads the memory file's own cache).
+                        reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+                        lock(&backings).insert(opened.fh, id);
+                        stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "FUSE passthrough refused a backing file; turning it off (every read comes to the daemon)");
+                        fs.set_passthrough(false);
+                    }
                 }
-                Err(e) => reply.error(errno(&e)),
             }
+            // Keep the page cache across opens: the handle pins a generation,
+            // and a new generation of the object gets an inode of its own.
+            reply.opened(
+                fh,
+                if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                },
+            )
         });
     }
 
@@ -241,6 +287,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        lock(&self.backings).remove(&fh.0);
         self.stats.handle_released(false);
         reply.ok();
     }

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::gcs::{GcsError, ObjectClient, ObjectId, ObjectInfo};
+use crate::read::cache::Slot;
 use crate::read::{ReadData, ReadEngine, ReadError};
 use crate::sync::lock;
 
@@ -210,12 +211,22 @@ struct Table {
 }
 
 /// An open file: the object version it reads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Handle {
     pub ino: u64,
     pub object: ObjectId,
     pub size: u64,
     pub finalized: bool,
+    /// A passthrough open: the memory file the kernel reads, kept cached
+    /// while the handle is open.
+    pub backing: Option<Arc<Slot>>,
+}
+
+/// What an open gives the FUSE layer: the handle, and for a passthrough open
+/// the block whose memory file the kernel is to read.
+pub struct Opened {
+    pub fh: u64,
+    pub passthrough: Option<Arc<Slot>>,
 }
 
 /// A directory's entries, as one open handle (or the listing cache) holds them.
@@ -235,6 +246,8 @@ pub struct Fs {
     /// Files of listed directories in listing order, and how they are being
     /// opened (prefetch across files).
     orders: Mutex<HashMap<u64, Arc<order::DirOrder>>>,
+    /// Inodes opened the normal way (never passthrough after that).
+    normal_opens: Mutex<std::collections::HashSet<u64>>,
     /// Invalid names already warned about (one warning each).
     warned: Mutex<std::collections::HashSet<String>>,
     next_fh: AtomicU64,
@@ -288,6 +301,7 @@ impl Fs {
             dir_handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             orders: Mutex::new(HashMap::new()),
+            normal_opens: Mutex::new(std::collections::HashSet::new()),
             warned: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
@@ -296,6 +310,12 @@ impl Fs {
 
     pub fn config(&self) -> &FsConfig {
         &self.cfg
+    }
+
+    /// FUSE passthrough for small finalized objects, on or off (the kernel
+    /// offered it at init, or refused a backing file).
+    pub fn set_passthrough(&self, on: bool) {
+        self.engine.set_whole_files(on);
     }
 
     fn attr_of(&self, ino: u64, kind: &Kind) -> Attr {
@@ -617,12 +637,13 @@ impl Fs {
                 continue;
             }
             let path = o.name.clone();
-            let (object, size) = (
+            let (object, size, finalized) = (
                 ObjectId {
                     name: o.name.clone(),
                     generation: o.generation,
                 },
                 o.size,
+                o.finalized,
             );
             let child = self.intern(&mut t, ino, &path, Kind::File(o, Instant::now()), false);
             if self.cfg.prefetch_files > 0 {
@@ -630,6 +651,7 @@ impl Fs {
                     ino: child,
                     object,
                     size,
+                    finalized,
                 });
             }
             entries.push(DirEntry {
@@ -695,6 +717,14 @@ impl Fs {
     /// the object has a new generation: the inode stands for the old one, and
     /// the kernel then looks the name up again (and finds the new inode).
     pub async fn open(&self, ino: u64, write: bool) -> Result<u64, FsError> {
+        self.open_file(ino, write).await.map(|o| o.fh)
+    }
+
+    /// [`Fs::open`], and for a small finalized object when FUSE passthrough
+    /// is on, its whole bytes in a memory file for the kernel to serve (an
+    /// inode once opened the normal way stays on the normal path: the kernel
+    /// refuses cached and passthrough opens of one inode at once).
+    pub async fn open_file(&self, ino: u64, write: bool) -> Result<Opened, FsError> {
         if write {
             return Err(FsError::ReadOnly);
         }
@@ -728,8 +758,23 @@ impl Fs {
         // A small object is read whole: start fetching it now, so the first
         // read finds its bytes on the way (the open's reply and the fetch
         // overlap).
-        self.engine.start_small(ino, &object, info.size);
+        self.engine
+            .start_small(ino, &object, info.size, info.finalized);
         self.prefetch_after(ino);
+        let passthrough = if lock(&self.normal_opens).contains(&ino) {
+            None
+        } else {
+            self.engine
+                .whole_file(ino, &object, info.size, info.finalized)
+                .await
+        };
+        if passthrough.is_none() {
+            let mut normal = lock(&self.normal_opens);
+            if normal.len() > 1_000_000 {
+                normal.clear();
+            }
+            normal.insert(ino);
+        }
         lock(&self.handles).insert(
             fh,
             Handle {
@@ -737,9 +782,10 @@ impl Fs {
                 object,
                 size: info.size,
                 finalized: info.finalized,
+                backing: passthrough.clone(),
             },
         );
-        Ok(fh)
+        Ok(Opened { fh, passthrough })
     }
 
     /// Prefetch across files: file `ino` was opened; if its directory's files
@@ -756,7 +802,10 @@ impl Fs {
             return;
         };
         for f in dir.opened(ino, self.cfg.prefetch_files) {
-            if !self.engine.prefetch_file(f.ino, &f.object, f.size) {
+            if !self
+                .engine
+                .prefetch_file(f.ino, &f.object, f.size, f.finalized)
+            {
                 break;
             }
         }

@@ -44,6 +44,7 @@ pub struct ListedFile {
     pub ino: u64,
     pub object: ObjectId,
     pub size: u64,
+    pub finalized: bool,
 }
 
 #[derive(Debug)]
@@ -156,6 +157,7 @@ mod tests {
                         generation: 1,
                     },
                     size: 1000,
+                    finalized: true,
                 })
                 .collect(),
         )
@@ -256,6 +258,7 @@ mod random_order {
                         generation: 1,
                     },
                     size: 1,
+                    finalized: true,
                 })
                 .collect(),
         );
@@ -291,6 +294,7 @@ mod random_order {
                             generation: 1,
                         },
                         size: 1,
+                        finalized: true,
                     })
                     .collect(),
             );

@@ -49,6 +49,9 @@ use std::time::{Duration, Instant};
 
 use crate::sync::lock;
 
+pub mod memfd;
+pub use memfd::MemFile;
+
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 /// Classes of this size and up get an arena of their own and huge pages.

@@ -15,13 +15,36 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 use crate::gcs::RangeSink;
-use crate::memory::{Buffer, Pool};
+use crate::memory::{Buffer, MemFile, Pool};
 use crate::sync::lock;
 
 /// A page-aligned buffer being filled front to back by one writer while any
 /// number of readers read what is already there.
+/// Where a block's bytes live: a pool buffer, or (a whole small object to be
+/// served by the kernel through FUSE passthrough) a memory file.
+enum Backing {
+    Pool(Buffer),
+    File(MemFile),
+}
+
+impl Backing {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            Backing::Pool(b) => b.as_ptr(),
+            Backing::File(f) => f.as_ptr(),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Backing::Pool(b) => b.capacity(),
+            Backing::File(f) => f.size(),
+        }
+    }
+}
+
 pub struct Block {
-    buf: Buffer,
+    buf: Backing,
     /// Bytes this block is meant to hold.
     len: usize,
     /// Bytes written so far (a prefix); published with Release.
@@ -48,15 +71,34 @@ impl Block {
     /// the pool has no room (the caller evicts and asks again).
     pub fn alloc(pool: &Pool, len: usize) -> Option<Block> {
         let len = len.min(pool.largest());
-        let buf = pool.try_alloc(len)?;
-        Some(Block {
+        let buf = Backing::Pool(pool.try_alloc(len)?);
+        Some(Self::new(buf, len))
+    }
+
+    /// A block for a whole small object of `len` bytes held in a memory file
+    /// (its budget taken from the pool's), which the kernel can serve itself.
+    pub fn alloc_file(pool: &Pool, len: usize) -> Option<Block> {
+        let file = MemFile::new(pool.budget(), len)?;
+        Some(Self::new(Backing::File(file), len))
+    }
+
+    fn new(buf: Backing, len: usize) -> Block {
+        Block {
             buf,
             len,
             filled: AtomicUsize::new(0),
             done: AtomicBool::new(false),
             writer: Mutex::new(()),
             notify: Notify::new(),
-        })
+        }
+    }
+
+    /// The memory file holding this block, if it is one.
+    pub fn memfile(&self) -> Option<&MemFile> {
+        match &self.buf {
+            Backing::File(f) => Some(f),
+            Backing::Pool(_) => None,
+        }
     }
 
     /// Bytes this block is meant to hold.
@@ -115,6 +157,19 @@ impl Block {
         Some(unsafe {
             std::slice::from_raw_parts(self.buf.as_ptr().add(range.start), range.end - range.start)
         })
+    }
+
+    /// Waits until no more bytes will come (the load completed or failed).
+    pub async fn wait_done(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Waits until at least `n` bytes are filled or no more will come; returns

@@ -157,6 +157,16 @@ struct Inode {
     read_through: bool,
 }
 
+/// How a block is loaded.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    /// Speculative (prefetch across files): takes memory only if the budget
+    /// has it free (evicts nothing), and is counted as used or wasted.
+    ahead: bool,
+    /// A whole small object into a memory file (for FUSE passthrough).
+    file: bool,
+}
+
 /// The read engine: cache, prefetcher and block pool over an object client.
 pub struct ReadEngine {
     client: Arc<dyn ObjectClient>,
@@ -166,6 +176,8 @@ pub struct ReadEngine {
     /// When the active sequential readers were last counted, and how many.
     readers: Mutex<(std::time::Instant, usize)>,
     clock: AtomicU64,
+    /// See [`ReadEngine::set_whole_files`].
+    whole_files: std::sync::atomic::AtomicBool,
     pub stats: Arc<ReadStats>,
 }
 
@@ -188,6 +200,7 @@ impl ReadEngine {
                 1,
             )),
             clock: AtomicU64::new(0),
+            whole_files: std::sync::atomic::AtomicBool::new(false),
             stats: Arc::new(ReadStats::default()),
         })
     }
@@ -247,7 +260,7 @@ impl ReadEngine {
     /// the first read finds it on the way. Larger files wait for their reads
     /// (a random reader must not pay for a block it never reads). Needs the
     /// tokio runtime (the load is a task).
-    pub fn start_small(&self, ino: u64, object: &ObjectId, size: u64) {
+    pub fn start_small(&self, ino: u64, object: &ObjectId, size: u64, finalized: bool) {
         if size == 0 || size > self.cfg.block_size {
             return;
         }
@@ -268,16 +281,65 @@ impl ReadEngine {
                 inode.read_through = false;
             }
         }
-        if self.slot(ino, object, size, 0).is_some() {
+        let load = Load {
+            ahead: false,
+            file: finalized && self.whole_files(),
+        };
+        if self.slot_for(ino, object, size, 0, load).is_some() {
             self.stats.opens_prefetched.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Small finalized objects loaded whole go into memory files from now on
+    /// (the kernel offered FUSE passthrough).
+    pub fn set_whole_files(&self, on: bool) {
+        self.whole_files.store(on, Ordering::Relaxed);
+    }
+
+    fn whole_files(&self) -> bool {
+        self.whole_files.load(Ordering::Relaxed)
+    }
+
+    /// FUSE passthrough for an open of a small finalized object: its whole
+    /// bytes in a memory file, loaded (waiting for them), for the kernel to
+    /// serve every read of this open itself. None when passthrough is off,
+    /// the object is not small, or it is cached in a plain block (then the
+    /// open takes the normal read path). The slot stays cached while the
+    /// caller holds it.
+    pub async fn whole_file(
+        &self,
+        ino: u64,
+        object: &ObjectId,
+        size: u64,
+        finalized: bool,
+    ) -> Option<Arc<Slot>> {
+        if !finalized || !self.whole_files() || size == 0 || size > self.cfg.block_size {
+            return None;
+        }
+        self.start_small(ino, object, size, finalized);
+        let slot = {
+            let inodes = lock(&self.inodes);
+            let inode = inodes.get(&ino)?;
+            if inode.generation != object.generation {
+                return None;
+            }
+            inode.blocks.get(&0)?.clone()
+        };
+        slot.block.memfile()?;
+        if slot.speculative.swap(false, Ordering::Relaxed) {
+            self.stats.prefetch_used.fetch_add(1, Ordering::Relaxed);
+        }
+        // The load's outcome is recorded before the block is marked done.
+        slot.block.wait_done().await;
+        let whole = slot.block.filled() as u64 == size && matches!(slot.loaded(), Some(Ok(_)));
+        whole.then_some(slot)
     }
 
     /// Prefetch across files: starts loading a small file whole ahead of its
     /// reader, if the memory budget has room for it without evicting
     /// anything. False when it had no room (the caller stops there); a file
     /// larger than one block, or already loading or read, is skipped.
-    pub fn prefetch_file(&self, ino: u64, object: &ObjectId, size: u64) -> bool {
+    pub fn prefetch_file(&self, ino: u64, object: &ObjectId, size: u64, finalized: bool) -> bool {
         if size == 0 || size > self.cfg.block_size {
             return true;
         }
@@ -292,7 +354,11 @@ impl ReadEngine {
                 return true;
             }
         }
-        match self.slot_for(ino, object, size, 0, true) {
+        let load = Load {
+            ahead: true,
+            file: finalized && self.whole_files(),
+        };
+        match self.slot_for(ino, object, size, 0, load) {
             Some(_) => {
                 self.stats.prefetch_started.fetch_add(1, Ordering::Relaxed);
                 true
@@ -441,12 +507,17 @@ impl ReadEngine {
 
     /// Allocates a block, evicting the least recently used idle block if the
     /// budget is spent.
-    fn alloc(&self, len: usize) -> Option<Block> {
+    fn alloc(&self, len: usize, file: bool) -> Option<Block> {
         self.pool
             .budget()
             .set_reserved(self.client.transport_memory());
         loop {
-            if let Some(b) = Block::alloc(&self.pool, len) {
+            let got = if file {
+                Block::alloc_file(&self.pool, len)
+            } else {
+                Block::alloc(&self.pool, len)
+            };
+            if let Some(b) = got {
                 return Some(b);
             }
             if !self.evict_one() {
@@ -495,21 +566,22 @@ impl ReadEngine {
     /// The slot for the block at `boff`, starting its load if needed. None when
     /// no memory can be had for it.
     fn slot(&self, ino: u64, object: &ObjectId, size: u64, boff: u64) -> Option<Arc<Slot>> {
-        self.slot_for(ino, object, size, boff, false)
+        self.slot_for(ino, object, size, boff, Load::default())
     }
 
-    /// [`Self::slot`]; `ahead`: a speculative load (prefetch across files),
-    /// which takes memory only if the budget has it free (it evicts nothing)
-    /// and is counted as used or wasted.
+    /// [`Self::slot`], loaded as `load` says.
     fn slot_for(
         &self,
         ino: u64,
         object: &ObjectId,
         size: u64,
         boff: u64,
-        ahead: bool,
+        load: Load,
     ) -> Option<Arc<Slot>> {
+        let Load { ahead, file } = load;
         let want = self.cfg.block_size.min(size - boff);
+        // Only a whole object goes into a memory file.
+        let file = file && boff == 0 && want == size;
         {
             let mut inodes = lock(&self.inodes);
             let inode = inodes.get_mut(&ino)?;
@@ -530,10 +602,10 @@ impl ReadEngine {
                 inode.blocks.remove(&boff);
             }
         }
-        let block = if ahead {
-            Block::alloc(&self.pool, want as usize)?
-        } else {
-            self.alloc(want as usize)?
+        let block = match (ahead, file) {
+            (true, true) => Block::alloc_file(&self.pool, want as usize)?,
+            (true, false) => Block::alloc(&self.pool, want as usize)?,
+            (false, _) => self.alloc(want as usize, file)?,
         };
         let slot = Arc::new(Slot {
             offset: boff,
