@@ -26,10 +26,7 @@ fn mount_read_list_errors_and_clean_unmount() {
     }
     let emu = EmuChild::spawn(tree.root(), &[]);
     let mnt = tempfile::tempdir().expect("mountpoint");
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").to_string()
-    };
+    let metrics_addr = free_addr();
     let mut m = MountGuard::mount(
         &format!("http://{}", emu.addr),
         mnt.path(),
@@ -104,14 +101,7 @@ fn mount_read_list_errors_and_clean_unmount() {
 
     // The metrics endpoint reports what happened.
     let metrics = scrape(&metrics_addr);
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert!(value("zonalfs_bytes_read_total") >= big.len() as f64);
     assert!(value("zonalfs_fuse_op_seconds_count{op=\"read\"}") > 0.0);
     assert!(
@@ -672,10 +662,7 @@ fn ls_l_uses_readdirplus() {
         tree.put(&format!("d/f{i}"), i.to_string().as_bytes());
     }
     let emu = EmuChild::spawn(tree.root(), &[]);
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").to_string()
-    };
+    let metrics_addr = free_addr();
     let mnt = tempfile::tempdir().expect("mountpoint");
     let mut m = MountGuard::mount(
         &format!("http://{}", emu.addr),
@@ -859,10 +846,7 @@ fn passthrough_serves_small_files_from_the_kernel() {
     tree.mark_appendable("d/log");
     let emu = EmuChild::spawn(tree.root(), &[]);
     let mnt = tempfile::tempdir().expect("mountpoint");
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").to_string()
-    };
+    let metrics_addr = free_addr();
     let mut m = MountGuard::mount(
         &format!("http://{}", emu.addr),
         mnt.path(),
@@ -877,14 +861,7 @@ fn passthrough_serves_small_files_from_the_kernel() {
     let log = std::fs::read(mnt.path().join("d/log")).expect("read log");
     assert_eq!(log, b"appendable, still growing");
     let metrics = scrape(&metrics_addr);
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     let passthrough = value("zonalfs_passthrough_opens_total");
     let reads = value("zonalfs_fuse_op_seconds_count{op=\"read\"}");
     if kernel_at_least(6, 9) {

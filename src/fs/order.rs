@@ -98,14 +98,11 @@ impl DirOrder {
             .position(|r| idx <= r.furthest + FORWARD_SLACK && idx + window >= r.furthest);
         let run = match found {
             Some(i) => {
-                // Only a step forward counts (a file behind the furthest one
-                // is a worker catching up): a random open rarely lands one or
-                // two files past a run's end several times in a row.
-                // Only a step forward keeps the run alive, too: random opens
-                // landing behind it must not keep a chance run going.
-                // A step long after the run's last one (other opens of the
-                // directory in between) starts the count again: a real reader
-                // steps its run every few opens, a random one by chance.
+                // Only a step forward counts and keeps the run alive (a file
+                // behind the furthest one is a worker catching up), and a
+                // step long after the run's last one starts the count again:
+                // a real reader steps its run every few opens, a random one
+                // only by chance, and rarely several times in a row.
                 let r = &mut st.runs[i];
                 if idx > r.furthest {
                     r.opens = if now - r.used > STALE { 1 } else { r.opens + 1 };
@@ -238,39 +235,25 @@ mod tests {
         assert!(d.opened(101 + 100, 4).is_empty(), "unknown inode");
         assert!(dir(10).opened(100, 0).is_empty(), "window 0: off");
     }
-}
 
-#[cfg(test)]
-mod random_order {
-    use super::*;
+    /// A deterministic pseudo-random number generator (xorshift).
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
 
     /// Random file order over many opens: what is fetched ahead stays a small
-    /// fraction of what is opened (a deterministic pseudo-random sequence).
+    /// fraction of what is opened.
     #[test]
     fn random_order_fetches_almost_nothing_extra() {
-        let n = 100;
-        let d = DirOrder::new(
-            (0..n)
-                .map(|i| ListedFile {
-                    ino: i,
-                    object: ObjectId {
-                        name: format!("f{i:04}"),
-                        generation: 1,
-                    },
-                    size: 1,
-                    finalized: true,
-                })
-                .collect(),
-        );
+        let d = dir(100);
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut ahead = 0;
         let opens = 20_000;
-        for _ in 0..opens {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ahead += d.opened(x % n, 16).len();
-        }
+        let ahead: usize = (0..opens)
+            .map(|_| d.opened(100 + xorshift(&mut x) % 100, 16).len())
+            .sum();
         assert!(
             ahead * 20 <= opens,
             "{ahead} files fetched ahead for {opens} random opens"
@@ -282,38 +265,22 @@ mod random_order {
     /// (about 8%; and in a whole pass each of them is read later anyway).
     #[test]
     fn a_shuffled_pass_fetches_few_files_ahead() {
-        let n = 100u64;
         let mut total = 0;
         for seed in 1..=50u64 {
-            let d = DirOrder::new(
-                (0..n)
-                    .map(|i| ListedFile {
-                        ino: i,
-                        object: ObjectId {
-                            name: format!("f{i:04}"),
-                            generation: 1,
-                        },
-                        size: 1,
-                        finalized: true,
-                    })
-                    .collect(),
-            );
-            let mut order: Vec<u64> = (0..n).collect();
+            let d = dir(100);
+            let mut order: Vec<u64> = (100..200).collect();
             let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             for i in (1..order.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                order.swap(i, (x % (i as u64 + 1)) as usize);
+                order.swap(i, (xorshift(&mut x) % (i as u64 + 1)) as usize);
             }
-            for ino in order {
-                total += d.opened(ino, 16).len();
-            }
+            total += order
+                .iter()
+                .map(|ino| d.opened(*ino, 16).len())
+                .sum::<usize>();
         }
         assert!(
-            total * 100 <= 10 * 50 * n as usize,
-            "{total} of {} files fetched ahead",
-            50 * n
+            total * 10 <= 50 * 100,
+            "{total} of 5000 files fetched ahead"
         );
     }
 }

@@ -93,8 +93,12 @@ impl GcsError {
             Code::InvalidArgument => GcsError::InvalidArgument(msg),
             Code::OutOfRange => GcsError::OutOfRange(msg),
             Code::FailedPrecondition => GcsError::PreconditionFailed(msg),
-            Code::Cancelled => GcsError::Cancelled,
-            Code::Unavailable
+            // We never cancel a call and then wait for its status: a
+            // CANCELLED status comes from a connection that broke under the
+            // call (hyper reports a reset connection so), which a new
+            // attempt survives.
+            Code::Cancelled
+            | Code::Unavailable
             | Code::Internal
             | Code::DeadlineExceeded
             | Code::ResourceExhausted
@@ -236,5 +240,42 @@ pub trait ObjectClient: Send + Sync + 'static {
     /// `--memory-limit`. Zero for clients without a network transport.
     fn transport_memory(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GcsError;
+    use tonic::{Code, Status};
+
+    /// Statuses map to kinds once: what a new attempt may survive is
+    /// retryable (a connection that broke under a call surfaces as
+    /// CANCELLED), what it cannot is not.
+    #[test]
+    fn statuses_keep_their_kind() {
+        for code in [
+            Code::Cancelled,
+            Code::Unavailable,
+            Code::Internal,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::Unknown,
+        ] {
+            let e = GcsError::from_status(&Status::new(code, "x"), "gs://b/o");
+            assert!(e.is_retryable(), "{code:?}: {e}");
+        }
+        for code in [
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::OutOfRange,
+            Code::FailedPrecondition,
+        ] {
+            let e = GcsError::from_status(&Status::new(code, "x"), "gs://b/o");
+            assert!(!e.is_retryable(), "{code:?}: {e}");
+            assert!(e.to_string().contains("gs://b/o"), "{e}");
+        }
     }
 }

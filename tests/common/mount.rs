@@ -174,6 +174,22 @@ pub fn scrape(addr: &str) -> String {
     out
 }
 
+/// A loopback address with a port free right now (for `--metrics-addr`).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// The value of the first sample line of `metrics` starting with `name`.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"))
+}
+
 pub fn sha_file(p: &Path) -> Vec<u8> {
     let mut f = std::fs::File::open(p).expect("open");
     let mut h = Sha256::new();
