@@ -275,15 +275,7 @@ impl MrdPool {
                 continue;
             }
             let permit = self.permit().await;
-            let (stream, pending) = MrdStream::open_reading(
-                &self.inner.client,
-                &id.name,
-                id.generation,
-                None,
-                self.inner.stats.clone(),
-                first_read,
-            )
-            .await?;
+            let (stream, pending) = self.open_stream(id, first_read).await?;
             let handle = stream.read_handle();
             let pooled = Arc::new(PooledStream {
                 stream,
@@ -300,6 +292,24 @@ impl MrdPool {
         }
     }
 
+    /// A new stream on `id` (no read handle to reuse), its open carrying `first`.
+    async fn open_stream(
+        &self,
+        id: &ObjectId,
+        first: Option<FirstRead>,
+    ) -> Result<(MrdStream, Option<PendingRead>), GcsError> {
+        let stats = self.inner.stats.clone();
+        MrdStream::open_reading(
+            &self.inner.client,
+            &id.name,
+            id.generation,
+            None,
+            stats,
+            first,
+        )
+        .await
+    }
+
     /// A whole small object: a stream of its own (under a permit) whose open
     /// request carries the read; it closes once the read is done.
     async fn read_whole(
@@ -311,19 +321,12 @@ impl MrdPool {
         // A new generation retires the streams of the old ones, as in `stream`.
         lock(&self.inner.objects).retain(|k, _| k.name != id.name || k == id);
         let _permit = self.permit().await;
-        let (stream, pending) = MrdStream::open_reading(
-            &self.inner.client,
-            &id.name,
-            id.generation,
-            None,
-            self.inner.stats.clone(),
-            Some(FirstRead {
-                offset: 0,
-                len,
-                sink,
-            }),
-        )
-        .await?;
+        let first = FirstRead {
+            offset: 0,
+            len,
+            sink,
+        };
+        let (stream, pending) = self.open_stream(id, Some(first)).await?;
         // The stream half-closes once its only read is done.
         drop(stream);
         match pending {
