@@ -53,15 +53,22 @@ def client_api():
     return AsyncGrpcClient, AsyncMultiRangeDownloader
 
 
-async def run(a) -> int:
+def anonymous_client(endpoint: str):
+    """The official async gRPC client on `endpoint` without credentials (the
+    emulator's), and its multi-range downloader class."""
     from google.api_core.client_options import ClientOptions
     from google.auth.credentials import AnonymousCredentials
 
     AsyncGrpcClient, MRD = client_api()
     client = AsyncGrpcClient(
         credentials=AnonymousCredentials(),
-        client_options=ClientOptions(api_endpoint=a.endpoint),
+        client_options=ClientOptions(api_endpoint=endpoint),
     )
+    return client, MRD
+
+
+async def run(a) -> int:
+    client, MRD = anonymous_client(a.endpoint)
     buf = bytearray(a.size)
     view = memoryview(buf)
     parts = [(off, min(a.part, a.size - off)) for off in range(0, a.size, a.part)]

@@ -24,7 +24,7 @@ import asyncio
 import sys
 import time
 
-from peer_mrd import Into, client_api
+from peer_mrd import Into, anonymous_client
 
 
 def read_manifest(path: str) -> list[tuple[str, int]]:
@@ -33,14 +33,7 @@ def read_manifest(path: str) -> list[tuple[str, int]]:
 
 
 async def run(a) -> int:
-    from google.api_core.client_options import ClientOptions
-    from google.auth.credentials import AnonymousCredentials
-
-    AsyncGrpcClient, MRD = client_api()
-    client = AsyncGrpcClient(
-        credentials=AnonymousCredentials(),
-        client_options=ClientOptions(api_endpoint=a.endpoint),
-    )
+    client, MRD = anonymous_client(a.endpoint)
     objects = read_manifest(a.manifest)
     largest = max(size for _, size in objects)
     todo = iter(objects)  # shared by the tasks: each takes the next object

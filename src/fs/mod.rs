@@ -761,14 +761,16 @@ impl Fs {
         self.engine
             .start_small(ino, &object, info.size, info.finalized);
         self.prefetch_after(ino);
-        let passthrough = if lock(&self.normal_opens).contains(&ino) {
+        // Without passthrough nothing needs tracking: every open is normal.
+        let tracking = self.engine.whole_files();
+        let passthrough = if !tracking || lock(&self.normal_opens).contains(&ino) {
             None
         } else {
             self.engine
                 .whole_file(ino, &object, info.size, info.finalized)
                 .await
         };
-        if passthrough.is_none() {
+        if tracking && passthrough.is_none() {
             let mut normal = lock(&self.normal_opens);
             if normal.len() > 1_000_000 {
                 normal.clear();

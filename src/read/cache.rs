@@ -296,7 +296,8 @@ impl ReadEngine {
         self.whole_files.store(on, Ordering::Relaxed);
     }
 
-    fn whole_files(&self) -> bool {
+    /// Are small finalized objects loaded into memory files (passthrough on)?
+    pub fn whole_files(&self) -> bool {
         self.whole_files.load(Ordering::Relaxed)
     }
 
