@@ -657,12 +657,75 @@ async fn the_open_request_carries_the_first_read() {
     );
     assert_eq!(
         count(&counters.ranges_in_open) - before.1,
-        opens,
-        "every open carried the unfinished range"
+        opens + 1,
+        "the first open carried the read's head and its rest, every reopen the unfinished rest"
     );
     assert_eq!(
         pool.streams_of(&id),
         1,
         "a partial read keeps a pooled stream"
     );
+}
+
+/// Records where each put landed, in arrival order, and the bytes.
+struct RecordingSink {
+    puts: std::sync::Mutex<Vec<(usize, usize)>>,
+    bytes: Arc<VecSink>,
+}
+
+impl zonalfs::gcs::RangeSink for RecordingSink {
+    fn put(&self, at: usize, data: &[u8]) {
+        zonalfs::sync::lock(&self.puts).push((at, data.len()));
+        self.bytes.put(at, data);
+    }
+}
+
+/// The read that opens a stream asks for its head apart: its first bytes
+/// arrive as a short chunk of their own, not inside a first 2 MiB chunk, and
+/// the whole read still delivers exactly the object's bytes. With the head
+/// turned off the first bytes come in a full chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_bytes_do_not_wait_for_a_whole_chunk() {
+    let tree = Tree::new();
+    let data = tree.put("obj", &pattern(6 * MIB + 123, 41));
+    let emu = start(&tree, Config::default()).await;
+    let c = client(&emu, quick_retry()).await;
+    let info = c.stat("obj").await.expect("stat");
+    let id = ObjectId {
+        name: "obj".into(),
+        generation: info.generation,
+    };
+    for (head, whole) in [(64 << 10, true), (64 << 10, false), (0, true)] {
+        let pool = MrdPool::new(
+            c.clone(),
+            PoolConfig {
+                head_bytes: head,
+                ..Default::default()
+            },
+        );
+        let (off, len) = if whole {
+            (0, info.size)
+        } else {
+            (MIB as u64, 4 * MIB as u64)
+        };
+        let sink = Arc::new(RecordingSink {
+            puts: Default::default(),
+            bytes: VecSink::new(len as usize),
+        });
+        let got = pool.read(&id, info.size, off, len, sink.clone()).await;
+        assert_eq!(got.expect("read"), len);
+        assert!(
+            sink.bytes.take() == data[off as usize..(off + len) as usize],
+            "the read's bytes (head {head}, whole {whole})"
+        );
+        let puts = zonalfs::sync::lock(&sink.puts).clone();
+        let first = puts.first().copied().expect("a put");
+        if head > 0 {
+            assert_eq!(first, (0, head as usize), "the head first, alone");
+        } else {
+            assert_eq!(first, (0, 2 * MIB), "a whole chunk first");
+        }
+        let total: usize = puts.iter().map(|p| p.1).sum();
+        assert_eq!(total, len as usize, "every byte once");
+    }
 }

@@ -525,6 +525,35 @@ async fn bidi_many_ranges_interleaved() {
     assert_eq!(got.data[&3], &data[data.len() - 50..data.len() - 40]);
 }
 
+/// A short range goes out in a response of its own, ahead of a long range
+/// requested after it: a response ends with a range's last chunk instead of
+/// filling up with the next range's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_ends_with_a_range() {
+    let tree = Tree::new();
+    let data = tree.put("obj", &pattern(5 * MIB, 9));
+    let emu = start(&tree, Config::default()).await;
+    let mut c = storage(&emu).await;
+    let mut b = Bidi::open(
+        &mut c,
+        spec("obj"),
+        vec![range(1, 0, 65_536), range(2, 65_536, 4 * MIB as i64)],
+        None,
+    )
+    .await
+    .expect("open");
+    b.rx.message().await.expect("first").expect("metadata");
+    let first = b.rx.message().await.expect("data").expect("a response");
+    assert_eq!(first.object_data_ranges.len(), 1, "the head alone");
+    let d = &first.object_data_ranges[0];
+    assert!(d.range_end);
+    let rr = d.read_range.as_ref().expect("read_range");
+    assert_eq!((rr.read_id, rr.read_offset, rr.read_length), (1, 0, 65_536));
+    let (got, err) = collect(&mut b, &[(2, 65_536)]).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(got.data[&2], &data[65_536..65_536 + 4 * MIB]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bidi_empty_ranges_still_end() {
     let tree = Tree::new();

@@ -336,6 +336,8 @@ class Suite:
         line = subprocess.run([self.a.engine_bench, emu.endpoint, BUCKET, BIG_OBJ, "rtt"],
                               check=True, capture_output=True, text=True, timeout=300).stdout
         r["rtt_us"] = float(re.search(r"p50_us=(\d+)", line).group(1))
+        flags = PROFILES[name]
+        r["latency_ms"] = float(flags[flags.index("--latency-ms") + 1]) if "--latency-ms" in flags else 0.0
         steps = {
             "sequential": self.sequential,
             "random": self.random_reads,
@@ -457,8 +459,12 @@ class Suite:
     def first_byte(self, name: str, emu: Emulator, r: dict) -> None:
         log("mount: first-byte latency after open")
 
-        def once() -> tuple[float, float]:
-            opens, firsts = [], []
+        # Each file is measured on a quiet machine: opening a small file
+        # fetches it whole, and on two shared cores the next file's open
+        # measured back to back would wait for that transfer's CPU (a
+        # throughput figure the small-file runs already give), not latency.
+        def once() -> tuple[float, float, float]:
+            opens, firsts, both = [], [], []
             with self.mount(emu):
                 for i in range(16):
                     p = self.mnt / "first" / f"c{i:02}.bin"
@@ -470,11 +476,14 @@ class Suite:
                     os.close(fd)
                     opens.append((t1 - t0) * 1e6)
                     firsts.append((t2 - t1) * 1e6)
-            return median(opens), median(firsts)
+                    both.append((t2 - t0) * 1e6)
+                    time.sleep(0.05)
+            return median(opens), median(firsts), median(both)
 
         runs = self.repeat(once)
         r["open_us"] = median([x[0] for x in runs])
         r["first_byte_us"] = median([x[1] for x in runs])
+        r["open_first_us"] = median([x[2] for x in runs])
 
     def listing(self, name: str, emu: Emulator, r: dict) -> None:
         log(f"mount: ls -lR over {self.tree_dirs * self.tree_files} objects")
@@ -735,8 +744,9 @@ def profile_report(name: str, r: dict, res: dict, pool_streams: int) -> list[str
         lines.append("")
     notes = []
     if "open_us" in r:
-        notes.append(f"- First byte after open (16 cold 4 MiB files, p50): open {r['open_us']:.0f} µs, "
-                     f"first 4 KiB read {r['first_byte_us']:.0f} µs.")
+        notes.append(f"- First byte after open (16 cold 4 MiB files, one at a time, p50): open "
+                     f"{r['open_us']:.0f} µs, first 4 KiB read {r['first_byte_us']:.0f} µs, "
+                     f"both {r.get('open_first_us', 0):.0f} µs.")
     if "ls_cold_s" in r:
         notes.append(f"- `ls -lR` over {r['ls_objects']} objects: {r['ls_cold_s']:.2f} s cold, "
                      f"{r['ls_warm_s']:.2f} s again on the same mount.")
@@ -794,6 +804,15 @@ def other_ratios(r: dict) -> list[str]:
             ratio_row("random 4 KiB p50 / emulator round trip", r4["p50_us"] / r["rtt_us"], "≤ 1.5",
                       r4["p50_us"] <= 1.5 * r["rtt_us"]),
         ]
+    if "open_first_us" in r:
+        both = r["open_first_us"]
+        if r.get("latency_ms"):
+            lat = r["latency_ms"] * 1000
+            rows.append(ratio_row("open + first 4 KiB of a cold file (p50) / latency", both / lat,
+                                  "≤ 1.5", both <= 1.5 * lat))
+        else:
+            rows.append(ratio_row("open + first 4 KiB of a cold file (p50) / emulator round trip",
+                                  both / r["rtt_us"], "≤ 4", both <= 4 * r["rtt_us"]))
     if rss := r.get("rss16"):
         over = rss["hwm_mib"] - rss["limit_mib"]
         rows.append(ratio_row("peak RSS − memory limit (16 readers), MiB", over, "≤ 64", over <= 64, ".0f"))

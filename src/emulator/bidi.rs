@@ -8,7 +8,9 @@
 //! further requests' `read_ranges` as they arrive (many `read_id`s outstanding at
 //! once), and sends responses that interleave the ready ranges round-robin, each
 //! chunk at most 2 MiB with its own CRC32C, its own offset and length, and
-//! `range_end` on the last one. Shaping (latency before each range's first byte,
+//! `range_end` on the last one. A response ends with a range's last chunk, so a
+//! short range goes out at once rather than sharing a message with the next
+//! range's data (the protocol allows either; the client handles both). Shaping (latency before each range's first byte,
 //! a bandwidth cap per stream) and data-time faults (break, stall, corruption)
 //! are applied here. Responses go out through a bounded channel, so a slow
 //! client holds the engine back instead of filling memory.
@@ -466,11 +468,18 @@ impl Engine {
             if self.tx.send(Ok(resp)).await.is_err() {
                 return Err(Stop::Gone);
             }
+            // Let the connection write this response before the next is read
+            // and checksummed: the send woke the writer into this worker's
+            // LIFO slot, where no other worker takes it, so without yielding a
+            // short range's response waited behind the chunks built after it
+            // (until the channel filled).
+            tokio::task::yield_now().await;
         }
     }
 
     /// Builds one response from the ready ranges, round-robin, up to one chunk's
-    /// worth of bytes (and at most `budget` bytes).
+    /// worth of bytes (and at most `budget` bytes), ending after a range's
+    /// last chunk.
     fn build(&mut self, now: Instant, mut budget: u64) -> Result<BidiReadObjectResponse, Stop> {
         let mut out = Vec::new();
         let mut room = self.chunk as u64;
@@ -523,6 +532,7 @@ impl Engine {
                     .counters
                     .ranges_served
                     .fetch_add(1, Ordering::Relaxed);
+                break;
             } else {
                 self.ranges.push_back(r);
             }

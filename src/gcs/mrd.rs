@@ -100,21 +100,60 @@ impl std::fmt::Debug for MrdStream {
 }
 
 /// A first read carried by a stream's open request: `len` bytes at `offset`
-/// into `sink`.
+/// into `sink`. With `head` set (and `len` more than twice it) its first
+/// `head` bytes go as a range of their own: the server answers a range chunk
+/// by chunk (up to 2 MiB each, every chunk checked whole before its bytes are
+/// used), so a small head arrives without waiting for a whole first chunk.
+/// Only set `head` where `offset + head` lies inside the object.
 pub struct FirstRead {
     pub offset: u64,
     pub len: u64,
+    pub head: u64,
     pub sink: Arc<dyn RangeSink>,
 }
 
+/// Writes a range's bytes `base` bytes further into another sink (the rest of
+/// a read whose head went as a range of its own).
+struct OffsetSink {
+    inner: Arc<dyn RangeSink>,
+    base: usize,
+}
+
+impl RangeSink for OffsetSink {
+    fn put(&self, at: usize, data: &[u8]) {
+        self.inner.put(self.base + at, data);
+    }
+}
+
 /// The outcome of a read handed to a stream: the bytes delivered, once done.
-pub struct PendingRead(oneshot::Receiver<Result<u64, GcsError>>);
+pub struct PendingRead {
+    first: oneshot::Receiver<Result<u64, GcsError>>,
+    /// The rest of a read split after its head: the head's length and the
+    /// rest's outcome.
+    rest: Option<(u64, oneshot::Receiver<Result<u64, GcsError>>)>,
+}
 
 impl PendingRead {
-    pub async fn wait(self) -> Result<u64, GcsError> {
-        self.0.await.map_err(|_| {
+    fn one(rx: oneshot::Receiver<Result<u64, GcsError>>) -> PendingRead {
+        PendingRead {
+            first: rx,
+            rest: None,
+        }
+    }
+
+    async fn part(rx: oneshot::Receiver<Result<u64, GcsError>>) -> Result<u64, GcsError> {
+        rx.await.map_err(|_| {
             GcsError::Unavailable("the stream closed before the range completed".into())
         })?
+    }
+
+    pub async fn wait(self) -> Result<u64, GcsError> {
+        let first = Self::part(self.first).await?;
+        match self.rest {
+            Some((head, rest)) if first == head => Ok(first + Self::part(rest).await?),
+            // The object ended inside the head (the rest reads nothing).
+            _ => Ok(first),
+        }
     }
 }
 
@@ -156,14 +195,30 @@ impl MrdStream {
             stats,
         };
         let pending = first.map(|f| {
+            let split = f.head > 0 && f.len > 2 * f.head;
+            let head_len = if split { f.head } else { f.len };
             let (done, rx) = oneshot::channel();
             driver.table.add(ReadCmd {
                 offset: f.offset,
-                len: f.len,
-                sink: f.sink,
+                len: head_len,
+                sink: f.sink.clone(),
                 done,
             });
-            PendingRead(rx)
+            let mut pending = PendingRead::one(rx);
+            if split {
+                let (done, rx) = oneshot::channel();
+                driver.table.add(ReadCmd {
+                    offset: f.offset + head_len,
+                    len: f.len - head_len,
+                    sink: Arc::new(OffsetSink {
+                        inner: f.sink,
+                        base: head_len as usize,
+                    }),
+                    done,
+                });
+                pending.rest = Some((head_len, rx));
+            }
+            pending
         });
         let mut backoff: Option<Backoff> = None;
         let (conn, info) = loop {
@@ -239,7 +294,7 @@ impl MrdStream {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             return Err(GcsError::Unavailable("the stream is closed".into()));
         }
-        PendingRead(rx).wait().await
+        PendingRead::one(rx).wait().await
     }
 }
 
@@ -331,18 +386,22 @@ impl RangeTable {
         }
     }
 
-    /// What is unfinished, as requests from the last verified byte; late chunks
-    /// of finished ranges cannot come on a new stream.
+    /// What is unfinished, as requests from the last verified byte, oldest
+    /// first (a read's head before its rest); late chunks of finished ranges
+    /// cannot come on a new stream.
     fn resume(&mut self) -> Vec<ReadRange> {
         self.abandoned.clear();
-        self.ranges
+        let mut out: Vec<ReadRange> = self
+            .ranges
             .iter()
             .map(|(id, a)| ReadRange {
                 read_offset: (a.offset + a.delivered) as i64,
                 read_length: (a.len - a.delivered) as i64,
                 read_id: *id,
             })
-            .collect()
+            .collect();
+        out.sort_unstable_by_key(|r| r.read_id);
+        out
     }
 
     /// Registers a new range and returns its request.
@@ -747,6 +806,13 @@ impl Driver {
                         if progressed {
                             last_progress = Instant::now();
                             *backoff = None;
+                            // Let the readers these bytes woke run before the
+                            // next chunk is checked and copied: woken from
+                            // this task they wait in this worker's LIFO slot,
+                            // which no other worker takes, so a first read
+                            // waited for every chunk already received behind
+                            // its own.
+                            tokio::task::yield_now().await;
                         }
                     }
                     Ok(None) => {

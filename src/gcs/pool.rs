@@ -13,7 +13,9 @@
 //! in its open request (one round trip to the first byte). A read of a whole
 //! small object (up to `whole_read_max`, 8 MiB) with no stream open for it
 //! gets a stream of its own, opened with that read and closed once it is
-//! done, as a program reading a file once needs nothing left open.
+//! done, as a program reading a file once needs nothing left open. Such a
+//! first read asks for its first `head_bytes` as a range of their own, so the
+//! first bytes do not wait for a whole first chunk (up to 2 MiB) to arrive.
 
 use crate::sync::lock;
 use std::collections::HashMap;
@@ -42,6 +44,12 @@ pub struct PoolConfig {
     /// of its own that carries the read in its open request and closes when
     /// the read is done, instead of a pooled stream left idle afterwards.
     pub whole_read_max: u64,
+    /// The read that opens a stream asks for its first this many bytes as a
+    /// range of their own (0: never), so the first bytes arrive without
+    /// waiting for a whole first chunk: a program's first read (the kernel
+    /// asks for 16 KiB at the start of a file) is answered in about one
+    /// round trip.
+    pub head_bytes: u64,
 }
 
 impl Default for PoolConfig {
@@ -52,6 +60,7 @@ impl Default for PoolConfig {
             max_idle_streams: 64,
             idle_timeout: Duration::from_secs(10),
             whole_read_max: 8 << 20,
+            head_bytes: 64 << 10,
         }
     }
 }
@@ -315,6 +324,7 @@ impl MrdPool {
     async fn read_whole(
         &self,
         id: &ObjectId,
+        size_hint: u64,
         len: u64,
         sink: Arc<dyn RangeSink>,
     ) -> Result<u64, GcsError> {
@@ -324,6 +334,7 @@ impl MrdPool {
         let first = FirstRead {
             offset: 0,
             len,
+            head: self.head_for(0, len, size_hint),
             sink,
         };
         let (stream, pending) = self.open_stream(id, Some(first)).await?;
@@ -349,13 +360,14 @@ impl MrdPool {
             && size_hint <= self.inner.cfg.whole_read_max
             && !self.has_stream(id)
         {
-            return self.read_whole(id, len, sink).await;
+            return self.read_whole(id, size_hint, len, sink).await;
         }
         let mut tries = 0;
         loop {
             let first = FirstRead {
                 offset,
                 len,
+                head: self.head_for(offset, len, size_hint),
                 sink: sink.clone(),
             };
             let (s, pending) = self.stream(id, size_hint, Some(first)).await?;
@@ -401,6 +413,19 @@ impl MrdPool {
             wait.await;
         }
         Ok(s.stream.info().clone())
+    }
+
+    /// The head a first read of `len` bytes at `offset` asks for apart: only
+    /// where the rest starts inside the object (`size_hint` is a lower bound
+    /// of its size), as a range starting past the end is an error.
+    fn head_for(&self, offset: u64, len: u64, size_hint: u64) -> u64 {
+        let head = self.inner.cfg.head_bytes;
+        let rest_inside = offset.saturating_add(head) < size_hint;
+        if head > 0 && rest_inside && len > 2 * head {
+            head
+        } else {
+            0
+        }
     }
 
     /// Has the object version a live pooled stream?

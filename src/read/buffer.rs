@@ -2,12 +2,15 @@
 //!
 //! A [`Block`] is a page-aligned [`Buffer`] from the memory layer
 //! ([`crate::memory`], which owns the budget, size classes and warm reuse)
-//! plus a fill mark: the MRD stream writes a range's verified chunks into it in
-//! order through [`RangeSink`] (one writer, appending at the fill mark);
-//! readers wait with [`Block::wait_for`] for just the bytes they need and read
-//! the filled prefix with [`Block::bytes`]. The fill mark is published with
-//! release/acquire ordering, so a reader never sees bytes before they were
-//! written. A dropped block's buffer goes back to the pool warm.
+//! plus a fill mark: the MRD stream writes a range's verified chunks into it
+//! through [`RangeSink`], each part of the range in order (a stream may fetch
+//! a block's first bytes as a range of their own, whose chunks can arrive
+//! before, after or between the rest's). Bytes written past the fill mark wait
+//! there, unpublished, until the bytes before them arrive; readers wait with
+//! [`Block::wait_for`] for just the bytes they need and read the filled prefix
+//! with [`Block::bytes`]. The fill mark is published with release/acquire
+//! ordering, so a reader never sees bytes before they were written. A dropped
+//! block's buffer goes back to the pool warm.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -18,8 +21,6 @@ use crate::gcs::RangeSink;
 use crate::memory::{Buffer, MemFile, Pool};
 use crate::sync::lock;
 
-/// A page-aligned buffer being filled front to back by one writer while any
-/// number of readers read what is already there.
 /// Where a block's bytes live: a pool buffer, or (a whole small object to be
 /// served by the kernel through FUSE passthrough) a memory file.
 enum Backing {
@@ -43,6 +44,8 @@ impl Backing {
     }
 }
 
+/// A page-aligned buffer being filled by its writers while any number of
+/// readers read the prefix already there.
 pub struct Block {
     buf: Backing,
     /// Bytes this block is meant to hold.
@@ -51,8 +54,10 @@ pub struct Block {
     filled: AtomicUsize,
     /// No more bytes will come (complete, or the load failed).
     done: AtomicBool,
-    /// Serializes writers.
-    writer: Mutex<()>,
+    /// Serializes writers; holds the extents written past the fill mark (in
+    /// no order, disjoint), which join the prefix once the gap before them
+    /// is filled.
+    writer: Mutex<Vec<(usize, usize)>>,
     notify: Notify,
 }
 
@@ -88,7 +93,7 @@ impl Block {
             len,
             filled: AtomicUsize::new(0),
             done: AtomicBool::new(false),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Vec::new()),
             notify: Notify::new(),
         }
     }
@@ -119,22 +124,36 @@ impl Block {
         self.done.load(Ordering::Acquire)
     }
 
-    /// Appends `data` at `at`, which must be the current fill mark; returns false
-    /// (writing nothing) otherwise or if it would not fit.
+    /// Writes `data` at `at`: at the fill mark it extends the filled prefix
+    /// (with any bytes already written just past it); further on it waits
+    /// there until the gap before it is filled. Returns false (writing
+    /// nothing) if it would overlap bytes already written or not fit.
     pub fn write_at(&self, at: usize, data: &[u8]) -> bool {
-        let _w = lock(&self.writer);
+        let mut ahead = lock(&self.writer);
         let filled = self.filled.load(Ordering::Acquire);
-        if at != filled || data.len() > self.len - filled.min(self.len) {
+        let Some(end) = at.checked_add(data.len()) else {
+            return false;
+        };
+        if at < filled || end > self.len || ahead.iter().any(|&(s, e)| at < e && s < end) {
             return false;
         }
-        // SAFETY: [filled, filled + data.len()) lies inside the buffer (checked
-        // against len <= its capacity above); no reader reads at or past
-        // `filled` until the store below publishes it, and the writer lock makes
-        // this the only writer.
+        // SAFETY: [at, end) lies inside the buffer (end <= len <= its
+        // capacity); it starts at or past the published fill mark, so no
+        // reader reads it until a later store publishes it; it overlaps no
+        // bytes written before (checked above), so nothing written is ever
+        // written again; and the writer lock makes this the only writer.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.as_ptr().add(filled), data.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.as_ptr().add(at), data.len());
         }
-        self.filled.store(filled + data.len(), Ordering::Release);
+        if at != filled {
+            ahead.push((at, end));
+            return true;
+        }
+        let mut mark = end;
+        while let Some(i) = ahead.iter().position(|&(s, _)| s == mark) {
+            mark = ahead.swap_remove(i).1;
+        }
+        self.filled.store(mark, Ordering::Release);
         self.notify.notify_waiters();
         true
     }
@@ -201,7 +220,8 @@ impl Block {
 impl RangeSink for Block {
     fn put(&self, at: usize, data: &[u8]) {
         // A refused write leaves the fill mark short: the reader sees fewer bytes
-        // than the read reported and fails, never reads bytes that are not there.
+        // than the read reported and fails, never reads bytes that are not there
+        // (nor, past a gap, bytes whose predecessors never came).
         let _ = self.write_at(at, data);
     }
 }
@@ -213,17 +233,63 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn writes_append_at_the_fill_mark_only() {
+    fn writes_publish_a_prefix_only() {
         let pool = Pool::new(Budget::new(1 << 20), PoolConfig::new(4096));
-        let blk = Block::alloc(&pool, 10).expect("block");
+        let blk = Block::alloc(&pool, 16).expect("block");
         assert_eq!(blk.as_ptr() as usize % 4096, 0, "page-aligned");
         assert!(blk.write_at(0, b"hello"));
         assert!(!blk.write_at(0, b"again"), "overlap refused");
-        assert!(!blk.write_at(7, b"x"), "gap refused");
-        assert!(!blk.write_at(5, b"too long!!"), "overrun refused");
+        assert!(!blk.write_at(5, b"too long!!!!"), "overrun refused");
+        // Bytes past a gap wait unpublished until the gap is filled.
+        assert!(blk.write_at(10, b"tail"));
+        assert!(!blk.write_at(12, b"xx"), "overlap with bytes ahead refused");
+        assert!(!blk.write_at(9, b"xx"), "overlap with bytes ahead refused");
+        assert_eq!(blk.filled(), 5);
+        assert_eq!(blk.bytes(0..10), None);
         assert!(blk.write_at(5, b"world"));
-        assert_eq!(blk.bytes(0..10), Some(&b"helloworld"[..]));
-        assert_eq!(blk.bytes(3..11), None);
+        assert_eq!(blk.filled(), 14, "the gap filled joins the bytes ahead");
+        assert_eq!(blk.bytes(0..14), Some(&b"helloworldtail"[..]));
+        assert_eq!(blk.bytes(3..15), None);
+        assert!(!blk.write_at(usize::MAX, b"x"), "no overflow");
+    }
+
+    /// Any order of disjoint parts gives the same bytes, published as a
+    /// prefix that never shrinks and never covers an unwritten byte.
+    #[test]
+    fn parts_in_any_order_make_the_same_block() {
+        let pool = Pool::new(Budget::new(1 << 20), PoolConfig::new(4096));
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let cuts = [0, 100, 1000, 1001, 3000, 4096];
+        let parts: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+        let mut seed = 0x9e37_79b9_u32;
+        for _ in 0..200 {
+            let mut order = parts.clone();
+            for i in (1..order.len()).rev() {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                order.swap(i, seed as usize % (i + 1));
+            }
+            let blk = Block::alloc(&pool, data.len()).expect("block");
+            let mut written = vec![false; data.len()];
+            let mut last = 0;
+            for (s, e) in order {
+                assert!(blk.write_at(s, &data[s..e]));
+                written[s..e].iter_mut().for_each(|w| *w = true);
+                let f = blk.filled();
+                assert!(f >= last, "the prefix never shrinks");
+                assert!(
+                    written[..f].iter().all(|&w| w),
+                    "nothing unwritten published"
+                );
+                assert!(
+                    f == data.len() || !written[f],
+                    "the whole written prefix is published"
+                );
+                last = f;
+            }
+            assert_eq!(blk.bytes(0..data.len()), Some(&data[..]));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
