@@ -207,6 +207,13 @@ pub fn render(s: &Sources) -> String {
             load(c)
         );
     }
+    let calls = s.pool.client().calls();
+    let _ = writeln!(
+        out,
+        "# HELP zonalfs_gcs_requests_total Metadata calls made to the service (retries included).\n# TYPE zonalfs_gcs_requests_total counter\nzonalfs_gcs_requests_total{{method=\"GetObject\"}} {}\nzonalfs_gcs_requests_total{{method=\"ListObjects\"}} {}",
+        load(&calls.get_object),
+        load(&calls.list_objects)
+    );
     let (readers, max_w, total_w) = s.engine.windows();
     let _ = writeln!(
         out,

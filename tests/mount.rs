@@ -683,6 +683,62 @@ fn ls_l_uses_readdirplus() {
     assert!(m.stop().success());
 }
 
+/// After a directory is listed, looking up its files asks the service
+/// nothing (the listing's metadata answers), and a name that is not there
+/// is asked about at most once (the failed lookup is cached).
+#[test]
+fn listed_and_missing_names_do_not_go_to_the_service_again() {
+    let tree = Tree::new();
+    for i in 0..20 {
+        tree.put(&format!("d/f{i}"), i.to_string().as_bytes());
+    }
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let metrics_addr = free_addr();
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let mut m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--metrics-addr", &metrics_addr],
+    );
+    let calls = || {
+        let metrics = scrape(&metrics_addr);
+        let get = metric(&metrics, "zonalfs_gcs_requests_total{method=\"GetObject\"}");
+        let list = metric(
+            &metrics,
+            "zonalfs_gcs_requests_total{method=\"ListObjects\"}",
+        );
+        (get, list)
+    };
+    let names: Vec<String> = std::fs::read_dir(mnt.path().join("d"))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 20);
+    let listed = calls();
+    assert!(listed.1 >= 1.0, "the listing asked the service: {listed:?}");
+    for n in &names {
+        let md = std::fs::metadata(mnt.path().join("d").join(n)).expect("stat");
+        assert!(md.is_file());
+        let body = std::fs::read(mnt.path().join("d").join(n)).expect("read");
+        assert_eq!(body, n.trim_start_matches('f').as_bytes());
+    }
+    assert_eq!(calls(), listed, "lookups of listed files asked the service");
+
+    let missing = mnt.path().join("d").join("nope");
+    assert!(std::fs::metadata(&missing).is_err());
+    let first = calls();
+    assert!(
+        first.0 + first.1 - listed.0 - listed.1 <= 2.0,
+        "one failed lookup: {listed:?} -> {first:?}"
+    );
+    for _ in 0..5 {
+        let e = std::fs::metadata(&missing).expect_err("still missing");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+    assert_eq!(calls(), first, "failed lookups are cached");
+    assert!(m.stop().success());
+}
+
 #[test]
 fn replaced_object_gives_estale_to_old_handles_and_is_logged_with_a_request_id() {
     let tree = Tree::new();

@@ -5,6 +5,7 @@
 //! the stall timeout counts as UNAVAILABLE); every error names the bucket or
 //! object it concerns.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +73,15 @@ pub struct GcsClient {
     pub(crate) bucket: String,
     pub(crate) retry: RetryPolicy,
     max_message: usize,
+    calls: Arc<CallStats>,
+}
+
+/// Metadata calls made to the service (each attempt counts), shared by the
+/// client's clones: what the metrics report as `zonalfs_gcs_requests_total`.
+#[derive(Debug, Default)]
+pub struct CallStats {
+    pub get_object: std::sync::atomic::AtomicU64,
+    pub list_objects: std::sync::atomic::AtomicU64,
 }
 
 fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
@@ -114,11 +124,17 @@ impl GcsClient {
             bucket: cfg.bucket,
             retry: cfg.retry,
             max_message: cfg.max_message,
+            calls: Arc::default(),
         })
     }
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// The metadata calls made so far.
+    pub fn calls(&self) -> &CallStats {
+        &self.calls
     }
 
     /// Read streams open on each HTTP/2 connection now.
@@ -271,6 +287,7 @@ impl GcsClient {
     pub async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
         let what = format!("gs://{}/{name}", self.bucket);
         self.retrying(&what, || async {
+            self.calls.get_object.fetch_add(1, Ordering::Relaxed);
             let req = self
                 .transport
                 .request(
@@ -300,6 +317,7 @@ impl GcsClient {
     ) -> Result<ListPage, GcsError> {
         let what = format!("gs://{}/{prefix}", self.bucket);
         self.retrying(&what, || async {
+            self.calls.list_objects.fetch_add(1, Ordering::Relaxed);
             let req = self
                 .transport
                 .request(
