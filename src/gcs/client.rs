@@ -72,7 +72,7 @@ pub struct GcsClient {
     pub(crate) transport: Arc<Transport>,
     pub(crate) bucket: String,
     pub(crate) retry: RetryPolicy,
-    max_message: usize,
+    pub(crate) max_message: usize,
     calls: Arc<CallStats>,
 }
 

@@ -20,6 +20,7 @@ pub mod mrd;
 pub mod pool;
 pub mod retry;
 pub mod transport;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -34,14 +34,15 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
 use super::client::{object_info, GcsClient};
 use super::retry::Backoff;
+use super::wire::{self, RangeData, ResponseStream};
 use super::{GcsError, ObjectInfo, RangeSink};
 use crate::proto::storage::{
     BidiReadHandle, BidiReadObjectError, BidiReadObjectRedirectedError, BidiReadObjectRequest,
-    BidiReadObjectResponse, BidiReadObjectSpec, ObjectRangeData, ReadRange,
+    BidiReadObjectSpec, ReadRange,
 };
 use crate::proto::RpcStatus;
 
@@ -342,7 +343,7 @@ struct Active {
 /// A live call: where to send requests, where responses come from.
 struct Conn {
     tx: mpsc::UnboundedSender<BidiReadObjectRequest>,
-    rx: Streaming<BidiReadObjectResponse>,
+    rx: ResponseStream,
     /// Counts this stream on its HTTP/2 connection while it is open.
     _lease: super::transport::StreamLease,
 }
@@ -449,13 +450,12 @@ impl RangeTable {
     }
 
     /// Applies one chunk. An error means the stream must be reopened.
-    fn chunk(&mut self, d: ObjectRangeData) -> Result<bool, GcsError> {
+    fn chunk(&mut self, d: RangeData) -> Result<bool, GcsError> {
         let rr = d.read_range.ok_or_else(|| {
             GcsError::Protocol(format!("{}: a chunk without read_range", self.what))
         })?;
         let id = rr.read_id;
-        let content = d.checksummed_data.as_ref().map(|c| &c.content);
-        let content_len = content.map_or(0, |c| c.len()) as u64;
+        let content_len = d.data.as_ref().map_or(0, |c| c.content.len()) as u64;
         let Some(a) = self.ranges.get_mut(&id) else {
             if self.abandoned.contains(&id) {
                 return Ok(false);
@@ -489,10 +489,13 @@ impl RangeTable {
                 self.what, a.delivered, a.len
             )));
         }
-        if let Some(cd) = &d.checksummed_data {
+        if let Some(cd) = &d.data {
             if !cd.content.is_empty() {
+                // Checked first, over the received bytes (which stay in cache
+                // for the copy): a chunk's bytes reach the sink only whole
+                // and verified.
                 match cd.crc32c {
-                    Some(want) if crc32c::crc32c(&cd.content) == want => {}
+                    Some(want) if cd.content.crc32c() == want => {}
                     Some(_) => {
                         StreamStats::bump(&self.stats.retry_corrupt);
                         return Err(GcsError::Protocol(format!(
@@ -507,7 +510,11 @@ impl RangeTable {
                         )))
                     }
                 }
-                a.sink.put(a.delivered as usize, &cd.content);
+                let mut at = a.delivered as usize;
+                for part in cd.content.parts() {
+                    a.sink.put(at, part);
+                    at += part.len();
+                }
             }
         }
         a.delivered += content_len;
@@ -590,8 +597,8 @@ impl Driver {
                 }
             })?;
         let (channel, lease) = self.client.transport.stream_channel();
-        let mut resp = match self.client.storage_on(channel).bidi_read_object(req).await {
-            Ok(r) => r.into_inner(),
+        let mut resp = match wire::bidi_read_object(channel, req, self.client.max_message).await {
+            Ok(r) => r,
             Err(st) => return Err(self.classify(&st)),
         };
         let first = match resp.message().await {
@@ -630,7 +637,7 @@ impl Driver {
         };
         send_ranges(&mut conn, rest).map_err(Failure::Retry)?;
         // The first response may already carry data of the ranges it asked for.
-        for d in first.object_data_ranges {
+        for d in first.ranges {
             if let Err(e) = self.table.chunk(d) {
                 StreamStats::bump(&self.stats.retry_protocol);
                 return Err(Failure::Retry(e));
@@ -793,7 +800,7 @@ impl Driver {
                             self.handle = h.handle;
                         }
                         let mut progressed = false;
-                        for d in resp.object_data_ranges {
+                        for d in resp.ranges {
                             match self.table.chunk(d) {
                                 Ok(p) => progressed |= p,
                                 Err(e) => {
@@ -875,7 +882,7 @@ fn range_errors(st: &Status) -> Option<BidiReadObjectError> {
 mod tests {
     use super::*;
     use crate::gcs::VecSink;
-    use crate::proto::storage::ChecksummedData;
+    use crate::proto::storage::{BidiReadObjectResponse, ChecksummedData, ObjectRangeData};
     use proptest::prelude::*;
 
     fn truth() -> Vec<u8> {
@@ -952,7 +959,11 @@ mod tests {
         (t, readers)
     }
 
-    fn chunk(id: i64, off: u64, data: &[u8], crc: Option<u32>, end: bool) -> ObjectRangeData {
+    fn chunk(id: i64, off: u64, data: &[u8], crc: Option<u32>, end: bool) -> RangeData {
+        raw_chunk(id, off, data, crc, end).into()
+    }
+
+    fn raw_chunk(id: i64, off: u64, data: &[u8], crc: Option<u32>, end: bool) -> ObjectRangeData {
         ObjectRangeData {
             checksummed_data: Some(ChecksummedData {
                 content: Bytes::copy_from_slice(data),
@@ -1063,7 +1074,7 @@ mod tests {
                         let data = &truth[next as usize..(next + len) as usize];
                         let end = a.delivered + len == a.len;
                         let resp = BidiReadObjectResponse {
-                            object_data_ranges: vec![chunk(id, next, data, Some(crc32c::crc32c(data)), end)],
+                            object_data_ranges: vec![raw_chunk(id, next, data, Some(crc32c::crc32c(data)), end)],
                             ..Default::default()
                         };
                         let mut buf = resp.encode_to_vec();
@@ -1078,8 +1089,9 @@ mod tests {
                                 }
                             }
                         }
-                        match BidiReadObjectResponse::decode(buf.as_slice()) {
-                            Ok(r) => r.object_data_ranges,
+                        // Decoded as the stream decodes what it receives.
+                        match wire::decode_response(&wire::Rope::from(Bytes::from(buf))) {
+                            Ok(r) => r.ranges,
                             Err(_) => {
                                 // A stream error: the stream is reopened.
                                 let _ = t.resume();
@@ -1098,7 +1110,7 @@ mod tests {
                             checksummed_data: Some(ChecksummedData { content: Bytes::from(data), crc32c: crc }),
                             read_range: Some(ReadRange { read_offset, read_length, read_id }),
                             range_end: end,
-                        }]
+                        }.into()]
                     }
                 };
                 for d in d {
@@ -1173,7 +1185,7 @@ mod tests {
                         chunk(id, next, &data, None, false)
                     }
                     Move::UnknownId { len } => chunk(9_999, 0, &slice(0, len), None, false),
-                    Move::NoRange => ObjectRangeData { checksummed_data: None, read_range: None, range_end: true },
+                    Move::NoRange => ObjectRangeData { checksummed_data: None, read_range: None, range_end: true }.into(),
                 };
                 if t.chunk(d).is_err() {
                     errors += 1;
