@@ -153,7 +153,12 @@ impl Framer {
                 if self.buffered < 5 {
                     return Ok(None);
                 }
-                let prefix = self.take(5).to_vec();
+                let mut prefix = [0u8; 5];
+                let mut at = 0;
+                for part in self.take(5).parts() {
+                    prefix[at..at + part.len()].copy_from_slice(part);
+                    at += part.len();
+                }
                 if prefix[0] != 0 {
                     return Err(WireError::Compressed);
                 }
