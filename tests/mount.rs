@@ -655,23 +655,47 @@ fn stale_mount_after_sigkill_is_detected_and_recovered_with_force() {
     assert!(!is_mounted(mnt.path()));
 }
 
+/// A mount (with a metrics endpoint) of a bucket whose directory `d` holds
+/// files `f0`..`f{n-1}`, each holding its number. Fields drop in order: the
+/// mount goes first.
+struct DirMount {
+    m: MountGuard,
+    mnt: tempfile::TempDir,
+    metrics_addr: String,
+    _emu: EmuChild,
+    _tree: Tree,
+}
+
+impl DirMount {
+    fn new(n: usize) -> DirMount {
+        let tree = Tree::new();
+        for i in 0..n {
+            tree.put(&format!("d/f{i}"), i.to_string().as_bytes());
+        }
+        let emu = EmuChild::spawn(tree.root(), &[]);
+        let metrics_addr = free_addr();
+        let mnt = tempfile::tempdir().expect("mountpoint");
+        let m = MountGuard::mount(
+            &format!("http://{}", emu.addr),
+            mnt.path(),
+            &["--metrics-addr", &metrics_addr],
+        );
+        DirMount {
+            m,
+            mnt,
+            metrics_addr,
+            _emu: emu,
+            _tree: tree,
+        }
+    }
+}
+
 #[test]
 fn ls_l_uses_readdirplus() {
-    let tree = Tree::new();
-    for i in 0..50 {
-        tree.put(&format!("d/f{i}"), i.to_string().as_bytes());
-    }
-    let emu = EmuChild::spawn(tree.root(), &[]);
-    let metrics_addr = free_addr();
-    let mnt = tempfile::tempdir().expect("mountpoint");
-    let mut m = MountGuard::mount(
-        &format!("http://{}", emu.addr),
-        mnt.path(),
-        &["--metrics-addr", &metrics_addr],
-    );
-    let out = run_ok(Command::new("ls").arg("-l").arg(mnt.path().join("d")));
+    let mut d = DirMount::new(50);
+    let out = run_ok(Command::new("ls").arg("-l").arg(d.mnt.path().join("d")));
     assert_eq!(String::from_utf8_lossy(&out).lines().count(), 51);
-    let metrics = scrape(&metrics_addr);
+    let metrics = scrape(&d.metrics_addr);
     let lookups: f64 = metrics
         .lines()
         .find(|l| l.starts_with("zonalfs_fuse_op_seconds_count{op=\"lookup\"}"))
@@ -680,7 +704,7 @@ fn ls_l_uses_readdirplus() {
         .expect("lookup count");
     // Names and attributes came with the listing: no lookup per file.
     assert!(lookups <= 3.0, "{lookups} lookups for ls -l of 50 files");
-    assert!(m.stop().success());
+    assert!(d.m.stop().success());
 }
 
 /// After a directory is listed, looking up its files asks the service
@@ -688,20 +712,9 @@ fn ls_l_uses_readdirplus() {
 /// is asked about at most once (the failed lookup is cached).
 #[test]
 fn listed_and_missing_names_do_not_go_to_the_service_again() {
-    let tree = Tree::new();
-    for i in 0..20 {
-        tree.put(&format!("d/f{i}"), i.to_string().as_bytes());
-    }
-    let emu = EmuChild::spawn(tree.root(), &[]);
-    let metrics_addr = free_addr();
-    let mnt = tempfile::tempdir().expect("mountpoint");
-    let mut m = MountGuard::mount(
-        &format!("http://{}", emu.addr),
-        mnt.path(),
-        &["--metrics-addr", &metrics_addr],
-    );
+    let mut d = DirMount::new(20);
     let calls = || {
-        let metrics = scrape(&metrics_addr);
+        let metrics = scrape(&d.metrics_addr);
         let get = metric(&metrics, "zonalfs_gcs_requests_total{method=\"GetObject\"}");
         let list = metric(
             &metrics,
@@ -709,7 +722,7 @@ fn listed_and_missing_names_do_not_go_to_the_service_again() {
         );
         (get, list)
     };
-    let names: Vec<String> = std::fs::read_dir(mnt.path().join("d"))
+    let names: Vec<String> = std::fs::read_dir(d.mnt.path().join("d"))
         .expect("readdir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
@@ -717,14 +730,14 @@ fn listed_and_missing_names_do_not_go_to_the_service_again() {
     let listed = calls();
     assert!(listed.1 >= 1.0, "the listing asked the service: {listed:?}");
     for n in &names {
-        let md = std::fs::metadata(mnt.path().join("d").join(n)).expect("stat");
+        let md = std::fs::metadata(d.mnt.path().join("d").join(n)).expect("stat");
         assert!(md.is_file());
-        let body = std::fs::read(mnt.path().join("d").join(n)).expect("read");
+        let body = std::fs::read(d.mnt.path().join("d").join(n)).expect("read");
         assert_eq!(body, n.trim_start_matches('f').as_bytes());
     }
     assert_eq!(calls(), listed, "lookups of listed files asked the service");
 
-    let missing = mnt.path().join("d").join("nope");
+    let missing = d.mnt.path().join("d").join("nope");
     assert!(std::fs::metadata(&missing).is_err());
     let first = calls();
     assert!(
@@ -736,7 +749,7 @@ fn listed_and_missing_names_do_not_go_to_the_service_again() {
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
     }
     assert_eq!(calls(), first, "failed lookups are cached");
-    assert!(m.stop().success());
+    assert!(d.m.stop().success());
 }
 
 #[test]
