@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use zonalfs::emulator::{Config, Running, Shaping};
 use zonalfs::gcs::auth::CredentialsSource;
 use zonalfs::gcs::client::ClientConfig;
-use zonalfs::gcs::mrd::{MrdStream, StreamStats};
+use zonalfs::gcs::mrd::{MrdStream, StreamStats, SEND_AHEAD};
 use zonalfs::gcs::retry::RetryPolicy;
 use zonalfs::gcs::{GcsClient, GcsError, MrdPool, ObjectId, PoolConfig, VecSink};
 use zonalfs::tools::{self, CatOptions};
@@ -267,6 +267,52 @@ async fn two_hundred_ranges_on_one_stream() {
         assert_eq!(n.expect("read"), len);
         assert_eq!(got, &data[off as usize..(off + len) as usize]);
     }
+    assert_eq!(get(&stats.streams_opened), 1, "all on one stream");
+    assert_eq!(s.load(), 0);
+}
+
+/// Large ranges handed to one stream at once reach the server one after the
+/// other, each sent as the one before nears its end (so the server never
+/// splits the stream between them), and small ones go at once; every byte
+/// arrives right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_sends_a_large_range_as_the_last_one_nears_its_end() {
+    let tree = Tree::new();
+    let data = tree.put("obj", &pattern(32 * MIB, 41));
+    let emu = start(&tree, Config::default()).await;
+    let c = client(&emu, quick_retry()).await;
+    let stats = Arc::new(StreamStats::default());
+    let s = Arc::new(
+        MrdStream::open(&c, "obj", 0, None, stats.clone())
+            .await
+            .expect("open"),
+    );
+    let mut tasks = Vec::new();
+    // Four 8 MiB blocks and, behind them, eight small reads.
+    let reads = (0..4u64)
+        .map(|i| (i * 8 * MIB as u64, 8 * MIB as u64))
+        .chain((0..8u64).map(|i| (i * 3 * MIB as u64 + 100, 4096)));
+    for (off, len) in reads {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let sink = VecSink::new(len as usize);
+            let n = s.read(off, len, sink.clone()).await;
+            (off, len, n, sink.take())
+        }));
+    }
+    for t in tasks {
+        let (off, len, n, got) = t.await.expect("join");
+        assert_eq!(n.expect("read"), len);
+        assert!(
+            got == data[off as usize..(off + len) as usize],
+            "bytes at {off}"
+        );
+    }
+    let owed = emu.emu.counters.most_bytes_owed.load(Ordering::Relaxed);
+    assert!(
+        owed <= 8 * MIB as u64 + SEND_AHEAD + 8 * 4096,
+        "the stream owed {owed} bytes at once: more than one block ahead"
+    );
     assert_eq!(get(&stats.streams_opened), 1, "all on one stream");
     assert_eq!(s.load(), 0);
 }

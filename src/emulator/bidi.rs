@@ -353,6 +353,11 @@ impl Engine {
                 ready,
             });
         }
+        let owed: u64 = self.ranges.iter().map(|r| r.end - r.next).sum();
+        self.emu
+            .counters
+            .most_bytes_owed
+            .fetch_max(owed, Ordering::Relaxed);
         Ok(())
     }
 

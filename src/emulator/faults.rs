@@ -74,6 +74,9 @@ pub struct Counters {
     pub ranges_in_open: AtomicU64,
     /// Calls whose user agent starts with `zonalfs/` (not in the report).
     pub zonalfs_agent_calls: AtomicU64,
+    /// The most bytes one stream owed at once: requested and not sent yet
+    /// (not in the report).
+    pub most_bytes_owed: AtomicU64,
 }
 
 impl Counters {

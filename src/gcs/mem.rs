@@ -171,6 +171,14 @@ impl<C> FaultyClient<C> {
 
 #[tonic::async_trait]
 impl<C: ObjectClient> ObjectClient for FaultyClient<C> {
+    fn parallelism(&self, size: u64) -> usize {
+        self.inner.parallelism(size)
+    }
+
+    fn paces_above(&self) -> u64 {
+        self.inner.paces_above()
+    }
+
     async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
         self.inner.stat(name).await
     }

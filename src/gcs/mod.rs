@@ -242,6 +242,19 @@ pub trait ObjectClient: Send + Sync + 'static {
     fn transport_memory(&self) -> u64 {
         0
     }
+    /// Ranges of an object of `size` bytes this client carries at once (its
+    /// streams for the object): a sequential reader's window keeps at least
+    /// that many blocks in flight, so every stream has one to carry.
+    fn parallelism(&self, _size: u64) -> usize {
+        1
+    }
+    /// Ranges longer than this the client paces itself: a stream sends one
+    /// only as what it already carries nears its end, so a reader's window of
+    /// such blocks beyond two per stream holds memory without moving data
+    /// sooner.
+    fn paces_above(&self) -> u64 {
+        u64::MAX
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,15 @@
 //! before it writes the bytes straight into the sink at their offset. `range_end`
 //! (or the last requested byte) completes the range.
 //!
+//! A stream sends a large range only once the ranges already sent owe at most
+//! [`SEND_AHEAD`] bytes; until then it holds it (a small range goes at once).
+//! The server may interleave the ranges of a stream (the emulator does,
+//! round-robin): two 8 MiB blocks sent together then both arrive at half
+//! speed, and a reader that reads them in order waits for the first twice as
+//! long. Sent one chunk before the last one's end, the next range's request
+//! crosses the network while that chunk arrives: the stream never idles for a
+//! round trip between blocks, and the blocks arrive one after the other.
+//!
 //! When the stream breaks (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED,
 //! RESOURCE_EXHAUSTED, ABORTED, a CRC mismatch, an invalid response, no data
 //! for `stall_timeout` while ranges are outstanding, or no answer to the open
@@ -48,6 +57,11 @@ use crate::proto::RpcStatus;
 
 /// Most ranges sent in one request message (as the official clients do).
 const MAX_RANGES_PER_MESSAGE: usize = 100;
+
+/// A range longer than this waits until the stream's sent ranges owe at most
+/// this many bytes (one chunk: far more than a round trip's worth of data at
+/// a stream's rate, on loopback and across a zone alike).
+pub const SEND_AHEAD: u64 = 2 << 20;
 
 /// Counters of what the streams did (shared by every stream of a pool).
 #[derive(Debug, Default)]
@@ -336,6 +350,8 @@ struct Active {
     offset: u64,
     len: u64,
     delivered: u64,
+    /// Requested from the server (else held until the stream nears its end).
+    sent: bool,
     sink: Arc<dyn RangeSink>,
     done: oneshot::Sender<Result<u64, GcsError>>,
 }
@@ -359,6 +375,11 @@ struct RangeTable {
     next_id: i64,
     load: Arc<AtomicU64>,
     stats: Arc<StreamStats>,
+    /// Bytes the sent ranges still owe.
+    in_flight: u64,
+    /// Ranges held back, oldest first (see [`SEND_AHEAD`]); 0 sends all at once.
+    held: std::collections::VecDeque<i64>,
+    send_ahead: u64,
 }
 
 struct Driver {
@@ -384,17 +405,21 @@ impl RangeTable {
             next_id: 1,
             load: Arc::new(AtomicU64::new(0)),
             stats,
+            in_flight: 0,
+            held: std::collections::VecDeque::new(),
+            send_ahead: SEND_AHEAD,
         }
     }
 
-    /// What is unfinished, as requests from the last verified byte, oldest
-    /// first (a read's head before its rest); late chunks of finished ranges
-    /// cannot come on a new stream.
+    /// What the sent ranges still owe, as requests from the last verified
+    /// byte, oldest first (a read's head before its rest); late chunks of
+    /// finished ranges cannot come on a new stream. Held ranges stay held.
     fn resume(&mut self) -> Vec<ReadRange> {
         self.abandoned.clear();
         let mut out: Vec<ReadRange> = self
             .ranges
             .iter()
+            .filter(|(_, a)| a.sent)
             .map(|(id, a)| ReadRange {
                 read_offset: (a.offset + a.delivered) as i64,
                 read_length: (a.len - a.delivered) as i64,
@@ -405,7 +430,8 @@ impl RangeTable {
         out
     }
 
-    /// Registers a new range and returns its request.
+    /// Registers a new range and returns its request, or None if it is held
+    /// (see [`SEND_AHEAD`]; [`RangeTable::release`] sends it later).
     fn add(&mut self, cmd: ReadCmd) -> Option<ReadRange> {
         if cmd.len == 0 {
             let _ = cmd.done.send(Ok(0));
@@ -414,16 +440,25 @@ impl RangeTable {
         let id = self.next_id;
         self.next_id += 1;
         self.load.fetch_add(cmd.len, Ordering::Relaxed);
+        let send = self.send_ahead == 0
+            || cmd.len <= self.send_ahead
+            || (self.held.is_empty() && self.in_flight <= self.send_ahead);
         self.ranges.insert(
             id,
             Active {
                 offset: cmd.offset,
                 len: cmd.len,
                 delivered: 0,
+                sent: send,
                 sink: cmd.sink,
                 done: cmd.done,
             },
         );
+        if !send {
+            self.held.push_back(id);
+            return None;
+        }
+        self.in_flight += cmd.len;
         Some(ReadRange {
             read_offset: cmd.offset as i64,
             read_length: cmd.len as i64,
@@ -431,9 +466,42 @@ impl RangeTable {
         })
     }
 
+    /// The held ranges that may go now: oldest first, while the sent ones owe
+    /// at most [`SEND_AHEAD`] bytes.
+    fn release(&mut self) -> Vec<ReadRange> {
+        let mut out = Vec::new();
+        while self.in_flight <= self.send_ahead {
+            let Some(id) = self.held.pop_front() else {
+                break;
+            };
+            // Ranges given up while held are gone from the table.
+            let Some(a) = self.ranges.get_mut(&id) else {
+                continue;
+            };
+            if a.done.is_closed() {
+                // Its caller went away while it waited: never ask for it.
+                self.finish(id, Err(GcsError::Cancelled));
+                continue;
+            }
+            a.sent = true;
+            self.in_flight += a.len;
+            out.push(ReadRange {
+                read_offset: a.offset as i64,
+                read_length: a.len as i64,
+                read_id: id,
+            });
+        }
+        out
+    }
+
     fn finish(&mut self, id: i64, result: Result<u64, GcsError>) {
         if let Some(a) = self.ranges.remove(&id) {
             self.load.fetch_sub(a.len - a.delivered, Ordering::Relaxed);
+            if a.sent {
+                self.in_flight -= a.len - a.delivered;
+            } else {
+                self.held.retain(|h| *h != id);
+            }
             if result.is_ok() {
                 StreamStats::bump(&self.stats.ranges_completed);
             }
@@ -465,6 +533,12 @@ impl RangeTable {
                 self.what
             )));
         };
+        if !a.sent {
+            return Err(GcsError::Protocol(format!(
+                "{}: data for read_id {id}, which was not requested yet",
+                self.what
+            )));
+        }
         if a.done.is_closed() {
             // The caller went away: drop the range and its sink.
             self.finish(id, Err(GcsError::Cancelled));
@@ -519,6 +593,7 @@ impl RangeTable {
         }
         a.delivered += content_len;
         self.load.fetch_sub(content_len, Ordering::Relaxed);
+        self.in_flight -= content_len;
         self.stats
             .bytes_fetched
             .fetch_add(content_len, Ordering::Relaxed);
@@ -776,6 +851,10 @@ impl Driver {
         loop {
             if !*cmds_open && self.table.ranges.is_empty() {
                 return Ok(());
+            }
+            let due = self.table.release();
+            if !due.is_empty() {
+                send_ranges(c, due).map_err(Failure::Retry)?;
             }
             let outstanding = !self.table.ranges.is_empty();
             tokio::select! {
@@ -1252,5 +1331,79 @@ mod tests {
         let crc = crc32c::crc32c(&more);
         assert!(t.chunk(chunk(id, 10, &more, Some(crc), true)).is_ok());
         assert_eq!(t.load.load(Ordering::Relaxed), 0);
+    }
+
+    /// Adds a range to `t`; returns its request if it went at once.
+    fn add_one(t: &mut RangeTable, offset: u64, len: u64) -> (Option<ReadRange>, Reader) {
+        let sink = VecSink::new(len as usize);
+        let (tx, rx) = oneshot::channel();
+        let rr = t.add(ReadCmd {
+            offset,
+            len,
+            sink: sink.clone(),
+            done: tx,
+        });
+        let r = Reader {
+            offset,
+            len,
+            sink,
+            done: rx,
+        };
+        (rr, r)
+    }
+
+    /// Delivers `len` true bytes of range `id` from `off`.
+    fn deliver(t: &mut RangeTable, id: i64, off: u64, len: u64) {
+        let data = truth()[off as usize..(off + len) as usize].to_vec();
+        let crc = crc32c::crc32c(&data);
+        t.chunk(chunk(id, off, &data, Some(crc), false))
+            .expect("a true chunk");
+    }
+
+    /// A large range waits until what was sent owes at most `send_ahead`
+    /// bytes, then goes (oldest first); a small one goes at once; a reopen
+    /// re-requests only what was sent; a held range whose caller left is
+    /// never sent; data for a held range is refused.
+    #[test]
+    fn large_ranges_wait_for_the_stream_to_near_its_end() {
+        let mut t = RangeTable::new("gs://b/o".into(), Arc::new(StreamStats::default()));
+        t.send_ahead = 1000;
+        let (a, _ra) = add_one(&mut t, 0, 4000);
+        let a = a.expect("an idle stream sends at once");
+        let (b, rb) = add_one(&mut t, 4000, 4000);
+        assert!(b.is_none(), "held behind 4000 owed bytes");
+        let (c, _rc) = add_one(&mut t, 8000, 4000);
+        assert!(c.is_none());
+        let (small, _rs) = add_one(&mut t, 12_000, 500);
+        assert!(small.is_some(), "a small range goes at once");
+        assert!(t.release().is_empty(), "4500 owed");
+        // Data for a held range: the server was never asked for it.
+        let held_id = a.read_id + 1;
+        let data = truth()[4000..4100].to_vec();
+        let crc = crc32c::crc32c(&data);
+        assert!(t
+            .chunk(chunk(held_id, 4000, &data, Some(crc), false))
+            .is_err());
+        // A reopen asks again for what was sent only.
+        let resumed: Vec<i64> = t.resume().iter().map(|r| r.read_id).collect();
+        assert_eq!(resumed, vec![a.read_id, a.read_id + 3]);
+        deliver(&mut t, a.read_id, 0, 3000);
+        assert!(t.release().is_empty(), "1500 owed");
+        deliver(&mut t, a.read_id + 3, 12_000, 500);
+        let sent = t.release();
+        assert_eq!(sent.len(), 1, "1000 owed: the oldest held goes");
+        assert_eq!(sent[0].read_id, held_id);
+        assert_eq!(sent[0].read_offset, 4000);
+        // The third's caller leaves while it waits: it is never asked for.
+        drop(_rc);
+        deliver(&mut t, a.read_id, 3000, 1000);
+        deliver(&mut t, held_id, 4000, 4000);
+        assert!(t.release().is_empty(), "the abandoned range is not sent");
+        assert!(t.ranges.is_empty());
+        assert_eq!(t.in_flight, 0);
+        assert_eq!(t.load.load(Ordering::Relaxed), 0);
+        let mut rb = rb;
+        assert_eq!(rb.done.try_recv().expect("done").expect("ok"), 4000);
+        assert!(rb.sink.take() == truth()[4000..8000]);
     }
 }

@@ -5,7 +5,10 @@
 //! shared by every reader of that object. The first stream is opened when the
 //! first read needs it; the rest open in the background with the first stream's
 //! read handle. A new range goes to the least-loaded stream (fewest bytes
-//! outstanding). Idle streams are kept for reuse, at most `--max-idle-streams` of
+//! outstanding); a large one (over `mrd::SEND_AHEAD`) that would queue behind
+//! a busy stream while another stream of the object is opening waits for that
+//! one instead (else the first blocks of a read all queue on the first
+//! stream, which carries them one after the other). Idle streams are kept for reuse, at most `--max-idle-streams` of
 //! them (least recently used closed first), each closed after `idle_timeout`; a
 //! semaphore holds the total at `--max-streams`, closing idle streams of other
 //! objects when a new object needs one. A read of a new generation retires the
@@ -26,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::client::GcsClient;
-use super::mrd::{FirstRead, MrdStream, PendingRead, StreamStats};
+use super::mrd::{FirstRead, MrdStream, PendingRead, StreamStats, SEND_AHEAD};
 use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, RangeSink};
 
 /// Pool settings.
@@ -257,6 +260,9 @@ impl MrdPool {
         first_read: Option<FirstRead>,
     ) -> Result<(Arc<PooledStream>, Option<PendingRead>), GcsError> {
         loop {
+            // Where a read waits for a stream that is opening (see below).
+            let opened: Arc<tokio::sync::Notify>;
+            let mut next = None;
             let first = {
                 let mut objects = lock(&self.inner.objects);
                 if !objects.contains_key(id) {
@@ -268,13 +274,32 @@ impl MrdPool {
                 if let Some(best) = e.streams.iter().min_by_key(|s| s.stream.load()) {
                     let best = best.clone();
                     let missing = e.streams.len() + e.opening < self.target(size);
-                    drop(objects);
-                    if missing {
-                        self.grow(id, size, best.stream.read_handle());
+                    // A large read that would wait behind a busy stream's
+                    // data (see `mrd::SEND_AHEAD`) waits for a stream that is
+                    // opening instead: it takes the read at once.
+                    let large = first_read.as_ref().is_some_and(|f| f.len > SEND_AHEAD);
+                    if large && e.opening > 0 && best.stream.load() > SEND_AHEAD {
+                        // Registered before the lock is let go: an open
+                        // finishing now still wakes it.
+                        opened = e.opened.clone();
+                        next = Some(opened.notified());
+                        None
+                    } else {
+                        drop(objects);
+                        if missing {
+                            self.grow(id, size, best.stream.read_handle());
+                        }
+                        return Ok((best, None));
                     }
-                    return Ok((best, None));
+                } else {
+                    Some(e.first.clone())
                 }
-                e.first.clone()
+            };
+            let Some(first) = first else {
+                if let Some(next) = next {
+                    next.await;
+                }
+                continue;
             };
             let _guard = first.lock().await;
             let has = lock(&self.inner.objects)
@@ -459,6 +484,14 @@ async fn reaper(pool: Weak<Inner>) {
 
 #[tonic::async_trait]
 impl ObjectClient for MrdPool {
+    fn parallelism(&self, size: u64) -> usize {
+        self.target(size)
+    }
+
+    fn paces_above(&self) -> u64 {
+        SEND_AHEAD
+    }
+
     fn transport_memory(&self) -> u64 {
         let windows = self.inner.client.transport.connections() as u64
             * u64::from(super::transport::CONNECTION_WINDOW);

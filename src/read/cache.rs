@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::buffer::Block;
-use super::prefetch::{Cursors, Plan, PrefetchConfig};
+use super::prefetch::{Ahead, Cursors, Plan, PrefetchConfig};
 use crate::gcs::{GcsError, ObjectClient, ObjectId, VecSink};
 use crate::memory::Pool;
 
@@ -427,7 +427,21 @@ impl ReadEngine {
                     self.cfg.block_size,
                     sequential_total,
                 );
-                let (plan, dropped) = inode.cursors.plan(&self.cfg, off, len, size, cap);
+                let bs = self.cfg.block_size.max(1);
+                let last = (off + len - 1) / bs * bs;
+                // Blocks the client paces (see `ObjectClient::paces_above`)
+                // move no sooner for a longer window: it keeps two per stream
+                // (one arriving, one sent as the first ends) and grows only
+                // for blocks the client sends at once.
+                let ahead = Ahead {
+                    starved: bs <= self.client.paces_above()
+                        && inode
+                            .blocks
+                            .get(&last)
+                            .is_none_or(|s| s.block.filled() == 0 && !s.block.is_done()),
+                    floor: 2 * self.client.parallelism(size) as u64,
+                };
+                let (plan, dropped) = inode.cursors.plan(&self.cfg, off, len, size, cap, ahead);
                 for c in dropped {
                     // Cancel that cursor's prefetch that nobody reads.
                     let lo = c.end / self.cfg.block_size * self.cfg.block_size;

@@ -25,9 +25,20 @@
 //! fetched for nothing). Two contiguous reads in a row almost never happen by
 //! chance, so the hybrid now waits for them there, as gcsfs does.
 //! Once sequential, the window (in blocks ahead of the reader) starts at
-//! `initial_blocks` and doubles each time the reader enters a new block, up to
-//! the window cap the cache grants (`--readahead-max`, shrunk by the memory
-//! budget's fair share).
+//! `initial_blocks`, never below a floor the cache passes: two blocks per
+//! stream the client carries the object on, one arriving and one queued
+//! behind it (the client sends the queued one as the first nears its end, so
+//! a stream never idles for a round trip between blocks). It doubles when the
+//! reader enters a block that has no bytes yet (the reader caught up with its
+//! prefetch before the data even started: the window is short for the
+//! latency), at most once per window's worth of blocks, up to the window cap
+//! the cache grants (`--readahead-max`, shrunk by the memory budget's fair
+//! share). The cache reports no such starving for blocks the client paces
+//! itself (larger than one chunk): more of them queued would hold memory
+//! without moving data sooner. A block that is loading when the reader gets
+//! there means the transfer, not the window, sets the pace. (The window used
+//! to double at every new block; on loopback one `dd` then grew a 256 MiB
+//! window, every block of it fresh memory on a fresh mount.)
 
 use tokio::time::Instant;
 
@@ -118,6 +129,8 @@ pub struct Cursor {
     pub window: u64,
     /// The block index the reader was last in.
     pub block: u64,
+    /// The block where the window last grew.
+    pub grown_at: u64,
     /// The furthest byte its window has reached (block-aligned).
     pub frontier: u64,
     pub last_used: Instant,
@@ -133,6 +146,24 @@ pub enum Plan {
     Blocks { ahead_to: u64 },
 }
 
+/// What the cache sees ahead of a read, for the window's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ahead {
+    /// The block the read ends in has no bytes yet (not requested, or
+    /// requested and nothing arrived).
+    pub starved: bool,
+    /// The least window, in blocks (two per stream of the object).
+    pub floor: u64,
+}
+
+impl Ahead {
+    /// A reader that always finds its blocks empty (the most growth).
+    pub const STARVED: Ahead = Ahead {
+        starved: true,
+        floor: 1,
+    };
+}
+
 /// The cursors of one inode.
 #[derive(Debug, Default)]
 pub struct Cursors {
@@ -142,8 +173,9 @@ pub struct Cursors {
 impl Cursors {
     /// Matches a read to a cursor (or starts one) and plans it. `cap` is the
     /// largest window (in blocks) the cache grants this reader now; `size` the
-    /// object's size. Returns the plan and the cursors dropped to make room
-    /// (their prefetch can be cancelled).
+    /// object's size; `ahead` what the cache sees ahead of the read. Returns
+    /// the plan and the cursors dropped to make room (their prefetch can be
+    /// cancelled).
     pub fn plan(
         &mut self,
         cfg: &PrefetchConfig,
@@ -151,6 +183,7 @@ impl Cursors {
         len: u64,
         size: u64,
         cap: u64,
+        ahead: Ahead,
     ) -> (Plan, Vec<Cursor>) {
         let now = Instant::now();
         let end = off.saturating_add(len);
@@ -211,6 +244,7 @@ impl Cursors {
                     sequential,
                     window: if sequential { cfg.initial_blocks } else { 0 },
                     block: off / bs,
+                    grown_at: off / bs,
                     frontier: 0,
                     last_used: now,
                 });
@@ -224,12 +258,17 @@ impl Cursors {
         }
         let block = end.saturating_sub(1) / bs;
         if block > c.block {
-            // Entered a new block: the reader keeps up, grow the window.
-            c.window = c.window.saturating_mul(2).max(1);
+            // Entered a block with no bytes yet: the window is short for the
+            // latency; grow it (once per window's worth of blocks, the time
+            // a larger window takes to show).
+            if ahead.starved && block >= c.grown_at.saturating_add(c.window) {
+                c.window = c.window.saturating_mul(2).max(1);
+                c.grown_at = block;
+            }
             c.block = block;
         }
         let max_blocks = (cfg.readahead_max / bs).max(1);
-        c.window = c.window.min(max_blocks).min(cap.max(1));
+        c.window = c.window.max(ahead.floor).min(max_blocks).min(cap.max(1));
         let ahead_to = ((block + 1 + c.window) * bs).min(size.div_ceil(bs) * bs);
         c.frontier = c.frontier.max(ahead_to);
         (Plan::Blocks { ahead_to }, dropped)
@@ -267,11 +306,11 @@ mod tests {
     fn from_zero_is_sequential_at_once_and_window_doubles() {
         let mut c = Cursors::default();
         let size = 100 * BS;
-        let (p, _) = c.plan(&cfg(), 0, 128 << 10, size, 64);
+        let (p, _) = c.plan(&cfg(), 0, 128 << 10, size, 64, Ahead::STARVED);
         assert_eq!(p, Plan::Blocks { ahead_to: 2 * BS });
         let mut last = 0;
         for i in 1..40u64 {
-            let (p, _) = c.plan(&cfg(), i * (512 << 10), 512 << 10, size, 64);
+            let (p, _) = c.plan(&cfg(), i * (512 << 10), 512 << 10, size, 64, Ahead::STARVED);
             if let Plan::Blocks { ahead_to, .. } = p {
                 assert!(ahead_to >= last);
                 last = ahead_to;
@@ -287,7 +326,7 @@ mod tests {
         let size = 1000 * BS;
         for i in 0..20u64 {
             let off = (i * 7919 * 4096 + 4096) % size;
-            let (p, _) = c.plan(&cfg(), off, 4096, size, 64);
+            let (p, _) = c.plan(&cfg(), off, 4096, size, 64, Ahead::STARVED);
             assert_eq!(p, Plan::Direct, "read {i} at {off}");
         }
         assert!(c.list.len() <= cfg().max_cursors);
@@ -297,23 +336,30 @@ mod tests {
     fn third_contiguous_read_turns_sequential_and_tolerates_skips() {
         let mut c = Cursors::default();
         let size = 1000 * BS;
-        let (p, _) = c.plan(&cfg(), 500 * BS, 4096, size, 64);
+        let (p, _) = c.plan(&cfg(), 500 * BS, 4096, size, 64, Ahead::STARVED);
         assert_eq!(p, Plan::Direct);
         // One read landing at another's end is not enough (random readers do
         // that now and then).
-        let (p, _) = c.plan(&cfg(), 500 * BS + 4096, 4096, size, 64);
+        let (p, _) = c.plan(&cfg(), 500 * BS + 4096, 4096, size, 64, Ahead::STARVED);
         assert_eq!(p, Plan::Direct);
-        let (p, _) = c.plan(&cfg(), 500 * BS + 8192, 4096, size, 64);
+        let (p, _) = c.plan(&cfg(), 500 * BS + 8192, 4096, size, 64, Ahead::STARVED);
         assert!(matches!(p, Plan::Blocks { .. }));
         // The kernel skips ahead within tolerance: same cursor.
-        let (p, _) = c.plan(&cfg(), 500 * BS + 3 * BS, 4096, size, 64);
+        let (p, _) = c.plan(&cfg(), 500 * BS + 3 * BS, 4096, size, 64, Ahead::STARVED);
         assert!(matches!(p, Plan::Blocks { .. }));
         assert_eq!(c.list.len(), 1);
         // Skips, and only skips: it was random after all.
         for k in 1..=3u64 {
-            c.plan(&cfg(), 500 * BS + 3 * BS + k * 5 * BS, 4096, size, 64);
+            c.plan(
+                &cfg(),
+                500 * BS + 3 * BS + k * 5 * BS,
+                4096,
+                size,
+                64,
+                Ahead::STARVED,
+            );
         }
-        let (p, _) = c.plan(&cfg(), 500 * BS + 40 * BS, 4096, size, 64);
+        let (p, _) = c.plan(&cfg(), 500 * BS + 40 * BS, 4096, size, 64, Ahead::STARVED);
         assert_eq!(p, Plan::Direct);
     }
 
@@ -324,11 +370,48 @@ mod tests {
         for step in 0..10u64 {
             for q in 0..4u64 {
                 let off = q * 100 * BS + step * (256 << 10);
-                c.plan(&cfg(), off, 256 << 10, size, 64);
+                c.plan(&cfg(), off, 256 << 10, size, 64, Ahead::STARVED);
             }
         }
         assert_eq!(c.list.len(), 4);
         assert_eq!(c.sequential(std::time::Duration::from_secs(60)), 4);
+    }
+
+    /// A reader that finds each new block loading keeps its window (but
+    /// never below the floor); one that finds them empty grows it, once per
+    /// window's worth of blocks.
+    #[test]
+    fn the_window_grows_only_when_the_reader_outruns_the_data() {
+        let mut c = Cursors::default();
+        let size = 1000 * BS;
+        let loading = Ahead {
+            starved: false,
+            floor: 4,
+        };
+        for i in 0..20u64 {
+            c.plan(&cfg(), i * BS, BS, size, 64, loading);
+        }
+        assert_eq!(c.list[0].window, 4, "the floor");
+        let starved = Ahead {
+            starved: true,
+            floor: 4,
+        };
+        for i in 20..29u64 {
+            c.plan(&cfg(), i * BS, BS, size, 64, starved);
+        }
+        // 4 -> 8 at block 20, 16 at 28.
+        assert_eq!(c.list[0].window, 16, "capped by readahead_max");
+        let (p, _) = c.plan(&cfg(), 29 * BS, BS, size, 64, loading);
+        assert_eq!(c.list[0].window, 16, "kept, not shrunk");
+        assert_eq!(
+            p,
+            Plan::Blocks {
+                ahead_to: (30 + 16) * BS
+            }
+        );
+        // The cap (the memory budget's share) wins over the floor.
+        let (_, _) = c.plan(&cfg(), 30 * BS, BS, size, 2, loading);
+        assert_eq!(c.list[0].window, 2);
     }
 
     #[test]
@@ -336,7 +419,7 @@ mod tests {
         let mut c = Cursors::default();
         let size = 1000 * BS;
         for i in 0..64u64 {
-            c.plan(&cfg(), i * BS, BS, size, 3);
+            c.plan(&cfg(), i * BS, BS, size, 3, Ahead::STARVED);
         }
         assert_eq!(c.list[0].window, 3);
     }
