@@ -14,6 +14,7 @@
 
 pub mod bidi;
 pub mod faults;
+pub mod send;
 pub mod service;
 pub mod store;
 
@@ -207,12 +208,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), EmuError> {
     let check = token_check(emu.require_token.clone());
-    let storage_svc = tonic::service::interceptor::InterceptedService::new(
-        storage::storage_server::StorageServer::new(service::StorageService { emu: emu.clone() })
+    let storage_svc = send::Router {
+        inner: tonic::service::interceptor::InterceptedService::new(
+            storage::storage_server::StorageServer::new(service::StorageService {
+                emu: emu.clone(),
+            })
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20),
-        check.clone(),
-    );
+            check.clone(),
+        ),
+        emu: emu.clone(),
+        check: check.clone(),
+    };
     let control_svc = tonic::service::interceptor::InterceptedService::new(
         control::storage_control_server::StorageControlServer::new(service::ControlService { emu }),
         check,

@@ -113,7 +113,10 @@ fn percent_decode(s: &str) -> String {
 
 /// The routing parameters of a call; also counts calls that carry a bearer
 /// token (the token itself is never looked at further, nor logged).
-fn call_params(emu: &Emulator, md: &tonic::metadata::MetadataMap) -> HashMap<String, String> {
+pub(super) fn call_params(
+    emu: &Emulator,
+    md: &tonic::metadata::MetadataMap,
+) -> HashMap<String, String> {
     if md
         .get("authorization")
         .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "))
