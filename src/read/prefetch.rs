@@ -131,6 +131,10 @@ pub struct Cursor {
     pub block: u64,
     /// The block where the window last grew.
     pub grown_at: u64,
+    /// The block the reader was in when the cursor turned sequential: the
+    /// window's floor applies once it has read past that block (a random
+    /// reader that happens to read two pieces in a row does not take it).
+    pub turned_at: u64,
     /// The furthest byte its window has reached (block-aligned).
     pub frontier: u64,
     pub last_used: Instant,
@@ -222,6 +226,7 @@ impl Cursors {
                 if !c.sequential && c.hits >= cfg.start.after() {
                     c.sequential = true;
                     c.window = cfg.initial_blocks;
+                    c.turned_at = end.saturating_sub(1) / bs;
                 }
                 i
             }
@@ -245,6 +250,7 @@ impl Cursors {
                     window: if sequential { cfg.initial_blocks } else { 0 },
                     block: off / bs,
                     grown_at: off / bs,
+                    turned_at: off / bs,
                     frontier: 0,
                     last_used: now,
                 });
@@ -268,7 +274,8 @@ impl Cursors {
             c.block = block;
         }
         let max_blocks = (cfg.readahead_max / bs).max(1);
-        c.window = c.window.max(ahead.floor).min(max_blocks).min(cap.max(1));
+        let floor = if block > c.turned_at { ahead.floor } else { 1 };
+        c.window = c.window.max(floor).min(max_blocks).min(cap.max(1));
         let ahead_to = ((block + 1 + c.window) * bs).min(size.div_ceil(bs) * bs);
         c.frontier = c.frontier.max(ahead_to);
         (Plan::Blocks { ahead_to }, dropped)
@@ -412,6 +419,32 @@ mod tests {
         // The cap (the memory budget's share) wins over the floor.
         let (_, _) = c.plan(&cfg(), 30 * BS, BS, size, 2, loading);
         assert_eq!(c.list[0].window, 2);
+    }
+
+    /// The floor waits until the reader has read past the block where its
+    /// cursor turned sequential: two random reads that happen to be
+    /// contiguous fetch one block ahead, not a whole floor of them.
+    #[test]
+    fn the_floor_applies_once_the_reader_leaves_its_first_block() {
+        let mut c = Cursors::default();
+        let size = 1000 * BS;
+        let ahead = Ahead {
+            starved: false,
+            floor: 8,
+        };
+        let at = 500 * BS + 4096;
+        c.plan(&cfg(), at, 4096, size, 64, ahead);
+        c.plan(&cfg(), at + 4096, 4096, size, 64, ahead);
+        let (p, _) = c.plan(&cfg(), at + 8192, 4096, size, 64, ahead);
+        assert_eq!(p, Plan::Blocks { ahead_to: 502 * BS }, "one block ahead");
+        let (p, _) = c.plan(&cfg(), 501 * BS, 4096, size, 64, ahead);
+        assert_eq!(p, Plan::Blocks { ahead_to: 510 * BS }, "the floor");
+        // From offset 0 the same: the floor from the second block on.
+        let mut c = Cursors::default();
+        let (p, _) = c.plan(&cfg(), 0, 4096, size, 64, ahead);
+        assert_eq!(p, Plan::Blocks { ahead_to: 2 * BS });
+        let (p, _) = c.plan(&cfg(), BS, 4096, size, 64, ahead);
+        assert_eq!(p, Plan::Blocks { ahead_to: 10 * BS });
     }
 
     #[test]
