@@ -1,0 +1,671 @@
+use super::dir::valid_component;
+use super::*;
+use crate::gcs::mem::MemClient;
+use crate::gcs::GcsError;
+use crate::memory::{Budget, Pool, PoolConfig};
+use crate::read::PrefetchConfig;
+use crate::read::ReadError;
+use crate::sync::lock;
+use proptest::prelude::*;
+use std::sync::atomic::Ordering;
+
+fn fs(client: Arc<MemClient>) -> Arc<Fs> {
+    let engine = ReadEngine::new(
+        client.clone(),
+        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+        PrefetchConfig::default(),
+    );
+    Fs::new(client, engine, FsConfig::default())
+}
+
+/// Object names a bucket may hold, and names a misbehaving server may
+/// send: valid segments mixed with empty, `.`, `..`, NUL, over-long and
+/// arbitrary Unicode ones (which may contain `/` themselves).
+fn segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => "[a-c]{1,2}",
+        1 => Just(String::new()),
+        1 => Just(".".to_string()),
+        1 => Just("..".to_string()),
+        1 => Just("x\0y".to_string()),
+        1 => Just("n".repeat(256)),
+        1 => "[ %\\\n\u{301}\u{1F600}\u{5D0}e]{1,4}",
+        1 => any::<String>(),
+    ]
+}
+
+fn object_name() -> impl Strategy<Value = String> {
+    proptest::collection::vec(segment(), 1..5).prop_map(|v| v.join("/"))
+}
+
+fn assert_valid(name: &str) -> Result<(), TestCaseError> {
+    prop_assert!(!name.is_empty());
+    prop_assert!(name != "." && name != "..", "{:?}", name);
+    prop_assert!(!name.contains('/') && !name.contains('\0'), "{:?}", name);
+    prop_assert!(name.len() <= 255);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(1024)))]
+
+    /// Whatever a listing returns, an entry name is a valid POSIX name that
+    /// leads back to exactly the listed name inside the directory.
+    #[test]
+    fn proptest_name_filter_entry_names(
+        dir in prop_oneof![Just(String::new()), object_name().prop_map(|n| n + "/"), any::<String>()],
+        listed in prop_oneof![object_name(), any::<String>()],
+        inside in any::<bool>(),
+        is_prefix in any::<bool>(),
+    ) {
+        let listed = if inside { format!("{dir}{listed}") } else { listed };
+        if let Some(name) = entry_name(&dir, &listed, is_prefix) {
+            assert_valid(name)?;
+            let back = format!("{dir}{name}{}", if is_prefix { "/" } else { "" });
+            prop_assert_eq!(back, listed);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(96)))]
+
+    /// A bucket of arbitrary names, walked as a program would (readdir, then
+    /// lookup of every entry): every entry is a valid name, `.` and `..`
+    /// stay inside (the root's `..` is the root), every file reached is the
+    /// object its path names, and every object whose segments are all valid
+    /// (and that no directory of the same name hides) is reached.
+    #[test]
+    fn proptest_name_filter_listing(names in proptest::collection::vec(object_name(), 1..20)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let c = MemClient::new(Duration::ZERO);
+            for n in &names {
+                c.put(n, vec![1u8], true);
+            }
+            let fs = fs(c);
+            for bad in [".", "..", "", "a/b"] {
+                prop_assert!(fs.lookup(ROOT_INO, bad).await.is_err(), "{:?}", bad);
+            }
+            let depth = names.iter().map(|n| n.matches('/').count()).max().unwrap_or(0);
+            let mut found = std::collections::HashSet::new();
+            let mut todo = vec![(ROOT_INO, Vec::<String>::new())];
+            while let Some((ino, path)) = todo.pop() {
+                prop_assert!(path.len() <= depth, "deeper than any name: {:?}", path);
+                let h = fs.opendir(ino).await.unwrap();
+                let entries = fs.readdir(h, 0).unwrap();
+                fs.releasedir(h);
+                prop_assert_eq!(&entries[0].1.name, ".");
+                prop_assert_eq!(entries[0].1.ino, ino);
+                prop_assert_eq!(&entries[1].1.name, "..");
+                if ino == ROOT_INO {
+                    prop_assert_eq!(entries[1].1.ino, ROOT_INO);
+                }
+                for (_, e) in &entries[2..] {
+                    assert_valid(&e.name)?;
+                    let attr = fs.lookup(ino, &e.name).await.unwrap();
+                    prop_assert_eq!((attr.ino, attr.is_dir), (e.ino, e.is_dir));
+                    let mut p = path.clone();
+                    p.push(e.name.clone());
+                    if e.is_dir {
+                        todo.push((e.ino, p));
+                    } else {
+                        found.insert(p.join("/"));
+                    }
+                }
+            }
+            for f in &found {
+                prop_assert!(names.contains(f), "{:?} is no object", f);
+            }
+            for n in &names {
+                let shown = n.split('/').all(valid_component)
+                    && !names.iter().any(|m| m.starts_with(&format!("{n}/")));
+                prop_assert_eq!(shown, found.contains(n), "{:?}", n);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test]
+async fn invalid_names_are_skipped_once() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("ok", vec![1u8], true);
+    c.put("bad//x", vec![1u8], true);
+    c.put(&"n".repeat(300), vec![1u8], true);
+    c.put("dots/./y", vec![1u8], true);
+    let fs = fs(c);
+    let names = |fs: &Fs, ino| {
+        let h = futures::executor::block_on(fs.opendir(ino)).unwrap();
+        let v: Vec<String> = fs
+            .readdir(h, 2)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.name)
+            .collect();
+        fs.releasedir(h);
+        v
+    };
+    assert_eq!(
+        names(&fs, ROOT_INO),
+        ["bad", "dots", "ok"],
+        "the 300-byte name is skipped"
+    );
+    let bad = fs.lookup(ROOT_INO, "bad").await.unwrap();
+    assert!(
+        names(&fs, bad.ino).is_empty(),
+        "an empty segment is skipped"
+    );
+    let dots = fs.lookup(ROOT_INO, "dots").await.unwrap();
+    assert!(names(&fs, dots.ino).is_empty(), "a '.' segment is skipped");
+    names(&fs, ROOT_INO);
+    assert_eq!(lock(&fs.warned).len(), 3, "one warning per name");
+}
+
+#[tokio::test]
+async fn inode_table_stays_bounded() {
+    let c = MemClient::new(Duration::ZERO);
+    for i in 0..50 {
+        c.put(&format!("d/f{i}"), vec![1u8], true);
+    }
+    let engine = ReadEngine::new(
+        c.clone(),
+        Pool::new(Budget::new(4 << 20), PoolConfig::new(1 << 20)),
+        PrefetchConfig::default(),
+    );
+    let fs = Fs::new(
+        c,
+        engine,
+        FsConfig {
+            max_nodes: 10,
+            ..Default::default()
+        },
+    );
+    let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+    let kept = fs.lookup(d.ino, "f7").await.unwrap();
+    for _ in 0..3 {
+        let h = fs.opendir(d.ino).await.unwrap();
+        assert_eq!(fs.readdir(h, 0).unwrap().len(), 52);
+        fs.releasedir(h);
+    }
+    let n = lock(&fs.table).nodes.len();
+    assert!(n <= 10 + 52, "{n} nodes");
+    // Looked-up inodes survive the pruning, with their numbers.
+    assert_eq!(fs.lookup(d.ino, "f7").await.unwrap().ino, kept.ino);
+}
+
+/// Through the page cache, closing the last handle of a file that was
+/// read to its end hands its blocks back to the memory pool, and the next
+/// file's block is that same warm buffer (no fresh memory per file); a
+/// second handle still open keeps them, and with direct I/O (no page
+/// cache) they stay cached.
+#[tokio::test]
+async fn closing_a_file_read_through_gives_its_blocks_back_warm() {
+    for release_consumed in [true, false] {
+        let c = MemClient::new(Duration::ZERO);
+        c.put("a", vec![1u8; 20 << 10], true);
+        c.put("b", vec![2u8; 20 << 10], true);
+        let pool = Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20));
+        let engine = ReadEngine::new(
+            c.clone(),
+            pool.clone(),
+            PrefetchConfig {
+                release_consumed,
+                ..Default::default()
+            },
+        );
+        let fs = Fs::new(c.clone(), engine.clone(), FsConfig::default());
+        let a = fs.lookup(ROOT_INO, "a").await.unwrap();
+        let (h1, h2) = (
+            fs.open(a.ino, false).await.unwrap(),
+            fs.open(a.ino, false).await.unwrap(),
+        );
+        assert_eq!(fs.read(h1, 0, 1 << 20).await.unwrap().len(), 20 << 10);
+        fs.release(h1);
+        assert_eq!(engine.blocks_of(a.ino).len(), 1, "another handle is open");
+        fs.release(h2);
+        let kept = engine.blocks_of(a.ino).len();
+        assert_eq!(kept, usize::from(!release_consumed), "{release_consumed}");
+        let fresh = pool.stats().fresh.load(Ordering::Relaxed);
+        let b = fs.lookup(ROOT_INO, "b").await.unwrap();
+        let hb = fs.open(b.ino, false).await.unwrap();
+        assert_eq!(
+            fs.read(hb, 0, 1 << 20).await.unwrap().as_slice(),
+            &vec![2u8; 20 << 10][..]
+        );
+        let fresh_for_b = pool.stats().fresh.load(Ordering::Relaxed) - fresh;
+        assert_eq!(
+            fresh_for_b,
+            u64::from(!release_consumed),
+            "{release_consumed}"
+        );
+    }
+}
+
+/// Opening a small file (one block) starts fetching it whole before any
+/// read; a larger file waits for its reads; a file already read through
+/// and closed (whose bytes the kernel's page cache holds) fetches nothing
+/// at its next open.
+#[tokio::test]
+async fn open_starts_fetching_a_small_file_whole() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("small", vec![3u8; 50_000], true);
+    c.put("big", vec![4u8; 3 << 20], true);
+    let engine = ReadEngine::new(
+        c.clone(),
+        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+        PrefetchConfig {
+            release_consumed: true,
+            ..Default::default()
+        },
+    );
+    let fs = Fs::new(c.clone(), engine.clone(), FsConfig::default());
+    let small = fs.lookup(ROOT_INO, "small").await.unwrap();
+    let big = fs.lookup(ROOT_INO, "big").await.unwrap();
+    let fh = fs.open(small.ino, false).await.unwrap();
+    assert_eq!(
+        engine.blocks_of(small.ino).len(),
+        1,
+        "loading since the open"
+    );
+    let hb = fs.open(big.ino, false).await.unwrap();
+    assert!(
+        engine.blocks_of(big.ino).is_empty(),
+        "a big file waits for reads"
+    );
+    let data = fs.read(fh, 0, 1 << 20).await.unwrap();
+    assert_eq!(data.as_slice(), &vec![3u8; 50_000][..]);
+    drop(data);
+    assert_eq!(c.requests.load(Ordering::Relaxed), 1, "one fetch, at open");
+    fs.release(fh);
+    fs.release(hb);
+    let again = fs.open(small.ino, false).await.unwrap();
+    assert!(
+        engine.blocks_of(small.ino).is_empty(),
+        "read through once: the page cache has it"
+    );
+    assert_eq!(c.requests.load(Ordering::Relaxed), 1);
+    fs.release(again);
+}
+
+/// Prefetch across files: opening a directory's files in listing order
+/// starts the next ones loading whole (at most `prefetch_files` ahead);
+/// they are counted as used when read; random order fetches nothing
+/// extra; a full budget stops it without evicting the open file's block.
+#[tokio::test]
+async fn files_opened_in_listing_order_are_fetched_ahead() {
+    let setup = |budget: u64| {
+        let c = MemClient::new(Duration::ZERO);
+        for i in 0..30 {
+            c.put(&format!("d/f{i:02}"), vec![i as u8; 20 << 10], true);
+        }
+        let engine = ReadEngine::new(
+            c.clone(),
+            Pool::new(Budget::new(budget), PoolConfig::new(1 << 20)),
+            PrefetchConfig {
+                release_consumed: true,
+                ..Default::default()
+            },
+        );
+        let cfg = FsConfig {
+            prefetch_files: 4,
+            ..Default::default()
+        };
+        (c.clone(), engine.clone(), Fs::new(c, engine, cfg))
+    };
+    async fn files(fs: &Fs) -> Vec<u64> {
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        let dh = fs.opendir(d.ino).await.unwrap();
+        let inos = fs
+            .readdir(dh, 0)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, e)| !e.is_dir)
+            .map(|(_, e)| e.ino)
+            .collect();
+        fs.releasedir(dh);
+        inos
+    }
+    let loading = |e: &ReadEngine, inos: &[u64]| -> Vec<bool> {
+        inos.iter().map(|i| !e.blocks_of(*i).is_empty()).collect()
+    };
+
+    // In listing order: from the fourth open, the next four files.
+    let (_c, engine, fs) = setup(16 << 20);
+    let inos = files(&fs).await;
+    assert_eq!(inos.len(), 30);
+    for (i, ino) in inos.iter().take(4).enumerate() {
+        let fh = fs.open(*ino, false).await.unwrap();
+        let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+        assert_eq!(got.as_slice(), &vec![i as u8; 20 << 10][..]);
+        drop(got);
+        fs.release(fh);
+    }
+    assert_eq!(
+        loading(&engine, &inos[4..10]),
+        [true, true, true, true, false, false]
+    );
+    assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 4);
+    let fh = fs.open(inos[4], false).await.unwrap();
+    assert_eq!(
+        fs.read(fh, 0, 1 << 20).await.unwrap().as_slice(),
+        &vec![4u8; 20 << 10][..]
+    );
+    assert_eq!(engine.stats.prefetch_used.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        loading(&engine, &inos[8..10]),
+        [true, false],
+        "topped up by one"
+    );
+    assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 5);
+    assert_eq!(
+        engine.stats.block_misses.load(Ordering::Relaxed),
+        9,
+        "4 opened + 5 ahead, none fetched twice"
+    );
+
+    // Random order: nothing is fetched but what is opened.
+    let (_c, engine, fs) = setup(16 << 20);
+    let inos = files(&fs).await;
+    for i in [17, 3, 25, 9, 21, 0, 14, 28] {
+        let fh = fs.open(inos[i], false).await.unwrap();
+        fs.release(fh);
+    }
+    assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 0);
+    assert_eq!(engine.stats.block_misses.load(Ordering::Relaxed), 8);
+
+    // A budget with room for three files: the open files keep theirs and
+    // the files ahead take only what is free.
+    let (_c, engine, fs) = setup(3 * (20 << 10));
+    let inos = files(&fs).await;
+    let mut open = Vec::new();
+    for ino in inos.iter().take(4) {
+        open.push(fs.open(*ino, false).await.unwrap());
+    }
+    assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 0);
+    for fh in open {
+        fs.release(fh);
+    }
+}
+
+/// Objects replaced or deleted between the listing and the read, while
+/// the files around them are fetched ahead: a reader gets a file's old
+/// bytes whole, or ESTALE/ENOENT, and a new lookup the new bytes, never a
+/// mix of generations.
+#[tokio::test]
+async fn files_changed_after_the_listing_never_mix_generations() {
+    for metadata_ttl in [Duration::from_secs(60), Duration::ZERO] {
+        let c = MemClient::new(Duration::ZERO);
+        for i in 0..12 {
+            c.put(&format!("d/f{i:02}"), vec![i as u8; 30 << 10], true);
+        }
+        let engine = ReadEngine::new(
+            c.clone(),
+            Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+            PrefetchConfig {
+                release_consumed: true,
+                ..Default::default()
+            },
+        );
+        let cfg = FsConfig {
+            prefetch_files: 8,
+            metadata_ttl,
+            ..Default::default()
+        };
+        let fs = Fs::new(c.clone(), engine.clone(), cfg);
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        let dh = fs.opendir(d.ino).await.unwrap();
+        let listed: Vec<DirEntry> = fs
+            .readdir(dh, 0)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| !e.is_dir)
+            .collect();
+        fs.releasedir(dh);
+        // Opened in order: the files after the fourth are fetched ahead
+        // with the listing's generations; then two of them change.
+        for e in &listed[..4] {
+            let fh = fs.open(e.ino, false).await.unwrap();
+            fs.release(fh);
+        }
+        assert!(engine.stats.prefetch_started.load(Ordering::Relaxed) > 0);
+        c.put("d/f06", vec![0xee; 20 << 10], true);
+        c.delete("d/f08");
+        for (i, e) in listed.iter().enumerate().skip(4) {
+            let read = async {
+                let fh = fs.open(e.ino, false).await?;
+                let r = fs.read(fh, 0, 1 << 20).await.map(|d| d.as_slice().to_vec());
+                fs.release(fh);
+                r
+            };
+            match read.await {
+                Ok(bytes) => assert!(
+                    bytes == vec![i as u8; 30 << 10],
+                    "{metadata_ttl:?}: file {i} is not its listed generation's bytes"
+                ),
+                Err(err) => {
+                    assert!(i == 6 || i == 8, "file {i}: {err}");
+                    assert!(
+                        [libc::ESTALE, libc::ENOENT].contains(&err.errno()),
+                        "file {i}: {err}"
+                    );
+                }
+            }
+        }
+        // A new lookup finds the new generation, whole.
+        let fresh = fs.lookup(d.ino, "f06").await.unwrap();
+        let fh = fs.open(fresh.ino, false).await.unwrap();
+        if fresh.ino != listed[6].ino {
+            let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+            assert!(got.as_slice() == vec![0xee; 20 << 10].as_slice());
+        }
+        fs.release(fh);
+    }
+}
+
+#[tokio::test]
+async fn a_new_generation_gets_a_new_inode_and_old_handles_keep_theirs() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("o", b"first".to_vec(), true);
+    let engine = ReadEngine::new(
+        c.clone(),
+        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+        PrefetchConfig::default(),
+    );
+    let fs = Fs::new(
+        c.clone(),
+        engine,
+        FsConfig {
+            metadata_ttl: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let old = fs.lookup(ROOT_INO, "o").await.unwrap();
+    let fh = fs.open(old.ino, false).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 5).await.unwrap().as_slice(), b"first");
+    c.put("o", b"other!".to_vec(), true);
+    // The old inode still describes (and opens) nothing but its generation.
+    assert_eq!(fs.getattr(old.ino).await.unwrap().size, 5);
+    assert!(matches!(
+        fs.open(old.ino, false).await,
+        Err(FsError::Stale(_))
+    ));
+    // The name now leads to a new inode with the new generation.
+    let new = fs.lookup(ROOT_INO, "o").await.unwrap();
+    assert_ne!(new.ino, old.ino, "a new generation is a new inode");
+    assert_eq!(new.size, 6);
+    let fh2 = fs.open(new.ino, false).await.unwrap();
+    assert_eq!(fs.read(fh2, 0, 6).await.unwrap().as_slice(), b"other!");
+    // The old handle reads its own generation, or fails; never the new one.
+    match fs.read(fh, 0, 5).await {
+        Ok(d) => assert_eq!(d.as_slice(), b"first"),
+        Err(e) => assert_eq!(e.errno(), libc::ESTALE, "{e}"),
+    }
+    // Listing shows the new inode too.
+    let dh = fs.opendir(ROOT_INO).await.unwrap();
+    let listed = fs.readdir(dh, 2).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1.ino, new.ino);
+}
+
+#[tokio::test]
+async fn reads_past_the_known_end_of_an_appendable_object_refresh_its_size() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("log", b"12345".to_vec(), false);
+    let fs = fs(c.clone()); // default metadata TTL: 60 s
+    let ino = fs.lookup(ROOT_INO, "log").await.unwrap().ino;
+    let fh = fs.open(ino, false).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap().as_slice(), b"12345");
+    assert!(fs.read(fh, 5, 100).await.unwrap().is_empty(), "EOF for now");
+    c.append("log", b"678");
+    assert_eq!(fs.read(fh, 5, 100).await.unwrap().as_slice(), b"678");
+    assert_eq!(
+        fs.getattr(ino).await.unwrap().size,
+        8,
+        "the attributes agree with what was read, within the TTL"
+    );
+    // Replaced by a new generation: ESTALE, not the new object's bytes.
+    c.put("log", b"something else".to_vec(), false);
+    assert!(matches!(fs.read(fh, 8, 100).await, Err(FsError::Stale(_))));
+}
+
+#[tokio::test]
+async fn namespace_and_reads() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("a/b.txt", b"hello".to_vec(), true);
+    c.put("a/c/d", b"x".to_vec(), true);
+    c.put("top", b"top!".to_vec(), true);
+    c.put("dup", b"file".to_vec(), true);
+    c.put("dup/inner", b"i".to_vec(), true);
+    let fs = fs(c);
+    let a = fs.lookup(ROOT_INO, "a").await.unwrap();
+    assert!(a.is_dir);
+    let b = fs.lookup(a.ino, "b.txt").await.unwrap();
+    assert_eq!((b.is_dir, b.size), (false, 5));
+    assert_eq!(
+        fs.lookup(ROOT_INO, "a").await.unwrap().ino,
+        a.ino,
+        "stable inode"
+    );
+    assert!(
+        fs.lookup(ROOT_INO, "dup").await.unwrap().is_dir,
+        "directory wins"
+    );
+    assert!(matches!(
+        fs.lookup(ROOT_INO, "nope").await,
+        Err(FsError::NotFound)
+    ));
+    assert!(matches!(
+        fs.lookup(ROOT_INO, "..").await,
+        Err(FsError::NotFound)
+    ));
+    let dh = fs.opendir(ROOT_INO).await.unwrap();
+    let names: Vec<String> = fs
+        .readdir(dh, 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.name)
+        .collect();
+    assert_eq!(names, [".", "..", "a", "dup", "top"]);
+    let rest: Vec<String> = fs
+        .readdir(dh, 3)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.name)
+        .collect();
+    assert_eq!(rest, ["dup", "top"], "offsets are stable indexes");
+    assert!(matches!(fs.open(b.ino, true).await, Err(FsError::ReadOnly)));
+    assert!(matches!(fs.open(a.ino, false).await, Err(FsError::IsDir)));
+    let fh = fs.open(b.ino, false).await.unwrap();
+    assert_eq!(fs.read(fh, 1, 100).await.unwrap().as_slice(), b"ello");
+    fs.release(fh);
+    assert!(matches!(fs.read(fh, 0, 1).await, Err(FsError::BadHandle)));
+    fs.forget(b.ino, 1);
+    assert!(matches!(fs.getattr(b.ino).await, Err(FsError::Stale(_))));
+    assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+}
+
+/// Errors reach the errno mapping whole: the kind decides the errno and
+/// whether it is retried, and the source chain still names the cause.
+#[test]
+fn errors_keep_kind_and_source_down_to_the_errno() {
+    use crate::gcs::AuthError;
+    let auth = |transient| {
+        GcsError::from(AuthError::Token {
+            origin: "key file k.json".into(),
+            detail: "invalid_grant".into(),
+            transient,
+        })
+    };
+    let chain = |e: &dyn std::error::Error| {
+        let mut out = vec![e.to_string()];
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push(s.to_string());
+            cur = s.source();
+        }
+        out
+    };
+    // A permanent credentials failure: not retried, EACCES, whichever
+    // layer hands it up.
+    let permanent = auth(false);
+    assert!(!permanent.is_retryable() && permanent.is_denied());
+    for e in [
+        FsError::from(permanent.clone()),
+        FsError::from(ReadError::Gcs(permanent.clone())),
+    ] {
+        assert_eq!(e.errno(), libc::EACCES, "{e}");
+        assert!(
+            chain(&e).iter().any(|m| m.contains("invalid_grant")),
+            "{:?}",
+            chain(&e)
+        );
+    }
+    // A transient one is retried; if retrying runs out of time, the last
+    // failure is the source of the deadline error, and the errno is EIO.
+    let transient = auth(true);
+    assert!(transient.is_retryable() && !transient.is_denied());
+    let deadline = GcsError::RetryDeadline {
+        attempts: 3,
+        secs: 1.0,
+        last: Arc::new(transient),
+    };
+    assert!(!deadline.is_retryable());
+    let e = FsError::from(ReadError::Gcs(deadline));
+    assert_eq!(e.errno(), libc::EIO);
+    let c = chain(&e);
+    assert!(c.len() >= 3, "deadline -> credentials -> token: {c:?}");
+    assert!(
+        c.last().is_some_and(|m| m.contains("invalid_grant")),
+        "{c:?}"
+    );
+    // Kinds of the layers below keep their errnos.
+    let cases = [
+        (FsError::from(GcsError::NotFound("x".into())), libc::ENOENT),
+        (
+            FsError::from(GcsError::PermissionDenied("x".into())),
+            libc::EACCES,
+        ),
+        (
+            FsError::from(ReadError::Gcs(GcsError::Unauthenticated("x".into()))),
+            libc::EACCES,
+        ),
+        (
+            FsError::from(ReadError::Gcs(GcsError::NotFound("gone".into()))),
+            libc::ESTALE,
+        ),
+        (
+            FsError::from(ReadError::Stale {
+                object: "o".into(),
+                generation: 1,
+            }),
+            libc::ESTALE,
+        ),
+        (FsError::from(GcsError::Unavailable("x".into())), libc::EIO),
+        (FsError::Inconsistent("shrank".into()), libc::EIO),
+    ];
+    for (e, errno) in cases {
+        assert_eq!(e.errno(), errno, "{e:?}");
+    }
+}
