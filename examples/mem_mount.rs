@@ -15,13 +15,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use zonalfs::fs::{fuse, Fs, FsConfig};
 use zonalfs::gcs::mem::MemClient;
-use zonalfs::memory::{default_memory_limit, Budget, Pool, PoolConfig};
-use zonalfs::read::{PrefetchConfig, ReadEngine};
+use zonalfs::mount::{Mount, MountConfig, Objects};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,47 +42,24 @@ fn load(client: &MemClient, root: &Path, dir: &Path) -> Result<u64, Error> {
 }
 
 async fn run(dir: PathBuf, mp: PathBuf, readahead_kb: u32) -> Result<(), Error> {
-    // Absolute, as mountinfo lists it (`verify_serving` looks it up there).
-    let mp = std::fs::canonicalize(&mp)?;
     let client = MemClient::new(Duration::ZERO);
     let n = load(&client, &dir, &dir)?;
-    let engine = ReadEngine::new(
-        client.clone(),
-        Pool::new(
-            Budget::new(default_memory_limit()),
-            PoolConfig::new(8 << 20),
-        ),
-        PrefetchConfig {
-            release_consumed: true,
-            ..Default::default()
-        },
-    );
-    let cfg = FsConfig {
-        // The daemon's default `--prefetch-files` (FsConfig's own is off).
-        prefetch_files: 16,
-        ..Default::default()
+    let cfg = MountConfig {
+        kernel_readahead_kb: readahead_kb,
+        ..MountConfig::new("memory", &mp)
     };
-    let fs = Fs::new(client, engine, cfg);
-    let fuse_fs = fuse::FuseFs::new(
-        fs,
-        tokio::runtime::Handle::current(),
-        false,
-        Arc::new(zonalfs::metrics::FuseStats::default()),
-    );
-    let mounted = fuse::mount(fuse_fs, &mp, &fuse::config("memory", false, 4))?;
-    let mp2 = mp.clone();
-    let ours = tokio::task::spawn_blocking(move || fuse::verify_serving(&mp2)).await??;
-    fuse::set_read_ahead_kb(&ours, readahead_kb)?;
+    let m = Mount::start(&cfg, Objects::Client(client)).await?;
     println!("mounted {n} objects");
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = fuse::unmounted(&ours) => {}
-    }
-    tokio::task::spawn_blocking(move || mounted.unmount()).await??;
+    m.run_until(async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+    .await?;
     Ok(())
 }
 

@@ -9,10 +9,12 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use crate::emulator::{self, Shaping};
+use crate::fs::FsConfig;
 use crate::gcs::auth::CredentialsSource;
 use crate::gcs::client::{ClientConfig, DEFAULT_CONNECTIONS};
 use crate::gcs::retry::RetryPolicy;
 use crate::gcs::PoolConfig;
+use crate::mount::{MountConfig, Objects};
 
 /// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -207,6 +209,61 @@ impl ClientArgs {
             max_idle_streams: self.max_idle_streams,
             idle_timeout: self.stream_idle_timeout,
             ..PoolConfig::default()
+        }
+    }
+}
+
+impl MountArgs {
+    /// The mount's settings as plain values (the library's [`MountConfig`]).
+    pub fn mount_config(&self) -> MountConfig {
+        let mut fs = FsConfig {
+            list_ttl: self.list_ttl,
+            file_mode: self.file_mode,
+            dir_mode: self.dir_mode,
+            metadata_ttl: self.metadata_ttl,
+            negative_ttl: self.negative_ttl,
+            prefetch_files: self.prefetch_files,
+            ..FsConfig::default()
+        };
+        if let Some(u) = self.uid {
+            fs.uid = u;
+        }
+        if let Some(g) = self.gid {
+            fs.gid = g;
+        }
+        if let Some(p) = &self.only_dir {
+            let p = p.trim_matches('/');
+            if !p.is_empty() {
+                fs.prefix = format!("{p}/");
+            }
+        }
+        MountConfig {
+            bucket: self.bucket.clone(),
+            mountpoint: self.mountpoint.clone(),
+            force: self.force,
+            nonempty: self.nonempty,
+            fs,
+            memory_limit: self
+                .memory_limit
+                .unwrap_or_else(crate::memory::default_memory_limit),
+            memory_warm_reserve: self.memory_warm_reserve,
+            block_size: self.block_size,
+            readahead_max: self.readahead_max,
+            direct_io: self.direct_io,
+            passthrough: self.passthrough,
+            allow_other: self.allow_other,
+            fuse_threads: self.fuse_threads,
+            max_background: self.max_background,
+            kernel_readahead_kb: self.kernel_readahead_kb,
+            metrics_addr: self.metrics_addr.clone(),
+        }
+    }
+
+    /// Where the mount's objects come from: the bucket, through the pool.
+    pub fn objects(&self) -> Objects {
+        Objects::Bucket {
+            client: self.client.client_config(&self.bucket),
+            pool: self.client.pool_config(),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod fs;
 pub mod gcs;
 pub mod memory;
 pub mod metrics;
+pub mod mount;
 pub mod proto;
 pub mod read;
 pub mod sync;

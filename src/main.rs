@@ -12,6 +12,7 @@ use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, Moun
 use zonalfs::emulator;
 use zonalfs::fs::mountinfo::MountEntry;
 use zonalfs::gcs::{GcsClient, GcsError};
+use zonalfs::mount::{Ended, Mount, MountError};
 use zonalfs::tools;
 
 /// Where logs go and how they look.
@@ -197,10 +198,11 @@ fn one_line(msg: &str) -> String {
 }
 
 /// Runs a client tool on a fresh runtime; errors become one line and exit 1.
-fn run_tool<F, Fut>(log: &LogSpec, f: F) -> ExitCode
+fn run_tool<F, Fut, E>(log: &LogSpec, f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(), GcsError>>,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     if let Err(e) = init_logging(log) {
         return usage_failure(&e);
@@ -412,20 +414,11 @@ fn reap(pid: libc::pid_t, within: std::time::Duration) -> Option<String> {
     })
 }
 
-/// Stops a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Reports readiness, the mount verified live (or the error that prevented
 /// it), to a waiting parent.
 type ReadyTx = std::sync::mpsc::Sender<Result<MountEntry, String>>;
 
-async fn mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> {
+async fn mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), MountError> {
     let result = serve_mount(args, ready.clone()).await;
     if let (Err(e), Some(tx)) = (&result, ready) {
         let _ = tx.send(Err(e.to_string()));
@@ -433,188 +426,21 @@ async fn mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> 
     result
 }
 
-async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), GcsError> {
-    use std::sync::Arc;
-    use zonalfs::fs::{fuse, Fs, FsConfig};
-    use zonalfs::memory::{default_memory_limit, Budget, Pool, PoolConfig};
-    use zonalfs::read::{PrefetchConfig, ReadEngine};
-
-    let mp = &args.mountpoint;
-    let bad = GcsError::Other;
-    match std::fs::metadata(mp) {
-        Ok(md) if md.is_dir() => {}
-        Ok(_) => return Err(bad(format!("mountpoint {}: not a directory", mp.display()))),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) && args.force => {
-            tracing::warn!(mountpoint = %mp.display(), "detaching a stale mount (--force)");
-            fuse::lazy_unmount(mp);
-            if !std::fs::metadata(mp).is_ok_and(|m| m.is_dir()) {
-                return Err(bad(format!(
-                    "mountpoint {}: the stale mount could not be detached",
-                    mp.display()
-                )));
-            }
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(bad(format!(
-                "mountpoint {}: a stale mount is still there (the daemon died); run 'zonalfs unmount {}' (or 'umount -l'), or mount again with --force",
-                mp.display(),
-                mp.display()
-            )))
-        }
-        Err(e) => return Err(bad(format!("mountpoint {}: {e}", mp.display()))),
-    }
-    let canonical = mp.canonicalize().unwrap_or_else(|_| mp.clone());
-    let mp = &canonical;
-    if fuse::is_mounted(mp) {
-        return Err(bad(format!(
-            "mountpoint {} is already a mount point; unmount it first ('zonalfs unmount {}')",
-            mp.display(),
-            mp.display()
-        )));
-    }
-    if !args.nonempty
-        && std::fs::read_dir(mp)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false)
-    {
-        return Err(bad(format!("mountpoint {}: not empty", mp.display())));
-    }
-    let client = connect(&args.client, &args.bucket).await?;
-    client
-        .check_bucket()
-        .await
-        .map_err(|e| bucket_failure(&args.bucket, e))?;
-    let pool = Arc::new(zonalfs::gcs::MrdPool::new(
-        client,
-        args.client.pool_config(),
-    ));
-    let limit = args.memory_limit.unwrap_or_else(default_memory_limit);
-    let memory = Pool::new(
-        Budget::new(limit),
-        PoolConfig {
-            warm_reserve: args.memory_warm_reserve.unwrap_or(limit / 4),
-            ..PoolConfig::new(args.block_size as usize)
-        },
-    );
-    memory
-        .spawn_maintainer(std::time::Duration::from_secs(1))
-        .map_err(|e| GcsError::Other(format!("cannot start the memory maintainer: {e}")))?;
-    let engine = ReadEngine::new(
-        pool.clone(),
-        memory,
-        PrefetchConfig {
-            readahead_max: args.readahead_max,
-            // Through the page cache the kernel keeps what was read; our
-            // blocks only need to hold what is ahead of the readers.
-            release_consumed: !args.direct_io,
-            ..Default::default()
-        },
-    );
-    let mut cfg = FsConfig {
-        list_ttl: args.list_ttl,
-        file_mode: args.file_mode,
-        dir_mode: args.dir_mode,
-        metadata_ttl: args.metadata_ttl,
-        negative_ttl: args.negative_ttl,
-        prefetch_files: args.prefetch_files,
-        ..Default::default()
-    };
-    if let Some(u) = args.uid {
-        cfg.uid = u;
-    }
-    if let Some(g) = args.gid {
-        cfg.gid = g;
-    }
-    if let Some(p) = &args.only_dir {
-        let p = p.trim_matches('/');
-        if !p.is_empty() {
-            cfg.prefix = format!("{p}/");
-        }
-    }
-    let fuse_stats = Arc::new(zonalfs::metrics::FuseStats::default());
-    let _metrics = match &args.metrics_addr {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| bad(format!("--metrics-addr {addr}: {e}")))?;
-            let sources = zonalfs::metrics::Sources {
-                fuse: fuse_stats.clone(),
-                engine: engine.clone(),
-                pool: pool.clone(),
-            };
-            Some(AbortOnDrop(tokio::spawn(zonalfs::metrics::serve(
-                listener, sources,
-            ))))
-        }
-        None => None,
-    };
-    let fs = Fs::new(pool, engine, cfg);
-    let mut fuse_fs = fuse::FuseFs::new(
-        fs,
-        tokio::runtime::Handle::current(),
-        args.direct_io,
-        fuse_stats,
-    );
-    fuse_fs.max_background = args.max_background;
-    fuse_fs.passthrough = args.passthrough;
-    let mounted = fuse::mount(
-        fuse_fs,
-        mp,
-        &fuse::config(&args.bucket, args.allow_other, args.fuse_threads),
-    )
-    .map_err(|e| bad(format!("cannot mount at {}: {e}", mp.display())))?;
-    // Serving only once mountinfo lists this mount at `mp` and it answers
-    // there; on an error, dropping `mounted` unmounts it again.
-    let mp2 = mp.clone();
-    let ours = tokio::task::spawn_blocking(move || fuse::verify_serving(&mp2))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-        .map_err(|e| bad(format!("mountpoint {}: mounted, but {e}", mp.display())))?;
-    if let Err(e) = fuse::set_read_ahead_kb(&ours, args.kernel_readahead_kb) {
-        tracing::warn!(error = %e, "could not raise the kernel readahead");
-    }
+async fn serve_mount(args: MountArgs, ready: Option<ReadyTx>) -> Result<(), MountError> {
+    let m = Mount::start(&args.mount_config(), args.objects()).await?;
+    let mp = m.mountpoint().to_path_buf();
     eprintln!("zonalfs: mounted gs://{} at {}", args.bucket, mp.display());
-    tracing::info!(bucket = %args.bucket, mountpoint = %mp.display(), "mounted");
-    if let Err(e) = fuse::notify_ready() {
+    if let Err(e) = zonalfs::fs::fuse::notify_ready() {
         tracing::warn!(error = %e, "could not notify systemd");
     }
     if let Some(tx) = ready {
-        let _ = tx.send(Ok(ours.clone()));
+        let _ = tx.send(Ok(m.entry().clone()));
     }
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = fuse::unmounted(&ours) => {
-            eprintln!("zonalfs: {} was unmounted", mp.display());
-        }
+    if m.run_until(shutdown_signal()).await? == Ended::UnmountedOutside {
+        eprintln!("zonalfs: {} was unmounted", mp.display());
     }
-    tokio::task::spawn_blocking(move || mounted.unmount())
-        .await
-        .map_err(|e| GcsError::Other(e.to_string()))?
-        .map_err(|e| GcsError::Other(format!("unmount: {e}")))?;
     eprintln!("zonalfs: unmounted {}", mp.display());
     Ok(())
-}
-
-/// The mount-time bucket check's failures in the words of a mount tool: the
-/// bucket is missing, or these credentials may not read it.
-fn bucket_failure(bucket: &str, e: GcsError) -> GcsError {
-    let server = |m: &str| {
-        m.strip_prefix(&format!("gs://{bucket}: "))
-            .unwrap_or(m)
-            .to_string()
-    };
-    match e {
-        GcsError::NotFound(_) => GcsError::Other(format!("bucket \"{bucket}\" not found")),
-        GcsError::PermissionDenied(m) => GcsError::Other(format!(
-            "permission denied for bucket \"{bucket}\": {}",
-            server(&m)
-        )),
-        GcsError::Unauthenticated(m) => GcsError::Other(format!(
-            "not authenticated for bucket \"{bucket}\": {}; pass --key-file, or set up Application Default Credentials",
-            server(&m)
-        )),
-        other => other,
-    }
 }
 
 async fn ls(args: LsArgs) -> Result<(), GcsError> {

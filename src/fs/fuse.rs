@@ -3,11 +3,12 @@
 //! a read whose bytes are already loaded is answered on the loop thread),
 //! translating [`Fs`] results to FUSE replies and [`FsError`]s to errnos.
 //!
-//! Also the mount life cycle used by `zonalfs mount`: [`mount`] mounts with
-//! several loop threads and kernel tuning (`max_background` raised, 1 MiB
-//! requests, readahead raised through `/sys/class/bdi` once the mount is up);
-//! [`Mounted`] unmounts when dropped, so no path (error, panic, signal) leaves
-//! the mountpoint behind.
+//! Also the FUSE side of the mount's life cycle, which `crate::mount` drives:
+//! [`mount`] mounts with several loop threads and kernel tuning
+//! (`max_background` raised, 1 MiB requests, readahead raised through
+//! `/sys/class/bdi` once the mount is up), [`serve_fd`] serves a descriptor
+//! mounted by someone else; [`Mounted`] unmounts (or detaches) when dropped,
+//! so no path (error, panic, signal) leaves the mountpoint behind.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -424,12 +425,20 @@ impl Filesystem for FuseFs {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     pub mountpoint: PathBuf,
+    /// Served on a descriptor someone else mounted ([`serve_fd`]): the
+    /// session does not own the mount, so unmounting detaches it by path.
+    by_fd: bool,
 }
 
 impl Mounted {
     /// Unmounts now and waits for the session to end; a busy mount is
     /// detached lazily.
     pub fn unmount(mut self) -> io::Result<()> {
+        if self.by_fd {
+            // Detached, the mount ends once nothing uses it; the kernel
+            // then ends the session.
+            lazy_unmount(&self.mountpoint);
+        }
         match self.session.take() {
             Some(s) => s.umount_and_join().or_else(|e| {
                 tracing::warn!(error = %e, "unmount failed; detaching lazily");
@@ -549,6 +558,11 @@ pub fn notify_ready() -> io::Result<bool> {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
+            if self.by_fd {
+                // The session does not own this mount: detached, it ends
+                // once nothing uses it, and the session with it.
+                lazy_unmount(&self.mountpoint);
+            }
             if let Err(e) = s.umount_and_join() {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
                 // Last resort so that nothing is left mounted.
@@ -592,6 +606,25 @@ pub fn mount(fs: FuseFs, mountpoint: &Path, cfg: &fuser::Config) -> io::Result<M
     Ok(Mounted {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
+        by_fd: false,
+    })
+}
+
+/// Serves `fs` on `fd`, a `/dev/fuse` descriptor already mounted at
+/// `mountpoint` (by a CSI node plugin, say), with loop threads of its own.
+/// Blocks until the kernel's INIT request is answered.
+pub fn serve_fd(
+    fs: FuseFs,
+    fd: std::os::fd::OwnedFd,
+    mountpoint: &Path,
+    cfg: fuser::Config,
+) -> io::Result<Mounted> {
+    let acl = cfg.acl;
+    let session = fuser::Session::from_fd(fs, fd, acl, cfg)?.spawn()?;
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        by_fd: true,
     })
 }
 
