@@ -63,7 +63,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// dots, of `a-z 0-9 - _ .`, starting and ending with a letter or digit), so a
 /// typo such as `gs://bucket` or `My_Bucket` is refused before any network call.
 pub fn parse_bucket(s: &str) -> Result<String, String> {
-    if crate::emulator::store::valid_bucket_name(s) {
+    if crate::names::valid_bucket_name(s) {
         Ok(s.to_string())
     } else if let Some(b) = s.strip_prefix("gs://") {
         Err(format!(

@@ -20,6 +20,7 @@ pub mod gcs;
 pub mod memory;
 pub mod metrics;
 pub mod mount;
+pub mod names;
 pub mod proto;
 pub mod read;
 pub mod sync;

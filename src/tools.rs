@@ -20,7 +20,7 @@ pub fn parse_gs_url(url: &str) -> Result<(String, String), GcsError> {
         GcsError::InvalidArgument(format!("'{url}' is not a gs://BUCKET/OBJECT URL"))
     })?;
     let (bucket, object) = rest.split_once('/').unwrap_or((rest, ""));
-    if !crate::emulator::store::valid_bucket_name(bucket) {
+    if !crate::names::valid_bucket_name(bucket) {
         return Err(GcsError::InvalidArgument(format!(
             "'{url}': '{bucket}' is not a valid bucket name"
         )));

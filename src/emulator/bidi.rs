@@ -29,9 +29,9 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
-use super::service::{check_routing, object_proto};
 use super::store::{self, ObjectMeta};
-use super::{status_with_detail, EmuError, Emulator};
+use super::wire::{check_routing, object_proto, status_with_detail};
+use super::{EmuError, Emulator};
 use crate::proto::storage::{
     BidiReadHandle, BidiReadObjectError, BidiReadObjectRedirectedError, BidiReadObjectRequest,
     BidiReadObjectResponse, BidiReadObjectSpec, ChecksummedData, ContentRange, ObjectChecksums,

@@ -17,19 +17,19 @@ pub mod faults;
 pub mod send;
 pub mod service;
 pub mod store;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::proto::{control, storage, RpcStatus};
+use crate::proto::{control, storage};
 pub use faults::{Counters, Shaping};
 
 /// Errors of the emulator layer; each maps to the gRPC code GCS gives.
@@ -73,25 +73,6 @@ impl From<EmuError> for tonic::Status {
     fn from(e: EmuError) -> Self {
         e.into_status()
     }
-}
-
-/// Builds a status whose `grpc-status-details-bin` is a `google.rpc.Status`
-/// holding one detail message (as the real service sends typed errors).
-pub fn status_with_detail<M: Message>(
-    code: tonic::Code,
-    message: &str,
-    type_name: &str,
-    detail: &M,
-) -> tonic::Status {
-    let rpc = RpcStatus {
-        code: code as i32,
-        message: message.to_string(),
-        details: vec![prost_types::Any {
-            type_url: format!("type.googleapis.com/{type_name}"),
-            value: detail.encode_to_vec(),
-        }],
-    };
-    tonic::Status::with_details(code, message, rpc.encode_to_vec().into())
 }
 
 /// Emulator settings.

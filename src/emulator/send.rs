@@ -99,7 +99,7 @@ async fn bidi_read_object(
         Ok(r) => r,
         Err(st) => return st.into_http(),
     };
-    let params = super::service::call_params(&emu, checked.metadata());
+    let params = super::wire::call_params(&emu, checked.metadata());
     match super::bidi::open(emu, params, requests).await {
         Ok(responses) => {
             let mut resp = http::Response::new(tonic::body::Body::new(Framed {

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::EmuError;
+use crate::names::{valid_bucket_name, valid_object_name};
 
 /// Name of the root-level directory that holds appendable-object markers.
 pub const APPENDABLE_DIR: &str = ".appendable";
@@ -91,19 +92,6 @@ pub struct ListQuery {
     pub page_size: usize,
 }
 
-/// Checks a bucket name the way GCS does (3–63 characters, or up to 222 with dots,
-/// of `a-z 0-9 - _ .`, starting and ending with a letter or digit).
-pub fn valid_bucket_name(name: &str) -> bool {
-    let max = if name.contains('.') { 222 } else { 63 };
-    let bytes = name.as_bytes();
-    (3..=max).contains(&bytes.len())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(b))
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-}
-
 /// Parses `projects/_/buckets/NAME` into NAME.
 pub fn parse_bucket_resource(resource: &str) -> Result<&str, EmuError> {
     let name = resource
@@ -123,12 +111,7 @@ pub fn parse_bucket_resource(resource: &str) -> Result<&str, EmuError> {
 
 /// Rejects object names GCS itself rejects (INVALID_ARGUMENT).
 pub fn check_object_name(name: &str) -> Result<(), EmuError> {
-    if name.is_empty()
-        || name.len() > 1024
-        || name == "."
-        || name == ".."
-        || name.contains(['\r', '\n'])
-    {
+    if !valid_object_name(name) {
         return Err(EmuError::InvalidArgument(format!(
             "Invalid object name: {name:?}"
         )));

@@ -1,0 +1,171 @@
+//! What every emulator call shares on the wire: an object's metadata as the
+//! service sends it, timestamps, the routing header (`x-goog-request-params`)
+//! and its check, the per-call bookkeeping of credentials and user agent, and
+//! statuses carrying a typed detail. `service` (unary calls), `bidi` (read
+//! streams) and `send` (their responses) take these from here; none of them
+//! imports another for them.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+
+use super::store::ObjectMeta;
+use super::{EmuError, Emulator};
+use crate::proto::storage;
+use crate::proto::RpcStatus;
+
+/// Builds a status whose `grpc-status-details-bin` is a `google.rpc.Status`
+/// holding one detail message (as the real service sends typed errors).
+pub fn status_with_detail<M: Message>(
+    code: tonic::Code,
+    message: &str,
+    type_name: &str,
+    detail: &M,
+) -> tonic::Status {
+    let rpc = RpcStatus {
+        code: code as i32,
+        message: message.to_string(),
+        details: vec![prost_types::Any {
+            type_url: format!("type.googleapis.com/{type_name}"),
+            value: detail.encode_to_vec(),
+        }],
+    };
+    tonic::Status::with_details(code, message, rpc.encode_to_vec().into())
+}
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// `finalize_time` of a finalized object. The official Python client
+/// (google-cloud-storage 3.17) takes an object as finalized only when the seconds
+/// within the minute of this time are non-zero, so a time on a whole minute is
+/// moved one second later (the emulator's stand-in time is the file's mtime).
+fn finalize_timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let mut ts = timestamp(t);
+    if ts.seconds % 60 == 0 {
+        ts.seconds += 1;
+    }
+    ts
+}
+
+/// The wire form of an object's metadata.
+pub fn object_proto(m: &ObjectMeta) -> storage::Object {
+    storage::Object {
+        name: m.name.clone(),
+        bucket: format!("projects/_/buckets/{}", m.bucket),
+        generation: m.generation,
+        metageneration: 1,
+        storage_class: "RAPID".to_string(),
+        size: m.size as i64,
+        content_type: "application/octet-stream".to_string(),
+        create_time: Some(timestamp(m.ctime)),
+        update_time: Some(timestamp(m.mtime)),
+        finalize_time: m.finalized.then(|| finalize_timestamp(m.mtime)),
+        checksums: m.crc32c.map(|crc| storage::ObjectChecksums {
+            crc32c: Some(crc),
+            md5_hash: Default::default(),
+        }),
+        etag: format!("{:x}", m.generation),
+        ..Default::default()
+    }
+}
+
+/// Parses the `x-goog-request-params` header (`k=v&k=v`, values possibly
+/// percent-encoded) into a map.
+pub fn request_params(md: &tonic::metadata::MetadataMap) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    if let Some(v) = md
+        .get("x-goog-request-params")
+        .and_then(|v| v.to_str().ok())
+    {
+        for kv in v.split('&') {
+            if let Some((k, v)) = kv.split_once('=') {
+                out.insert(percent_decode(k), percent_decode(v));
+            }
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The routing parameters of a call; also counts calls that carry a bearer
+/// token (the token itself is never looked at further, nor logged).
+pub fn call_params(emu: &Emulator, md: &tonic::metadata::MetadataMap) -> HashMap<String, String> {
+    if md
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "))
+    {
+        emu.counters
+            .authorized_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    if md
+        .get("user-agent")
+        .is_some_and(|v| v.as_bytes().starts_with(b"zonalfs/"))
+    {
+        emu.counters
+            .zonalfs_agent_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    request_params(md)
+}
+
+/// Checks that the routing header, when sent, names the bucket of the request.
+pub fn check_routing(
+    params: &HashMap<String, String>,
+    bucket_resource: &str,
+) -> Result<(), EmuError> {
+    match params.get("bucket") {
+        Some(b) if b != bucket_resource => Err(EmuError::InvalidArgument(format!(
+            "x-goog-request-params names bucket '{b}' but the request is for '{bucket_resource}'"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_header() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert(
+            "x-goog-request-params",
+            "bucket=projects%2F_%2Fbuckets%2Fb1&routing_token=t"
+                .parse()
+                .unwrap(),
+        );
+        let p = request_params(&md);
+        assert_eq!(p["bucket"], "projects/_/buckets/b1");
+        assert_eq!(p["routing_token"], "t");
+        assert!(check_routing(&p, "projects/_/buckets/b1").is_ok());
+        assert!(check_routing(&p, "projects/_/buckets/b2").is_err());
+    }
+}
