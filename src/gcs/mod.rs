@@ -235,13 +235,6 @@ pub trait ObjectClient: Send + Sync + 'static {
         len: u64,
         sink: Arc<dyn RangeSink>,
     ) -> Result<u64, GcsError>;
-    /// An upper bound of the memory the transport may hold for reads right
-    /// now (HTTP/2 receive windows, per-stream decode buffers), which the read
-    /// engine leaves out of its block budget so the whole daemon stays within
-    /// `--memory-limit`. Zero for clients without a network transport.
-    fn transport_memory(&self) -> u64 {
-        0
-    }
     /// Ranges of an object of `size` bytes this client carries at once (its
     /// streams for the object): a sequential reader's window keeps at least
     /// that many blocks in flight, so every stream has one to carry.

@@ -140,6 +140,16 @@ impl MrdPool {
         &self.inner.stats
     }
 
+    /// An upper bound of the memory the transport may hold for reads right
+    /// now (HTTP/2 receive windows, per-stream decode buffers): the mount
+    /// has the memory budget leave it out of what buffers may use, so the
+    /// whole daemon stays within `--memory-limit`.
+    pub fn transport_memory(&self) -> u64 {
+        let windows = self.inner.client.transport.connections() as u64
+            * u64::from(super::transport::CONNECTION_WINDOW);
+        windows + self.open_streams() as u64 * super::transport::STREAM_BUFFER_ALLOWANCE
+    }
+
     /// Streams open now (busy and idle).
     pub fn open_streams(&self) -> usize {
         self.inner.cfg.max_streams.max(1) - self.inner.permits.available_permits()
@@ -490,12 +500,6 @@ impl ObjectClient for MrdPool {
 
     fn paces_above(&self) -> u64 {
         SEND_AHEAD
-    }
-
-    fn transport_memory(&self) -> u64 {
-        let windows = self.inner.client.transport.connections() as u64
-            * u64::from(super::transport::CONNECTION_WINDOW);
-        windows + self.open_streams() as u64 * super::transport::STREAM_BUFFER_ALLOWANCE
     }
 
     async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {

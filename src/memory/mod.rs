@@ -66,8 +66,19 @@ pub struct Budget {
     /// Memory held outside buffers (the transport's buffers), left out of what
     /// buffers may use: they get `limit - reserved`.
     reserved: AtomicU64,
+    /// Where `reserved` comes from (see [`Budget::reserve_for`]).
+    reserver: std::sync::OnceLock<Reserver>,
     used: AtomicU64,
     peak: AtomicU64,
+}
+
+/// Says how much memory is held outside buffers right now.
+struct Reserver(Box<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for Reserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reserver")
+    }
 }
 
 impl Budget {
@@ -75,6 +86,7 @@ impl Budget {
         Arc::new(Budget {
             limit,
             reserved: AtomicU64::new(0),
+            reserver: std::sync::OnceLock::new(),
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
         })
@@ -98,6 +110,21 @@ impl Budget {
     pub fn set_reserved(&self, n: u64) {
         self.reserved
             .store(n.min(self.limit / 2), Ordering::Relaxed);
+    }
+
+    /// Registers what holds memory outside buffers (the transport's
+    /// windows and buffers, which grow as streams open): asked again each
+    /// time [`Budget::refresh_reserved`] is called. Once per budget; later
+    /// calls are ignored.
+    pub fn reserve_for(&self, f: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.reserver.set(Reserver(Box::new(f)));
+    }
+
+    /// Updates the reserved memory from what was registered, if anything.
+    pub fn refresh_reserved(&self) {
+        if let Some(f) = self.reserver.get() {
+            self.set_reserved((f.0)());
+        }
     }
 
     /// What buffers may use now: the limit less the reserved memory.

@@ -281,3 +281,22 @@ proptest! {
         prop_assert_eq!(budget.used(), 0);
     }
 }
+
+/// Memory held outside buffers (registered by the mount: the transport's
+/// windows) is left out of what buffers may use, as it changes, and never
+/// more than half the limit.
+#[test]
+fn a_registered_reserve_is_left_out_of_the_budget() {
+    let budget = Budget::new(100 * MIB as u64);
+    budget.refresh_reserved();
+    assert_eq!(budget.available(), 100 * MIB as u64, "nothing registered");
+    let held = Arc::new(AtomicU64::new(10 * MIB as u64));
+    let h = held.clone();
+    budget.reserve_for(move || h.load(Ordering::Relaxed));
+    budget.refresh_reserved();
+    assert_eq!(budget.available(), 90 * MIB as u64);
+    held.store(80 * MIB as u64, Ordering::Relaxed);
+    assert_eq!(budget.available(), 90 * MIB as u64, "until refreshed");
+    budget.refresh_reserved();
+    assert_eq!(budget.available(), 50 * MIB as u64, "at most half");
+}

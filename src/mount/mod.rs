@@ -338,6 +338,11 @@ async fn wire(cfg: &MountConfig, objects: Objects) -> Result<Wired, MountError> 
             ..crate::memory::PoolConfig::new(cfg.block_size as usize)
         },
     );
+    if let Some(pool) = &pool {
+        // The transport's windows and buffers count in the budget.
+        let pool = pool.clone();
+        memory.budget().reserve_for(move || pool.transport_memory());
+    }
     memory
         .spawn_maintainer(std::time::Duration::from_secs(1))
         .map_err(|e| MountError::io("cannot start the memory maintainer", e))?;

@@ -523,9 +523,7 @@ impl ReadEngine {
     /// Allocates a block, evicting the least recently used idle block if the
     /// budget is spent.
     fn alloc(&self, len: usize, file: bool) -> Option<Block> {
-        self.pool
-            .budget()
-            .set_reserved(self.client.transport_memory());
+        self.pool.budget().refresh_reserved();
         loop {
             let got = if file {
                 Block::alloc_file(&self.pool, len)
