@@ -375,3 +375,85 @@ async fn engine_over_grpc_and_the_emulator() {
         assert_eq!(d.as_slice(), &truth[off as usize..off as usize + 4096]);
     }
 }
+
+/// The engine over a client that fails every Nth read (the failure-injecting
+/// client): a read returns the object's true bytes or an error that keeps
+/// its kind (UNAVAILABLE, retryable), never wrong or partial bytes; a failed
+/// block is not kept, so the same read again succeeds; and the budget is all
+/// given back once the inode is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fetches_give_errors_never_wrong_bytes_and_are_retried() {
+    use zonalfs::gcs::mem::FaultyClient;
+    use zonalfs::gcs::GcsError;
+    let block = 256 * KIB as usize;
+    let mem = MemClient::new(Duration::ZERO);
+    let obj = data(5 * block + 12_345, 77);
+    let info = mem.put("f", obj.clone(), true);
+    let id = ObjectId {
+        name: "f".into(),
+        generation: info.generation,
+    };
+    let size = obj.len() as u64;
+    for every in [1u64, 2, 3, 7] {
+        let client = FaultyClient::new(mem.clone(), every);
+        let pool = Pool::new(Budget::new(64 * block as u64), MemoryConfig::new(block));
+        let e = ReadEngine::new(
+            client,
+            pool.clone(),
+            PrefetchConfig {
+                readahead_max: 4 * block as u64,
+                ..Default::default()
+            },
+        );
+        let ino = 10 + every;
+        // A sequential pass and then scattered reads, each retried until it
+        // succeeds (at most a few times: every Nth fetch fails).
+        let mut reads: Vec<(u64, u64)> = (0..size).step_by(100_000).map(|o| (o, 100_000)).collect();
+        reads.extend((0..40u64).map(|i| ((i * 7_919 * 131) % size, 1 + (i * 4_099) % 70_000)));
+        let (mut errors, mut ok) = (0, 0);
+        for (off, len) in reads {
+            let want = &obj[off as usize..(off + len).min(size) as usize];
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match e.read(ino, &id, size, true, off, len).await {
+                    Ok(d) => {
+                        assert!(
+                            d.as_slice() == want,
+                            "every={every}: wrong bytes at {off}+{len}"
+                        );
+                        ok += 1;
+                        break;
+                    }
+                    Err(ReadError::Gcs(g)) => {
+                        assert!(
+                            matches!(g, GcsError::Unavailable(_)),
+                            "every={every}: {g:?}"
+                        );
+                        assert!(g.is_retryable(), "the kind survives: {g:?}");
+                        errors += 1;
+                        if every == 1 {
+                            break;
+                        }
+                        assert!(tries < 20, "every={every}: {off}+{len} never succeeded");
+                    }
+                    Err(other) => panic!("every={every}: {other:?}"),
+                }
+            }
+        }
+        if every == 1 {
+            assert_eq!(ok, 0, "every fetch fails, so every read does");
+            assert!(errors > 0);
+        } else {
+            // A failed prefetch is fetched again when a read needs the block,
+            // so readers may never see the injected failures at all.
+            assert!(ok > 0, "every={every}: {errors} errors, {ok} reads");
+        }
+        e.forget(ino);
+        assert_eq!(
+            pool.in_use_bytes(),
+            0,
+            "every={every}: no buffer is held once the inode is forgotten"
+        );
+    }
+}

@@ -669,3 +669,70 @@ fn errors_keep_kind_and_source_down_to_the_errno() {
         assert_eq!(e.errno(), errno, "{e:?}");
     }
 }
+
+/// The filesystem over a client that fails reads (the failure-injecting
+/// client): the namespace still works (only reads fail), a failed read is
+/// EIO with the client's error kept whole underneath, and with failures
+/// now and then a read returns the file's true bytes or EIO, never others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reads_are_eio_and_never_wrong_bytes() {
+    use crate::gcs::mem::FaultyClient;
+    let mem = MemClient::new(Duration::ZERO);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    mem.put("d/big", data.clone(), true);
+    mem.put("d/small", b"small file".to_vec(), true);
+    for every in [1u64, 2] {
+        let client = FaultyClient::new(mem.clone(), every);
+        let engine = ReadEngine::new(
+            client.clone(),
+            Pool::new(Budget::new(64 << 20), PoolConfig::new(1 << 20)),
+            PrefetchConfig::default(),
+        );
+        let fs = Fs::new(client, engine, FsConfig::default());
+        let d = fs.lookup(ROOT_INO, "d").await.expect("lookup d");
+        let dh = fs.opendir(d.ino).await.expect("opendir");
+        assert_eq!(fs.readdir(dh, 0).expect("readdir").len(), 4);
+        for (name, want) in [("big", &data[..]), ("small", &b"small file"[..])] {
+            let a = fs.lookup(d.ino, name).await.expect("lookup");
+            let fh = fs.open(a.ino, false).await.expect("open");
+            let (mut ok, mut eio) = (0, 0);
+            for (off, len) in [
+                (0u64, 4096u32),
+                (1_000_000, 131_072),
+                (2_999_000, 65_536),
+                (5, 3),
+            ] {
+                match fs.read(fh, off, len).await {
+                    Ok(got) => {
+                        let lo = (off as usize).min(want.len());
+                        let hi = (off as usize + len as usize).min(want.len());
+                        assert!(
+                            got.as_slice() == &want[lo..hi],
+                            "{name} every={every}: bytes at {off}"
+                        );
+                        ok += 1;
+                    }
+                    Err(e) => {
+                        assert_eq!(e.errno(), libc::EIO, "{name}: {e:?}");
+                        assert!(
+                            matches!(&e, FsError::Read(ReadError::Gcs(GcsError::Unavailable(_)))),
+                            "the client's error kept whole: {e:?}"
+                        );
+                        eio += 1;
+                    }
+                }
+            }
+            if every == 1 {
+                // Reads past the end need no fetch; every other one fails.
+                let inside = [0u64, 1_000_000, 2_999_000, 5]
+                    .iter()
+                    .filter(|o| (**o as usize) < want.len())
+                    .count();
+                assert_eq!((ok, eio), (4 - inside, inside), "{name}: every fetch fails");
+            } else {
+                assert!(ok > 0, "{name} every={every}: {eio} EIO, no read succeeded");
+            }
+            fs.release(fh);
+        }
+    }
+}
