@@ -115,6 +115,20 @@ impl FuseFs {
     }
 }
 
+/// A request's work in a span that names it: the operation, the kernel's
+/// request id and the inode, on every line logged inside it (down to the
+/// read engine and the client), so nested logs can be followed
+/// (`--log-level debug`; at the default level the span costs nothing).
+fn traced<F: std::future::Future>(
+    op: &'static str,
+    req: u64,
+    ino: u64,
+    work: F,
+) -> tracing::instrument::Instrumented<F> {
+    use tracing::Instrument;
+    work.instrument(tracing::debug_span!("fuse", op, req, ino))
+}
+
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -179,14 +193,14 @@ impl Filesystem for FuseFs {
         };
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let id = req.unique().0;
-        self.rt.spawn(async move {
+        self.rt.spawn(traced("lookup", id, parent.0, async move {
             let r = fs.lookup(parent.0, &name).await;
             Self::done(&stats, "lookup", id, t, r.as_ref().err());
             match r {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
-        });
+        }));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -196,14 +210,14 @@ impl Filesystem for FuseFs {
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let id = req.unique().0;
-        self.rt.spawn(async move {
+        self.rt.spawn(traced("getattr", id, ino.0, async move {
             let r = fs.getattr(ino.0).await;
             Self::done(&stats, "getattr", id, t, r.as_ref().err());
             match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
-        });
+        }));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -213,7 +227,7 @@ impl Filesystem for FuseFs {
         let (stats, t) = (self.stats.clone(), Instant::now());
         let id = req.unique().0;
         let backings = self.backings.clone();
-        self.rt.spawn(async move {
+        self.rt.spawn(traced("open", id, ino.0, async move {
             let r = fs.open_file(ino.0, write).await;
             Self::done(&stats, "open", id, t, r.as_ref().err());
             let opened = match r {
@@ -248,13 +262,13 @@ impl Filesystem for FuseFs {
                     FopenFlags::FOPEN_KEEP_CACHE
                 },
             )
-        });
+        }));
     }
 
     fn read(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -264,7 +278,7 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let id = req.unique().0;
-        self.now_or_spawn(async move {
+        self.now_or_spawn(traced("read", id, ino.0, async move {
             let r = fs.read(fh.0, offset, size).await;
             Self::done(&stats, "read", id, t, r.as_ref().err());
             match r {
@@ -274,7 +288,7 @@ impl Filesystem for FuseFs {
                     reply.error(errno(&e))
                 }
             }
-        });
+        }));
     }
 
     fn release(
@@ -296,7 +310,7 @@ impl Filesystem for FuseFs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let id = req.unique().0;
-        self.rt.spawn(async move {
+        self.rt.spawn(traced("opendir", id, ino.0, async move {
             let r = fs.opendir(ino.0).await;
             Self::done(&stats, "opendir", id, t, r.as_ref().err());
             match r {
@@ -306,7 +320,7 @@ impl Filesystem for FuseFs {
                 }
                 Err(e) => reply.error(errno(&e)),
             }
-        });
+        }));
     }
 
     fn readdir(
@@ -635,4 +649,56 @@ pub fn set_read_ahead_kb(ours: &MountEntry, kb: u32) -> io::Result<()> {
         format!("/sys/class/bdi/{}/read_ahead_kb", ours.dev()),
         kb.to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::traced;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            crate::sync::lock(&self.0).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A line logged inside a request's work (however deep) names the
+    /// operation, the kernel's request id and the inode.
+    #[test]
+    fn logs_inside_a_request_name_it() {
+        let out = Lines::default();
+        let w = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            futures::executor::block_on(traced("read", 7, 42, async {
+                tracing::warn!("deep inside");
+            }));
+            tracing::warn!("outside");
+        });
+        let text = String::from_utf8_lossy(&crate::sync::lock(&out.0)).to_string();
+        let inside = text
+            .lines()
+            .find(|l| l.contains("deep inside"))
+            .unwrap_or_default();
+        for want in ["fuse{", "op=\"read\"", "req=7", "ino=42"] {
+            assert!(inside.contains(want), "{want} not in {inside:?}");
+        }
+        let outside = text
+            .lines()
+            .find(|l| l.contains("outside"))
+            .unwrap_or_default();
+        assert!(!outside.contains("req=7"), "{outside:?}");
+    }
 }
