@@ -319,6 +319,19 @@ async fn appendable_object_is_read_to_its_new_end() {
         client.stat("log").await.expect("stat").generation,
         id.generation
     );
+    // The one place growth is looked up: the size now, a shorter object than
+    // was read (the service cannot be right) and a new generation refused.
+    let now = e.grown(&id, info.size).await.expect("grown");
+    assert_eq!(now.size, want.len() as u64);
+    assert!(matches!(
+        e.grown(&id, want.len() as u64 + 1).await,
+        Err(ReadError::Shrank { from, to, .. }) if from == want.len() as u64 + 1 && to == want.len() as u64
+    ));
+    client.put("log", b"new".to_vec(), false);
+    assert!(matches!(
+        e.grown(&id, 0).await,
+        Err(ReadError::Stale { .. })
+    ));
 }
 
 /// The same engine over the real gRPC client and the emulator, with faults.

@@ -48,7 +48,9 @@ impl FsError {
             FsError::Read(ReadError::Gcs(GcsError::NotFound(_))) => libc::ESTALE,
             FsError::BadHandle => libc::EBADF,
             FsError::InvalidName => libc::EINVAL,
-            FsError::Inconsistent(_) | FsError::Read(ReadError::Short { .. }) => libc::EIO,
+            FsError::Inconsistent(_)
+            | FsError::Read(ReadError::Short { .. })
+            | FsError::Read(ReadError::Shrank { .. }) => libc::EIO,
             FsError::Read(ReadError::Gcs(g)) | FsError::Gcs(g) => gcs_errno(g),
         }
     }

@@ -171,19 +171,7 @@ impl Fs {
         fh: u64,
         mut h: Handle,
     ) -> Result<Handle, FsError> {
-        let info = self.client.stat(&h.object.name).await?;
-        if info.generation != h.object.generation {
-            return Err(FsError::Stale(format!(
-                "{}: generation {} was replaced",
-                h.object.name, h.object.generation
-            )));
-        }
-        if info.size < h.size {
-            return Err(FsError::Inconsistent(format!(
-                "{}: the appendable object shrank from {} to {} bytes",
-                h.object.name, h.size, info.size
-            )));
-        }
+        let info = self.engine.grown(&h.object, h.size).await?;
         h.size = info.size;
         h.finalized = info.finalized;
         if let Some(stored) = lock(&self.handles).get_mut(&fh) {

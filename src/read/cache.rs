@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use super::buffer::Block;
 use super::prefetch::{Ahead, Cursors, Plan, PrefetchConfig};
-use crate::gcs::{GcsError, ObjectClient, ObjectId, VecSink};
+use crate::gcs::{GcsError, ObjectClient, ObjectId, ObjectInfo, VecSink};
 use crate::memory::Pool;
 
 /// A sequential cursor used this recently counts toward the budget's split.
@@ -49,6 +49,10 @@ pub enum ReadError {
     Gcs(#[from] GcsError),
     #[error("{object}: the object changed while being read (generation {generation} is gone)")]
     Stale { object: String, generation: i64 },
+    /// What the service says of an appendable object cannot be right: it
+    /// is shorter than bytes already read from it.
+    #[error("{object}: the appendable object shrank from {from} to {to} bytes")]
+    Shrank { object: String, from: u64, to: u64 },
     #[error("{object}: short read at offset {offset}: got {got} of {want} bytes")]
     Short {
         object: String,
@@ -381,6 +385,29 @@ impl ReadEngine {
             .unwrap_or_default()
     }
 
+    /// What an appendable object holds now, looked up: the same generation
+    /// (else [`ReadError::Stale`]) and no shorter than `known` bytes (else
+    /// [`ReadError::Shrank`]). The one place an object's growth is looked up:
+    /// the filesystem's handles ask here, and so does [`ReadEngine::read`] for
+    /// a read past the size it was given.
+    pub async fn grown(&self, object: &ObjectId, known: u64) -> Result<ObjectInfo, ReadError> {
+        let info = self.client.stat(&object.name).await?;
+        if info.generation != object.generation {
+            return Err(ReadError::Stale {
+                object: object.name.clone(),
+                generation: object.generation,
+            });
+        }
+        if info.size < known {
+            return Err(ReadError::Shrank {
+                object: object.name.clone(),
+                from: known,
+                to: info.size,
+            });
+        }
+        Ok(info)
+    }
+
     /// Reads up to `len` bytes at `off` of `object` (whose size is `size` as far
     /// as the caller knows; `finalized` false for appendable objects). Returns
     /// fewer bytes only at the end of the object.
@@ -395,14 +422,7 @@ impl ReadEngine {
     ) -> Result<ReadData, ReadError> {
         if off.saturating_add(len) > size && !finalized {
             // An appendable object may have grown: refresh before a short read.
-            let info = self.client.stat(&object.name).await?;
-            if info.generation != object.generation {
-                return Err(ReadError::Stale {
-                    object: object.name.clone(),
-                    generation: object.generation,
-                });
-            }
-            size = size.max(info.size);
+            size = self.grown(object, size).await?.size;
         }
         if off >= size || len == 0 {
             return Ok(ReadData::Owned(Vec::new()));
