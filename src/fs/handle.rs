@@ -18,10 +18,24 @@ use crate::read::cache::Slot;
 use crate::read::ReadData;
 use crate::sync::lock;
 
-/// An open file: the object version it reads.
+/// An open file: its inode, and what the handle does with it.
 #[derive(Clone)]
 pub struct Handle {
     pub ino: u64,
+    pub io: Io,
+}
+
+/// What an open handle does with its file: today it reads; a handle opened
+/// for writing becomes a variant of its own, and a read handle can turn into
+/// one (an append to the object it reads).
+#[derive(Clone)]
+pub enum Io {
+    Read(ReadHandle),
+}
+
+/// A read handle: the object version it reads.
+#[derive(Clone)]
+pub struct ReadHandle {
     pub object: ObjectId,
     pub size: u64,
     pub finalized: bool,
@@ -106,10 +120,12 @@ impl Fs {
             fh,
             Handle {
                 ino,
-                object,
-                size: info.size,
-                finalized: info.finalized,
-                backing: passthrough.clone(),
+                io: Io::Read(ReadHandle {
+                    object,
+                    size: info.size,
+                    finalized: info.finalized,
+                    backing: passthrough.clone(),
+                }),
             },
         );
         Ok(Opened { fh, passthrough })
@@ -140,20 +156,20 @@ impl Fs {
 
     /// Reads through the read engine, the only read path.
     pub async fn read(&self, fh: u64, offset: u64, len: u32) -> Result<ReadData, FsError> {
-        let mut h = lock(&self.handles)
+        let (ino, Io::Read(mut h)) = lock(&self.handles)
             .get(&fh)
-            .cloned()
+            .map(|h| (h.ino, h.io.clone()))
             .ok_or(FsError::BadHandle)?;
         let mut fresh = false;
         if !h.finalized && offset.saturating_add(u64::from(len)) > h.size {
-            h = self.refresh_appendable(fh, h).await?;
+            h = self.refresh_appendable(fh, ino, h).await?;
             fresh = true;
         }
         // A size just refreshed needs no second look from the engine.
         Ok(self
             .engine
             .read(
-                h.ino,
+                ino,
                 &h.object,
                 h.size,
                 h.finalized || fresh,
@@ -169,16 +185,17 @@ impl Fs {
     pub(super) async fn refresh_appendable(
         &self,
         fh: u64,
-        mut h: Handle,
-    ) -> Result<Handle, FsError> {
+        ino: u64,
+        mut h: ReadHandle,
+    ) -> Result<ReadHandle, FsError> {
         let info = self.engine.grown(&h.object, h.size).await?;
         h.size = info.size;
         h.finalized = info.finalized;
-        if let Some(stored) = lock(&self.handles).get_mut(&fh) {
+        if let Some(Io::Read(stored)) = lock(&self.handles).get_mut(&fh).map(|s| &mut s.io) {
             stored.size = h.size;
             stored.finalized = h.finalized;
         }
-        if let Some(n) = lock(&self.table).nodes.get_mut(&h.ino) {
+        if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
             if let Kind::File(old, _) = &n.kind {
                 if old.generation == info.generation && old.size <= info.size {
                     n.kind = Kind::File(info, Instant::now());

@@ -47,7 +47,7 @@ mod tests;
 
 pub use dir::{entry_name, DirEntry};
 pub use error::FsError;
-pub use handle::{Handle, Opened};
+pub use handle::{Handle, Io, Opened, ReadHandle};
 pub use inode::Attr;
 
 use std::collections::HashMap;
