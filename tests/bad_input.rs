@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use common::mount::{is_mounted, zonalfs_cmd, MountGuard};
+use common::mount::{is_mounted, zonalfs_cmd, Daemon, MountGuard};
 use common::*;
 
 const TOKEN: &str = "emulator-test-token";
@@ -50,18 +50,25 @@ fn run(args: &[String]) -> Output {
 
 /// The one-line error contract: stderr (trimmed) is exactly one line, it
 /// starts with `zonalfs: error: `, carries no panic, backtrace or ANSI colour,
-/// and has something after the prefix. Returns the message.
-fn one_line_error(out: &Output, case: &str) -> String {
+/// and has something after the prefix. Returns the message, or what breaks
+/// the contract.
+fn one_line_error(out: &Output) -> Result<String, String> {
     let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "{case}: not one line: {err:?}");
+    if err.lines().count() != 1 {
+        return Err(format!("not one line: {err:?}"));
+    }
     let msg = err
         .strip_prefix("zonalfs: error: ")
-        .unwrap_or_else(|| panic!("{case}: not a 'zonalfs: error:' line: {err:?}"));
-    assert!(!msg.trim().is_empty(), "{case}: empty message");
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "\x1b[", "Usage:"] {
-        assert!(!err.contains(bad), "{case}: {bad:?} in {err:?}");
+        .ok_or_else(|| format!("not a 'zonalfs: error:' line: {err:?}"))?;
+    if msg.trim().is_empty() {
+        return Err("empty message".into());
     }
-    msg.to_string()
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "\x1b[", "Usage:"] {
+        if err.contains(bad) {
+            return Err(format!("{bad:?} in {err:?}"));
+        }
+    }
+    Ok(msg.to_string())
 }
 
 fn fixture_key() -> PathBuf {
@@ -368,6 +375,8 @@ fn bad_input_is_one_line_nonzero_and_mounts_nothing() {
     let tls_to_plain = format!("https://{}", emu.addr);
     let auth_ep = format!("http://{}", auth_emu.addr);
     let key = fixture_key().to_str().expect("utf-8").to_string();
+    // Every row runs; each failing one is reported with all that was wrong.
+    let mut failures = Vec::new();
     for case in CASES {
         let mnt = tempfile::tempdir().expect("mountpoint");
         let fill = |s: &str| {
@@ -381,28 +390,48 @@ fn bad_input_is_one_line_nonzero_and_mounts_nothing() {
         };
         let args: Vec<String> = fill(case.args).split(' ').map(str::to_string).collect();
         let out = run_isolated(&args, files.path(), &format!("127.0.0.1:{closed}"));
-        assert_eq!(
-            out.status.code(),
-            Some(case.code),
-            "{}: {}",
-            case.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let msg = one_line_error(&out, case.name);
-        for n in case.needles {
-            let n = fill(n);
-            assert!(msg.contains(&n), "{}: {n:?} not in {msg:?}", case.name);
+        let mut wrong = Vec::new();
+        if out.status.code() != Some(case.code) {
+            wrong.push(format!(
+                "exit {:?}, not {}: {}",
+                out.status.code(),
+                case.code,
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
-        assert!(
-            out.stdout.is_empty(),
-            "{}: stdout {:?}",
-            case.name,
-            out.stdout
-        );
+        match one_line_error(&out) {
+            Ok(msg) => {
+                for n in case.needles {
+                    let n = fill(n);
+                    if !msg.contains(&n) {
+                        wrong.push(format!("{n:?} not in {msg:?}"));
+                    }
+                }
+            }
+            Err(e) => wrong.push(e),
+        }
+        if !out.stdout.is_empty() {
+            wrong.push(format!("stdout {:?}", out.stdout));
+        }
         for p in [mnt.path(), files.path()] {
-            assert!(!is_mounted(p), "{}: {} is mounted", case.name, p.display());
+            if is_mounted(p) {
+                wrong.push(format!("{} is mounted", p.display()));
+                // Detached (its daemon, if any, killed), so that the next
+                // rows start clean.
+                drop(Daemon::of(p));
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{}: {}", case.name, wrong.join("; ")));
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n")
+    );
 }
 
 /// `zonalfs` alone and `--help` print help (not an error); `--version` the
@@ -487,7 +516,7 @@ fn odd_and_deep_names_through_a_real_mount() {
         "--anonymous".into(),
     ]);
     assert_eq!(out.status.code(), Some(1));
-    let msg = one_line_error(&out, "already mounted");
+    let msg = one_line_error(&out).unwrap_or_else(|e| panic!("already mounted: {e}"));
     assert!(msg.contains("is already a mount point"), "{msg}");
     assert_eq!(
         std::fs::read(mnt.path().join("-dash")).expect("read"),

@@ -342,14 +342,11 @@ async fn streams_spread_over_connections_between_unary_calls() {
     }
     assert_eq!(c.streams_per_connection(), vec![2, 2]);
     drop(streams);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while c.streams_per_connection() != vec![0, 0] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "streams never uncounted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let uncounted = wait_until_async(Duration::from_secs(20), || {
+        c.streams_per_connection() == [0, 0]
+    })
+    .await;
+    assert!(uncounted, "streams never uncounted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,21 +373,19 @@ async fn cancelled_reads_are_abandoned() {
     let s2 = s.clone();
     let task = tokio::spawn(async move { s2.read(0, MIB as u64, sink).await });
     // Wait (bounded) until the stream has taken the range, then cancel the reader.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.load() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "range never registered"
-        );
-        tokio::task::yield_now().await;
-    }
+    assert!(
+        wait_until_async(Duration::from_secs(10), || s.load() != 0).await,
+        "range never registered"
+    );
     task.abort();
     // Its data arrives after the latency; the range is dropped with its sink.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.load() != 0 || weak.upgrade().is_some() {
-        assert!(std::time::Instant::now() < deadline, "abandoned range kept");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert!(
+        wait_until_async(Duration::from_secs(10), || {
+            s.load() == 0 && weak.upgrade().is_none()
+        })
+        .await,
+        "abandoned range kept"
+    );
     // The stream still serves new reads.
     let sink = VecSink::new(1000);
     assert_eq!(s.read(100, 1000, sink.clone()).await.expect("read"), 1000);
@@ -630,14 +625,10 @@ async fn pool_sizes_shares_caps_and_reaps() {
     );
     reaped.open("o1").await.expect("open");
     assert!(reaped.open_streams() >= 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while reaped.open_streams() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "idle streams never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        wait_until_async(Duration::from_secs(20), || reaped.open_streams() == 0).await,
+        "idle streams never closed"
+    );
 }
 
 /// One round trip to the first byte: the stream a read opens carries that read

@@ -836,11 +836,13 @@ async fn fault_stall_keeps_stream_open() {
     assert_eq!(cd.content, &data[..300_000]);
     // Wait (bounded) for the server to enter the stall, then check it sends nothing
     // more and has not closed the stream.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while emu.emu.counters.fault_stall.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "stall never reached");
-        tokio::task::yield_now().await;
-    }
+    assert!(
+        wait_until_async(Duration::from_secs(30), || {
+            emu.emu.counters.fault_stall.load(Ordering::Relaxed) != 0
+        })
+        .await,
+        "stall never reached"
+    );
     use futures::FutureExt;
     assert!(
         b.rx.message().now_or_never().is_none(),

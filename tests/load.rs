@@ -236,6 +236,20 @@ fn resources(pid: u32, metrics: &str) -> Resources {
     }
 }
 
+/// Samples the daemon's resources until `settled` holds of them, or for at
+/// most 30 s (then the caller's assertions report the difference): the last
+/// sample.
+fn settle(pid: u32, metrics: &str, settled: impl Fn(&Resources) -> bool) -> Resources {
+    let mut last = None;
+    wait_until(Duration::from_secs(30), || {
+        let r = resources(pid, metrics);
+        let done = settled(&r);
+        last = Some(r);
+        done
+    });
+    last.expect("sampled at least once")
+}
+
 fn load_secs() -> u64 {
     std::env::var("ZONALFS_LOAD_SECS")
         .ok()
@@ -290,12 +304,7 @@ fn thirty_two_readers_for_a_bounded_time_no_errors_bounded_memory_no_leaks() {
     for src in sources.iter() {
         assert_eq!(sha_file(&src.path), src.sha, "{}", src.path.display());
     }
-    let settle = Instant::now() + Duration::from_secs(30);
-    let mut before = resources(pid, &metrics_addr);
-    while (before.streams, before.files) != (0, 0) && Instant::now() < settle {
-        std::thread::sleep(Duration::from_millis(100));
-        before = resources(pid, &metrics_addr);
-    }
+    let before = settle(pid, &metrics_addr, |r| (r.streams, r.files) == (0, 0));
     let fds_before = fd_targets(pid);
 
     let totals = Arc::new(Totals::default());
@@ -346,12 +355,7 @@ fn thirty_two_readers_for_a_bounded_time_no_errors_bounded_memory_no_leaks() {
 
     // Streams are closed after the idle timeout, handles after the kernel's
     // (asynchronous) release: poll until everything is back to the baseline.
-    let settle = Instant::now() + Duration::from_secs(30);
-    let mut after = resources(pid, &metrics_addr);
-    while after != before && Instant::now() < settle {
-        std::thread::sleep(Duration::from_millis(100));
-        after = resources(pid, &metrics_addr);
-    }
+    let after = settle(pid, &metrics_addr, |r| *r == before);
 
     let t = &*totals;
     let (passes, randoms) = (

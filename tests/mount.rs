@@ -6,7 +6,7 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::*;
 use common::*;
@@ -586,23 +586,15 @@ fn log_file_json_nonempty_and_list_ttl() {
     assert_eq!(names(mnt.path()), ["a"]);
     run_ok(zonalfs_cmd().arg("unmount").arg(mnt.path()));
     // The daemon logged JSON lines to the file.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let mounted = text
-            .lines()
+    let mut text = String::new();
+    let mounted = wait_for(Duration::from_secs(10), || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
             .find(|l| l.contains("\"mounted\""))
-            .map(str::to_string);
-        if let Some(line) = mounted {
-            assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no JSON 'mounted' line in:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            .map(str::to_string)
+    });
+    let line = mounted.unwrap_or_else(|| panic!("no JSON 'mounted' line in:\n{text}"));
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
 }
 
 #[test]

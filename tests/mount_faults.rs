@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mount::{scrape, sha_file, MountGuard};
-use common::{pattern, EmuChild, Tree};
+use common::{must_wait_until, pattern, wait_until, EmuChild, Tree};
 use sha2::{Digest, Sha256};
 
 /// Objects of a few KiB to tens of MiB (odd sizes: no read lines up with the end).
@@ -411,19 +411,22 @@ fn rewritten_object(flags: &[&str]) {
             r1.seek(SeekFrom::Start(0)).expect("seek");
             // New opens see v2 once the metadata TTL passed; until then v1 or an
             // error, never a mix.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match std::fs::read(&p) {
-                    Ok(got) if got == new => break,
-                    Ok(got) => assert!(got == old, "a new open read a mix of generations"),
-                    Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+            let saw_new = || match std::fs::read(&p) {
+                Ok(got) if got == new => true,
+                Ok(got) => {
+                    assert!(got == old, "a new open read a mix of generations");
+                    false
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "new opens never saw the new content"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}");
+                    false
+                }
+            };
+            must_wait_until(
+                "new opens see the new content",
+                Duration::from_secs(20),
+                saw_new,
+            );
             // Once the new generation was opened, the old handles still never
             // see its bytes (the kernel dropped the pages they had cached).
             let e1 = check(&r1, "r1 after a new open", 0);
@@ -475,27 +478,28 @@ fn tailing_reader(flags: &[&str]) {
             w.write_all(part).expect("append");
             drop(w);
             appended += part.len();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while got.len() < appended {
-                let n = f.read(&mut buf).expect("tailing read");
-                got.extend_from_slice(&buf[..n]);
-                if n == 0 {
-                    assert!(
-                        Instant::now() < deadline,
-                        "appended bytes never showed: have {} of {appended}",
-                        got.len()
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
+            let showed = wait_until(Duration::from_secs(20), || {
+                // Read what is there now (possibly nothing, at EOF).
+                while got.len() < appended {
+                    let n = f.read(&mut buf).expect("tailing read");
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
                 }
-            }
+                got.len() >= appended
+            });
+            assert!(
+                showed,
+                "appended bytes never showed: have {} of {appended}",
+                got.len()
+            );
             assert!(got == want[..appended], "exactly the appended bytes");
             // stat agrees with what was read (once the kernel's attribute
             // cache, 1 s, expired).
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while std::fs::metadata(&p).expect("stat").len() < appended as u64 {
-                assert!(Instant::now() < deadline, "stat never showed the new size");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            must_wait_until("stat shows the new size", Duration::from_secs(20), || {
+                std::fs::metadata(&p).expect("stat").len() >= appended as u64
+            });
         }
         assert_eq!(f.read(&mut buf).expect("read at the new EOF"), 0);
         assert_eq!(
@@ -625,14 +629,11 @@ fn outage_shorter_than_the_deadline_is_invisible_to_readers() {
         r
     });
     // Once the reader's read has failed at least once, the service comes back.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while retries_of(&metrics, "unavailable") == before {
-        assert!(
-            Instant::now() < deadline,
-            "the read never tried the network"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    must_wait_until(
+        "the read tried the network",
+        Duration::from_secs(20),
+        || retries_of(&metrics, "unavailable") != before,
+    );
     let _emu2 = EmuChild::spawn_on(tree.root(), &addr, &[]);
     rx.recv_timeout(Duration::from_secs(40))
         .expect("the read finished after the service came back");
@@ -671,19 +672,15 @@ fn deleted_object_old_reader_sees_old_bytes_or_an_error_new_lookups_enoent() {
                 }
             }
             // New lookups find nothing once the metadata TTL passed.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match std::fs::metadata(&p) {
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-                    Err(e) => panic!("{e}"),
-                    Ok(m) => assert_eq!(m.len(), v1.len() as u64),
+            let gone = || match std::fs::metadata(&p) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) => panic!("{e}"),
+                Ok(m) => {
+                    assert_eq!(m.len(), v1.len() as u64);
+                    false
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "the deleted object never went away"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            };
+            must_wait_until("the deleted object is gone", Duration::from_secs(20), gone);
         },
     );
     drop(emu);

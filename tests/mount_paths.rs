@@ -13,7 +13,7 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::*;
 use common::*;
@@ -121,33 +121,22 @@ fn unmount(mp: &Path) {
 
 /// Waits (bounded) for a foreground `zonalfs mount -f` to exit.
 fn wait_child(c: &mut Child, mp: &Path) -> std::process::ExitStatus {
-    let deadline = Instant::now() + EXIT_BOUND;
-    loop {
-        if let Some(s) = c.try_wait().expect("try_wait") {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{mp:?}: zonalfs mount -f still running after its mount went"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(EXIT_BOUND, || c.try_wait().expect("try_wait"))
+        .unwrap_or_else(|| panic!("{mp:?}: zonalfs mount -f still running after its mount went"))
 }
 
 /// Waits (bounded) until the mount at `mp`, whose daemon was killed, is
 /// stale: ENOTCONN once the kernel's cached attributes of its root expire.
 fn wait_stale(mp: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match std::fs::metadata(mp) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return,
-            r => assert!(
-                Instant::now() < deadline,
-                "{mp:?}: not stale after the SIGKILL: {r:?}"
-            ),
+    let mut last = None;
+    let stale = wait_until(Duration::from_secs(10), || match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => true,
+        r => {
+            last = Some(r);
+            false
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
+    assert!(stale, "{mp:?}: not stale after the SIGKILL: {last:?}");
 }
 
 #[test]

@@ -90,14 +90,15 @@ fn start_readers(root: &Path, n: usize) -> Readers {
 impl Readers {
     /// Waits until every reader is well into its file (reads are in flight).
     fn wait_busy(&self, min_bytes: u64) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.bytes.load(Ordering::Relaxed) < min_bytes {
+        must_wait_until("the readers are busy", Duration::from_secs(60), || {
+            if self.bytes.load(Ordering::Relaxed) >= min_bytes {
+                return true;
+            }
             if let Ok((t, o, _)) = self.done.try_recv() {
                 panic!("reader {t} ended before the signal: {o:?}");
             }
-            assert!(Instant::now() < deadline, "readers made no progress");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            false
+        });
     }
 
     /// Joins every reader with a deadline: none may hang on the dead mount.
@@ -128,13 +129,9 @@ fn sigterm(pid: u32) {
 
 /// Polls until `path` is no longer mounted, or the deadline.
 fn wait_unmounted(path: &Path, deadline: Instant) -> bool {
-    while is_mounted(path) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
+    wait_until(deadline.saturating_duration_since(Instant::now()), || {
+        !is_mounted(path)
+    })
 }
 
 fn check_readers(results: &[(usize, Outcome, u64)]) {
@@ -168,16 +165,13 @@ fn sigterm_to_foreground_mount_with_reads_in_flight_unmounts_within_2s() {
     let t0 = Instant::now();
     sigterm(child.id());
     let deadline = t0 + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("zonalfs mount -f still running 20 s after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let exit = wait_for(deadline.saturating_duration_since(Instant::now()), || {
+        child.try_wait().expect("try_wait")
+    });
+    let Some(status) = exit else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("zonalfs mount -f still running 20 s after SIGTERM");
     };
     let exited = t0.elapsed();
     assert!(wait_unmounted(mnt.path(), deadline), "mount left behind");
@@ -224,21 +218,7 @@ fn sigterm_to_background_daemon_with_reads_in_flight_unmounts_within_2s() {
     let t0 = Instant::now();
     sigterm(pid as u32);
     let deadline = t0 + Duration::from_secs(20);
-    let mut status = 0;
-    loop {
-        // SAFETY: waitpid(2) on our (adopted) child, WNOHANG.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
-        if r == pid {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon still running 20 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    daemon.pid = None;
+    let status = daemon.wait_exit(deadline.saturating_duration_since(Instant::now()));
     let exited = t0.elapsed();
     assert!(wait_unmounted(&mp, deadline), "mount left behind");
     let gone = t0.elapsed();

@@ -159,17 +159,17 @@ fn unit_restarts_on_failure_and_exec_start_recovers_a_stale_mount() {
     unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
     c.wait().expect("wait");
     // Stale: ENOTCONN once the kernel's cached attributes (1 s) expire.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut last = None;
+    let stale = wait_until(Duration::from_secs(10), || {
         match std::fs::metadata(mnt.path()) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => break,
-            r => assert!(
-                std::time::Instant::now() < deadline,
-                "not stale after the SIGKILL: {r:?}"
-            ),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => true,
+            r => {
+                last = Some(r);
+                false
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
+    assert!(stale, "not stale after the SIGKILL: {last:?}");
 
     // Restart=on-failure runs ExecStart again (here: without ExecStop having
     // cleaned up), and it must mount over the stale mount.

@@ -1,8 +1,10 @@
 //! Shared helpers for integration tests: sample trees, an in-process emulator,
-//! and a raw tonic client that speaks google.storage.v2 to it.
+//! a raw tonic client that speaks google.storage.v2 to it, and bounded polling
+//! of a condition ([`wait_until`] and its kin).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +24,59 @@ pub const BUCKET: &str = "test-bucket";
 
 pub fn bucket_resource(b: &str) -> String {
     format!("projects/_/buckets/{b}")
+}
+
+/// How long the `wait_*` helpers sleep between two tries of their condition.
+pub const POLL: Duration = Duration::from_millis(10);
+
+/// Tries `probe` until it yields a value or `within` has passed, sleeping
+/// [`POLL`] between tries: the value, or `None` on timeout. `probe` runs at
+/// least once, and a last time at the bound. (A bounded poll of a condition,
+/// for what a test cannot be told of directly.)
+pub fn wait_for<T>(within: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL.min(deadline - now));
+    }
+}
+
+/// Polls `cond` until it is true or `within` has passed; whether it became
+/// true. See [`wait_for`].
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    wait_for(within, || cond().then_some(())).is_some()
+}
+
+/// [`wait_until`], panicking if `cond` is still false after `within`, with a
+/// message naming `what` was awaited and the bound.
+#[track_caller]
+pub fn must_wait_until(what: &str, within: Duration, cond: impl FnMut() -> bool) {
+    if !wait_until(within, cond) {
+        panic!("timed out after {within:?} waiting until {what}");
+    }
+}
+
+/// [`wait_until`] for async tests: sleeps with `tokio::time::sleep`, so that
+/// the runtime's other tasks run meanwhile. (No panicking twin: a panic in an
+/// async helper would not point at its caller; `assert!` the result instead.)
+pub async fn wait_until_async(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL.min(deadline - now)).await;
+    }
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so sources are reproducible.

@@ -6,11 +6,11 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::BUCKET;
+use super::{must_wait_until, BUCKET};
 
 /// The zonalfs binary this build made.
 pub fn zonalfs_cmd() -> Command {
@@ -51,8 +51,10 @@ impl MountGuard {
             child: Some(child),
             mountpoint: mountpoint.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(mountpoint) {
+        must_wait_until("the mount is up", Duration::from_secs(30), || {
+            if is_mounted(mountpoint) {
+                return true;
+            }
             if let Some(c) = g.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     let mut err = String::new();
@@ -62,9 +64,8 @@ impl MountGuard {
                     panic!("zonalfs mount exited early ({status}): {err}");
                 }
             }
-            assert!(Instant::now() < deadline, "mount never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            false
+        });
         g
     }
 
@@ -110,19 +111,15 @@ impl Daemon {
     /// before starting it.
     pub fn wait_exit(&mut self, within: Duration) -> i32 {
         let pid = self.pid.expect("the daemon's pid (by its command line)");
-        let deadline = Instant::now() + within;
         let mut status = 0;
-        loop {
+        must_wait_until("the daemon exits", within, || {
             // SAFETY: waitpid(2) on our (adopted) child, WNOHANG.
             let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
-            if r == pid {
-                self.pid = None;
-                return status;
-            }
-            assert!(Instant::now() < deadline, "daemon still running");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            r == pid
+        });
+        self.pid = None;
+        status
     }
 }
 
