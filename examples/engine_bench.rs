@@ -83,7 +83,7 @@ async fn run(
                 .map(|off| {
                     let (e, id) = (engine.clone(), id.clone());
                     async move {
-                        e.read(1, &id, size, true, off, MIB)
+                        e.read(&id, size, true, off, MIB)
                             .await
                             .map(|d| d.len() as u64)
                     }
@@ -98,7 +98,7 @@ async fn run(
             while off < size {
                 let end = (off + 64 * MIB).min(size);
                 while off < end {
-                    delivered += engine.read(1, &id, size, true, off, MIB).await?.len() as u64;
+                    delivered += engine.read(&id, size, true, off, MIB).await?.len() as u64;
                     off += MIB;
                 }
                 off += 16 * MIB;
@@ -111,7 +111,7 @@ async fn run(
                 let t = Instant::now();
                 for i in 0..4 {
                     delivered += engine
-                        .read(100 + k, &id, size, true, base + i * MIB, MIB)
+                        .read(&id, size, true, base + i * MIB, MIB)
                         .await?
                         .len() as u64;
                 }
@@ -134,7 +134,7 @@ async fn run(
                     let sink = VecSink::new(4096);
                     delivered += pool.read(&id, size, off, 4096, sink).await?;
                 } else {
-                    delivered += engine.read(1, &id, size, true, off, 4096).await?.len() as u64;
+                    delivered += engine.read(&id, size, true, off, 4096).await?.len() as u64;
                 }
                 lat.push(t.elapsed());
             }

@@ -42,13 +42,12 @@ fn engine(client: Arc<MemClient>, block: usize, budget: u64, readahead: u64) -> 
     )
 }
 
-async fn read_all(e: &ReadEngine, ino: u64, id: &ObjectId, size: u64, step: u64) -> Vec<u8> {
-    read_all_of(e, ino, id, size, true, step).await
+async fn read_all(e: &ReadEngine, id: &ObjectId, size: u64, step: u64) -> Vec<u8> {
+    read_all_of(e, id, size, true, step).await
 }
 
 async fn read_all_of(
     e: &ReadEngine,
-    ino: u64,
     id: &ObjectId,
     size: u64,
     finalized: bool,
@@ -57,10 +56,7 @@ async fn read_all_of(
     let mut out = Vec::new();
     let mut off = 0;
     loop {
-        let d = e
-            .read(ino, id, size, finalized, off, step)
-            .await
-            .expect("read");
+        let d = e.read(id, size, finalized, off, step).await.expect("read");
         if d.is_empty() {
             return out;
         }
@@ -95,7 +91,7 @@ proptest! {
                 let (e, id, truth) = (e.clone(), id.clone(), truth.clone());
                 tasks.push(tokio::spawn(async move {
                     for (off, len) in mine {
-                        let d = e.read(7, &id, size as u64, true, off, len).await.expect("read");
+                        let d = e.read(&id, size as u64, true, off, len).await.expect("read");
                         let lo = (off as usize).min(size);
                         let hi = (off + len).min(size as u64) as usize;
                         assert_eq!(d.as_slice(), &truth[lo..hi.max(lo)], "read {off}+{len}");
@@ -125,15 +121,12 @@ async fn sequential_reader_stays_two_blocks_ahead() {
     let mut off = 0;
     let mut got = Vec::new();
     while off < size {
-        let d = e
-            .read(1, &id, size, true, off, 128 * KIB)
-            .await
-            .expect("read");
+        let d = e.read(&id, size, true, off, 128 * KIB).await.expect("read");
         got.extend_from_slice(d.as_slice());
         off += d.len() as u64;
         let blk = (off - 1) / bs;
         if blk >= 4 && off + 3 * bs < size {
-            let cached = e.blocks_of(1);
+            let cached = e.blocks_of(&id);
             let ahead = (1..=16)
                 .take_while(|k| cached.iter().any(|(o, _)| *o == (blk + k) * bs))
                 .count() as u64;
@@ -176,9 +169,9 @@ async fn consumed_blocks_are_released_and_reused_when_asked() {
                 ..Default::default()
             },
         );
-        let got = read_all(&e, 1, &id, size, 128 * KIB).await;
+        let got = read_all(&e, &id, size, 128 * KIB).await;
         assert_eq!(got, truth);
-        let cached = e.blocks_of(1).len() as u64;
+        let cached = e.blocks_of(&id).len() as u64;
         let released = e.stats.released.load(Ordering::Relaxed);
         if release {
             assert!(released >= 40, "released only {released} blocks");
@@ -213,7 +206,7 @@ async fn random_4k_reads_fetch_little_more_than_delivered() {
             .wrapping_add(1442695040888963407);
         let off = ((x >> 20) % (size as u64 / 4096)) * 4096;
         let d = e
-            .read(2, &id, size as u64, true, off, 4096)
+            .read(&id, size as u64, true, off, 4096)
             .await
             .expect("read");
         assert_eq!(d.as_slice(), &truth[off as usize..off as usize + 4096]);
@@ -248,7 +241,7 @@ async fn thirty_two_readers_stay_within_the_budget() {
     for (i, (id, truth)) in objects.into_iter().enumerate() {
         let e = e.clone();
         tasks.push(tokio::spawn(async move {
-            let got = read_all(&e, 100 + i as u64, &id, truth.len() as u64, 128 * KIB).await;
+            let got = read_all(&e, &id, truth.len() as u64, 128 * KIB).await;
             assert_eq!(got, truth, "reader {i}");
         }));
     }
@@ -276,21 +269,31 @@ async fn new_generation_invalidates_and_old_handles_go_stale() {
         generation: i1.generation,
     };
     let e = engine(client.clone(), 256 * 1024, 8 << 20, 1 << 20);
-    assert_eq!(read_all(&e, 9, &id1, i1.size, 64 * KIB).await, v1);
+    assert_eq!(read_all(&e, &id1, i1.size, 64 * KIB).await, v1);
     let v2 = data(700_000, 6);
     let i2 = client.put("f", v2.clone(), true);
     let id2 = ObjectId {
         name: "f".into(),
         generation: i2.generation,
     };
-    assert_eq!(read_all(&e, 9, &id2, i2.size, 64 * KIB).await, v2);
-    assert!(e.blocks_of(9).iter().all(|(o, _)| *o < 700_000));
-    // A handle opened on the old generation: never new bytes, never a mix.
-    match e.read(9, &id1, i1.size, true, 800_000, 1000).await {
+    assert_eq!(read_all(&e, &id2, i2.size, 64 * KIB).await, v2);
+    assert!(e.blocks_of(&id2).iter().all(|(o, _)| *o < 700_000));
+    // A handle opened on the old generation: its own bytes (still cached)
+    // or ESTALE, never new bytes, never a mix.
+    match e.read(&id1, i1.size, true, 800_000, 1000).await {
         Err(ReadError::Stale { .. }) => {}
-        Ok(d) => panic!("old handle got {} bytes", d.len()),
+        Ok(d) => assert!(
+            d.as_slice() == &v1[800_000..801_000],
+            "old handle got other bytes"
+        ),
         Err(other) => panic!("{other:?}"),
     }
+    // Once nothing caches generation 1, the service's answer decides: gone.
+    e.forget(&id1);
+    assert!(matches!(
+        e.read(&id1, i1.size, true, 800_000, 1000).await,
+        Err(ReadError::Stale { .. }) | Err(ReadError::Gcs(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,14 +308,14 @@ async fn appendable_object_is_read_to_its_new_end() {
     let e = engine(client.clone(), 256 * 1024, 8 << 20, 1 << 20);
     // The handle knows 300,000 bytes; the object grows behind it.
     assert_eq!(
-        read_all_of(&e, 3, &id, info.size, false, 64 * KIB).await,
+        read_all_of(&e, &id, info.size, false, 64 * KIB).await,
         first
     );
     let more = data(500_000, 8);
     client.append("log", &more);
     let mut want = first.clone();
     want.extend_from_slice(&more);
-    let got = read_all_of(&e, 3, &id, info.size, false, 64 * KIB).await;
+    let got = read_all_of(&e, &id, info.size, false, 64 * KIB).await;
     assert_eq!(got.len(), want.len(), "no short read before the true end");
     assert_eq!(got, want);
     assert_eq!(
@@ -377,12 +380,12 @@ async fn engine_over_grpc_and_the_emulator() {
         Pool::new(Budget::new(64 << 20), MemoryConfig::new(4 << 20)),
         PrefetchConfig::default(),
     );
-    let got = read_all(&e, 1, &id, info.size, 1 << 20).await;
+    let got = read_all(&e, &id, info.size, 1 << 20).await;
     assert!(got == truth, "sequential bytes differ");
     for k in 0..50u64 {
         let off = (k * 7_777_777) % (info.size - 4096);
         let d = e
-            .read(1, &id, info.size, true, off, 4096)
+            .read(&id, info.size, true, off, 4096)
             .await
             .expect("random read");
         assert_eq!(d.as_slice(), &truth[off as usize..off as usize + 4096]);
@@ -418,7 +421,6 @@ async fn failed_fetches_give_errors_never_wrong_bytes_and_are_retried() {
                 ..Default::default()
             },
         );
-        let ino = 10 + every;
         // A sequential pass and then scattered reads, each retried until it
         // succeeds (at most a few times: every Nth fetch fails).
         let mut reads: Vec<(u64, u64)> = (0..size).step_by(100_000).map(|o| (o, 100_000)).collect();
@@ -429,7 +431,7 @@ async fn failed_fetches_give_errors_never_wrong_bytes_and_are_retried() {
             let mut tries = 0;
             loop {
                 tries += 1;
-                match e.read(ino, &id, size, true, off, len).await {
+                match e.read(&id, size, true, off, len).await {
                     Ok(d) => {
                         assert!(
                             d.as_slice() == want,
@@ -462,7 +464,7 @@ async fn failed_fetches_give_errors_never_wrong_bytes_and_are_retried() {
             // so readers may never see the injected failures at all.
             assert!(ok > 0, "every={every}: {errors} errors, {ok} reads");
         }
-        e.forget(ino);
+        e.forget(&id);
         assert_eq!(
             pool.in_use_bytes(),
             0,

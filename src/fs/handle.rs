@@ -97,8 +97,7 @@ impl Fs {
         // A small object is read whole: start fetching it now, so the first
         // read finds its bytes on the way (the open's reply and the fetch
         // overlap).
-        self.engine
-            .start_small(ino, &object, info.size, info.finalized);
+        self.engine.start_small(&object, info.size, info.finalized);
         self.prefetch_after(ino);
         // Without passthrough nothing needs tracking: every open is normal.
         let tracking = self.engine.whole_files();
@@ -106,7 +105,7 @@ impl Fs {
             None
         } else {
             self.engine
-                .whole_file(ino, &object, info.size, info.finalized)
+                .whole_file(&object, info.size, info.finalized)
                 .await
         };
         if tracking && passthrough.is_none() {
@@ -145,10 +144,7 @@ impl Fs {
             return;
         };
         for f in dir.opened(ino, self.cfg.prefetch_files) {
-            if !self
-                .engine
-                .prefetch_file(f.ino, &f.object, f.size, f.finalized)
-            {
+            if !self.engine.prefetch_file(&f.object, f.size, f.finalized) {
                 break;
             }
         }
@@ -169,7 +165,6 @@ impl Fs {
         Ok(self
             .engine
             .read(
-                ino,
                 &h.object,
                 h.size,
                 h.finalized || fresh,
@@ -205,19 +200,23 @@ impl Fs {
         Ok(h)
     }
 
-    /// Closes a file handle. When it was the inode's last one, the read
+    /// Closes a file handle. When it was the object's last one, the read
     /// engine lets go of the blocks that were read through (see
     /// [`ReadEngine::closed`]).
     pub fn release(&self, fh: u64) {
         let last_of = {
             let mut handles = lock(&self.handles);
-            handles
-                .remove(&fh)
-                .filter(|h| !handles.values().any(|o| o.ino == h.ino))
-                .map(|h| h.ino)
+            handles.remove(&fh).and_then(|h| {
+                let Io::Read(r) = h.io;
+                let open = handles.values().any(|o| {
+                    let Io::Read(other) = &o.io;
+                    other.object == r.object
+                });
+                (!open).then_some(r.object)
+            })
         };
-        if let Some(ino) = last_of {
-            self.engine.closed(ino);
+        if let Some(object) = last_of {
+            self.engine.closed(&object);
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use super::dir::valid_component;
 use super::{Fs, FsError, ROOT_INO};
-use crate::gcs::{GcsError, ObjectInfo};
+use crate::gcs::{GcsError, ObjectId, ObjectInfo};
 use crate::sync::lock;
 
 /// What a file or directory looks like to `stat`.
@@ -273,17 +273,34 @@ impl Fs {
             None => false,
         };
         if gone {
+            let mut object = None;
             if let Some(node) = t.nodes.remove(&ino) {
                 let key = match node.kind {
                     Kind::Dir(p) => p,
-                    Kind::File(info, _) => info.name,
+                    Kind::File(info, _) => {
+                        object = Some(ObjectId {
+                            name: info.name.clone(),
+                            generation: info.generation,
+                        });
+                        info.name
+                    }
                 };
                 if t.by_path.get(&key) == Some(&ino) {
                     t.by_path.remove(&key);
                 }
+                // The engine caches by object: keep it while another inode
+                // (the path's current one) stands for the same version.
+                let shared = t.by_path.get(&key).and_then(|i| t.nodes.get(i)).is_some_and(
+                    |n| matches!((&n.kind, &object), (Kind::File(i, _), Some(o)) if i.generation == o.generation),
+                );
+                if shared {
+                    object = None;
+                }
             }
             drop(t);
-            self.engine.forget(ino);
+            if let Some(object) = object {
+                self.engine.forget(&object);
+            }
         }
     }
 

@@ -18,6 +18,18 @@ fn fs(client: Arc<MemClient>) -> Arc<Fs> {
     Fs::new(client, engine, FsConfig::default())
 }
 
+/// The object version file inode `ino` stands for (the engine caches by
+/// object).
+fn object_of(fs: &Fs, ino: u64) -> crate::gcs::ObjectId {
+    match lock(&fs.table).nodes.get(&ino).map(|n| n.kind.clone()) {
+        Some(inode::Kind::File(info, _)) => crate::gcs::ObjectId {
+            name: info.name,
+            generation: info.generation,
+        },
+        other => panic!("inode {ino} is not a file: {other:?}"),
+    }
+}
+
 /// Object names a bucket may hold, and names a misbehaving server may
 /// send: valid segments mixed with empty, `.`, `..`, NUL, over-long and
 /// arbitrary Unicode ones (which may contain `/` themselves).
@@ -222,9 +234,13 @@ async fn closing_a_file_read_through_gives_its_blocks_back_warm() {
         );
         assert_eq!(fs.read(h1, 0, 1 << 20).await.unwrap().len(), 20 << 10);
         fs.release(h1);
-        assert_eq!(engine.blocks_of(a.ino).len(), 1, "another handle is open");
+        assert_eq!(
+            engine.blocks_of(&object_of(&fs, a.ino)).len(),
+            1,
+            "another handle is open"
+        );
         fs.release(h2);
-        let kept = engine.blocks_of(a.ino).len();
+        let kept = engine.blocks_of(&object_of(&fs, a.ino)).len();
         assert_eq!(kept, usize::from(!release_consumed), "{release_consumed}");
         let fresh = pool.stats().fresh.load(Ordering::Relaxed);
         let b = fs.lookup(ROOT_INO, "b").await.unwrap();
@@ -264,13 +280,13 @@ async fn open_starts_fetching_a_small_file_whole() {
     let big = fs.lookup(ROOT_INO, "big").await.unwrap();
     let fh = fs.open(small.ino, false).await.unwrap();
     assert_eq!(
-        engine.blocks_of(small.ino).len(),
+        engine.blocks_of(&object_of(&fs, small.ino)).len(),
         1,
         "loading since the open"
     );
     let hb = fs.open(big.ino, false).await.unwrap();
     assert!(
-        engine.blocks_of(big.ino).is_empty(),
+        engine.blocks_of(&object_of(&fs, big.ino)).is_empty(),
         "a big file waits for reads"
     );
     let data = fs.read(fh, 0, 1 << 20).await.unwrap();
@@ -281,7 +297,7 @@ async fn open_starts_fetching_a_small_file_whole() {
     fs.release(hb);
     let again = fs.open(small.ino, false).await.unwrap();
     assert!(
-        engine.blocks_of(small.ino).is_empty(),
+        engine.blocks_of(&object_of(&fs, small.ino)).is_empty(),
         "read through once: the page cache has it"
     );
     assert_eq!(c.requests.load(Ordering::Relaxed), 1);
@@ -326,8 +342,10 @@ async fn files_opened_in_listing_order_are_fetched_ahead() {
         fs.releasedir(dh);
         inos
     }
-    let loading = |e: &ReadEngine, inos: &[u64]| -> Vec<bool> {
-        inos.iter().map(|i| !e.blocks_of(*i).is_empty()).collect()
+    let loading = |fs: &Arc<Fs>, e: &ReadEngine, inos: &[u64]| -> Vec<bool> {
+        inos.iter()
+            .map(|i| !e.blocks_of(&object_of(fs, *i)).is_empty())
+            .collect()
     };
 
     // In listing order: from the fourth open, the next four files.
@@ -342,7 +360,7 @@ async fn files_opened_in_listing_order_are_fetched_ahead() {
         fs.release(fh);
     }
     assert_eq!(
-        loading(&engine, &inos[4..10]),
+        loading(&fs, &engine, &inos[4..10]),
         [true, true, true, true, false, false]
     );
     assert_eq!(engine.stats.prefetch_started.load(Ordering::Relaxed), 4);
@@ -353,7 +371,7 @@ async fn files_opened_in_listing_order_are_fetched_ahead() {
     );
     assert_eq!(engine.stats.prefetch_used.load(Ordering::Relaxed), 1);
     assert_eq!(
-        loading(&engine, &inos[8..10]),
+        loading(&fs, &engine, &inos[8..10]),
         [true, false],
         "topped up by one"
     );

@@ -1,8 +1,11 @@
 //! The per-inode readahead cache: the only way the filesystem reads data.
 //!
-//! Each inode has blocks keyed by their block-aligned offset and tagged with the
-//! object generation they hold, shared by every handle of the inode, plus its
-//! read cursors ([`super::prefetch`]). A read is planned by the prefetcher:
+//! It is keyed by object version (name and generation): a file inode stands
+//! for exactly one version (the filesystem gives a new generation a new
+//! inode), so this is the inode's cache, and the engine needs no notion of
+//! inodes. Each version has blocks keyed by their block-aligned offset,
+//! shared by every handle that reads it, plus its read cursors
+//! ([`super::prefetch`]). A read is planned by the prefetcher:
 //! - *Direct* (a random read): exactly the requested span is fetched into a
 //!   buffer of its own and returned; nothing else is fetched.
 //! - *Blocks* (a sequential reader): the blocks covering the read, and the window
@@ -14,7 +17,7 @@
 //!
 //! Memory: blocks come from the pool only while the global budget allows. When it
 //! does not, the least recently used complete block nobody is reading (from any
-//! inode) is evicted; a reader's window is capped to its fair share of one
+//! object) is evicted; a reader's window is capped to its fair share of one
 //! window's worth of memory (min(budget, `--readahead-max`) / sequential
 //! readers), so one greedy reader cannot take every block and several readers
 //! together keep few blocks in flight (which then cycle through warm buffers
@@ -22,9 +25,10 @@
 //! and if even the block a read needs cannot be had, the read falls back to a
 //! direct fetch of just its span (always one unit of progress).
 //!
-//! Generations: blocks of another generation are never used; a read of a newer
-//! generation drops the inode's blocks and cursors, a read of an older one (a
-//! handle opened before the change) is served directly. For appendable objects,
+//! Generations: each has its own blocks, so a handle opened before a change
+//! keeps reading the version it pinned (from its blocks, or ESTALE once the
+//! service no longer serves it); the filesystem drops a version's blocks
+//! when the kernel forgets its inode ([`ReadEngine::forget`]). For appendable objects,
 //! a read at or past the known size refreshes the size (stat) before it reports
 //! end of file, and a short last block is fetched again once the object grew.
 
@@ -152,8 +156,7 @@ pub struct ReadStats {
 }
 
 #[derive(Default)]
-struct Inode {
-    generation: i64,
+struct Cached {
     blocks: BTreeMap<u64, Arc<Slot>>,
     cursors: Cursors,
     /// Read to the end through the page cache and closed: the kernel holds
@@ -176,7 +179,7 @@ pub struct ReadEngine {
     client: Arc<dyn ObjectClient>,
     pool: Pool,
     cfg: PrefetchConfig,
-    inodes: Mutex<HashMap<u64, Inode>>,
+    objects: Mutex<HashMap<ObjectId, Cached>>,
     /// When the active sequential readers were last counted, and how many.
     readers: Mutex<(std::time::Instant, usize)>,
     clock: AtomicU64,
@@ -196,7 +199,7 @@ impl ReadEngine {
             client,
             pool,
             cfg,
-            inodes: Mutex::new(HashMap::new()),
+            objects: Mutex::new(HashMap::new()),
             readers: Mutex::new((
                 std::time::Instant::now()
                     .checked_sub(std::time::Duration::from_secs(1))
@@ -220,9 +223,9 @@ impl ReadEngine {
     /// Prefetch windows of the sequential readers active lately: (readers,
     /// largest window, all windows together), in bytes.
     pub fn windows(&self) -> (usize, u64, u64) {
-        let inodes = lock(&self.inodes);
+        let objects = lock(&self.objects);
         let mut out = (0, 0, 0);
-        for i in inodes.values() {
+        for i in objects.values() {
             for c in &i.cursors.list {
                 if c.sequential && c.last_used.elapsed() <= ACTIVE_CURSOR {
                     let w = c.window * self.cfg.block_size;
@@ -234,11 +237,11 @@ impl ReadEngine {
     }
 
     /// Sequential readers active lately, recounted at most every 100 ms (it
-    /// walks every inode).
-    fn active_readers(&self, inodes: &HashMap<u64, Inode>) -> usize {
+    /// walks every object).
+    fn active_readers(&self, objects: &HashMap<ObjectId, Cached>) -> usize {
         let mut cached = lock(&self.readers);
         if cached.0.elapsed() >= std::time::Duration::from_millis(100) {
-            let n = inodes
+            let n = objects
                 .values()
                 .map(|i| i.cursors.sequential(ACTIVE_CURSOR))
                 .sum();
@@ -251,11 +254,11 @@ impl ReadEngine {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Drops an inode's blocks and cursors (forget, or the object is gone);
+    /// Drops an object version's blocks and cursors (forget, or the object is gone);
     /// their buffers go back to the memory pool warm (the pool's maintainer,
     /// not this call, gives idle memory back to the OS).
-    pub fn forget(&self, ino: u64) {
-        let gone = lock(&self.inodes).remove(&ino);
+    pub fn forget(&self, object: &ObjectId) {
+        let gone = lock(&self.objects).remove(object);
         drop(gone);
     }
 
@@ -264,32 +267,23 @@ impl ReadEngine {
     /// the first read finds it on the way. Larger files wait for their reads
     /// (a random reader must not pay for a block it never reads). Needs the
     /// tokio runtime (the load is a task).
-    pub fn start_small(&self, ino: u64, object: &ObjectId, size: u64, finalized: bool) {
+    pub fn start_small(&self, object: &ObjectId, size: u64, finalized: bool) {
         if size == 0 || size > self.cfg.block_size {
             return;
         }
         {
-            let mut inodes = lock(&self.inodes);
-            let inode = inodes.entry(ino).or_default();
-            if object.generation < inode.generation
-                || (object.generation == inode.generation
-                    && (inode.read_through || inode.blocks.contains_key(&0)))
-            {
-                // Older, read through already, or loading (e.g. fetched ahead).
+            let mut objects = lock(&self.objects);
+            let entry = objects.entry(object.clone()).or_default();
+            if entry.read_through || entry.blocks.contains_key(&0) {
+                // Read through already, or loading (e.g. fetched ahead).
                 return;
-            }
-            if object.generation > inode.generation {
-                inode.generation = object.generation;
-                inode.blocks.clear();
-                inode.cursors.clear();
-                inode.read_through = false;
             }
         }
         let load = Load {
             ahead: false,
             file: finalized && self.whole_files(),
         };
-        if self.slot_for(ino, object, size, 0, load).is_some() {
+        if self.slot_for(object, size, 0, load).is_some() {
             self.stats.opens_prefetched.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -313,7 +307,6 @@ impl ReadEngine {
     /// caller holds it.
     pub async fn whole_file(
         &self,
-        ino: u64,
         object: &ObjectId,
         size: u64,
         finalized: bool,
@@ -321,14 +314,11 @@ impl ReadEngine {
         if !finalized || !self.whole_files() || size == 0 || size > self.cfg.block_size {
             return None;
         }
-        self.start_small(ino, object, size, finalized);
+        self.start_small(object, size, finalized);
         let slot = {
-            let inodes = lock(&self.inodes);
-            let inode = inodes.get(&ino)?;
-            if inode.generation != object.generation {
-                return None;
-            }
-            inode.blocks.get(&0)?.clone()
+            let objects = lock(&self.objects);
+            let entry = objects.get(object)?;
+            entry.blocks.get(&0)?.clone()
         };
         slot.block.memfile()?;
         if slot.speculative.swap(false, Ordering::Relaxed) {
@@ -344,18 +334,14 @@ impl ReadEngine {
     /// reader, if the memory budget has room for it without evicting
     /// anything. False when it had no room (the caller stops there); a file
     /// larger than one block, or already loading or read, is skipped.
-    pub fn prefetch_file(&self, ino: u64, object: &ObjectId, size: u64, finalized: bool) -> bool {
+    pub fn prefetch_file(&self, object: &ObjectId, size: u64, finalized: bool) -> bool {
         if size == 0 || size > self.cfg.block_size {
             return true;
         }
         {
-            let mut inodes = lock(&self.inodes);
-            let inode = inodes.entry(ino).or_default();
-            if object.generation != inode.generation && inode.generation != 0 {
-                return true;
-            }
-            inode.generation = object.generation;
-            if inode.read_through || inode.blocks.contains_key(&0) {
+            let mut objects = lock(&self.objects);
+            let entry = objects.entry(object.clone()).or_default();
+            if entry.read_through || entry.blocks.contains_key(&0) {
                 return true;
             }
         }
@@ -363,7 +349,7 @@ impl ReadEngine {
             ahead: true,
             file: finalized && self.whole_files(),
         };
-        match self.slot_for(ino, object, size, 0, load) {
+        match self.slot_for(object, size, 0, load) {
             Some(_) => {
                 self.stats.prefetch_started.fetch_add(1, Ordering::Relaxed);
                 true
@@ -372,10 +358,10 @@ impl ReadEngine {
         }
     }
 
-    /// Blocks cached (or loading) for an inode, as (offset, filled) pairs.
-    pub fn blocks_of(&self, ino: u64) -> Vec<(u64, usize)> {
-        lock(&self.inodes)
-            .get(&ino)
+    /// Blocks cached (or loading) for an object version, as (offset, filled) pairs.
+    pub fn blocks_of(&self, object: &ObjectId) -> Vec<(u64, usize)> {
+        lock(&self.objects)
+            .get(object)
             .map(|i| {
                 i.blocks
                     .values()
@@ -413,7 +399,6 @@ impl ReadEngine {
     /// fewer bytes only at the end of the object.
     pub async fn read(
         &self,
-        ino: u64,
         object: &ObjectId,
         mut size: u64,
         finalized: bool,
@@ -429,60 +414,49 @@ impl ReadEngine {
         }
         let len = len.min(size - off);
         let plan = {
-            let mut inodes = lock(&self.inodes);
-            let sequential_total = self.active_readers(&inodes);
-            let inode = inodes.entry(ino).or_default();
-            if object.generation > inode.generation {
-                inode.generation = object.generation;
-                inode.blocks.clear();
-                inode.cursors.clear();
-                inode.read_through = false;
-            }
-            if object.generation < inode.generation {
-                None
-            } else {
-                let cap = window_cap(
-                    self.pool.budget().available(),
-                    self.cfg.readahead_max,
-                    self.cfg.block_size,
-                    sequential_total,
-                );
-                let bs = self.cfg.block_size.max(1);
-                let last = (off + len - 1) / bs * bs;
-                // Blocks the client paces (see `ObjectClient::paces_above`)
-                // move no sooner for a longer window: it keeps two per stream
-                // (one arriving, one sent as the first ends) and grows only
-                // for blocks the client sends at once.
-                let ahead = Ahead {
-                    starved: bs <= self.client.paces_above()
-                        && inode
-                            .blocks
-                            .get(&last)
-                            .is_none_or(|s| s.block.filled() == 0 && !s.block.is_done()),
-                    floor: 2 * self.client.parallelism(size) as u64,
-                };
-                let (plan, dropped) = inode.cursors.plan(&self.cfg, off, len, size, cap, ahead);
-                for c in dropped {
-                    // Cancel that cursor's prefetch that nobody reads.
-                    let lo = c.end / self.cfg.block_size * self.cfg.block_size;
-                    let doomed: Vec<u64> = inode
+            let mut objects = lock(&self.objects);
+            let sequential_total = self.active_readers(&objects);
+            let entry = objects.entry(object.clone()).or_default();
+            let cap = window_cap(
+                self.pool.budget().available(),
+                self.cfg.readahead_max,
+                self.cfg.block_size,
+                sequential_total,
+            );
+            let bs = self.cfg.block_size.max(1);
+            let last = (off + len - 1) / bs * bs;
+            // Blocks the client paces (see `ObjectClient::paces_above`)
+            // move no sooner for a longer window: it keeps two per stream
+            // (one arriving, one sent as the first ends) and grows only
+            // for blocks the client sends at once.
+            let ahead = Ahead {
+                starved: bs <= self.client.paces_above()
+                    && entry
                         .blocks
-                        .range(lo..c.frontier.max(lo))
-                        .filter(|(_, s)| Arc::strong_count(s) == 1)
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for k in doomed {
-                        inode.blocks.remove(&k);
-                    }
+                        .get(&last)
+                        .is_none_or(|s| s.block.filled() == 0 && !s.block.is_done()),
+                floor: 2 * self.client.parallelism(size) as u64,
+            };
+            let (plan, dropped) = entry.cursors.plan(&self.cfg, off, len, size, cap, ahead);
+            for c in dropped {
+                // Cancel that cursor's prefetch that nobody reads.
+                let lo = c.end / self.cfg.block_size * self.cfg.block_size;
+                let doomed: Vec<u64> = entry
+                    .blocks
+                    .range(lo..c.frontier.max(lo))
+                    .filter(|(_, s)| Arc::strong_count(s) == 1)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in doomed {
+                    entry.blocks.remove(&k);
                 }
-                Some(plan)
             }
+            plan
         };
         let result = match plan {
-            None | Some(Plan::Direct) => self.direct(object, size, off, len).await,
-            Some(Plan::Blocks { ahead_to }) => {
-                self.through_blocks(ino, object, size, off, len, ahead_to)
-                    .await
+            Plan::Direct => self.direct(object, size, off, len).await,
+            Plan::Blocks { ahead_to } => {
+                self.through_blocks(object, size, off, len, ahead_to).await
             }
         };
         if let Ok(d) = &result {
@@ -564,10 +538,10 @@ impl ReadEngine {
     /// each (files fetched ahead by prefetch across files and not read yet
     /// go before all of them); false if there is none.
     fn evict_one(&self) -> bool {
-        let mut inodes = lock(&self.inodes);
-        let mut best: Option<(u8, u64, u64, u64)> = None;
-        for (ino, inode) in inodes.iter() {
-            for (off, s) in &inode.blocks {
+        let mut objects = lock(&self.objects);
+        let mut best: Option<(u8, u64, &ObjectId, u64)> = None;
+        for (key_of, entry) in objects.iter() {
+            for (off, s) in &entry.blocks {
                 if Arc::strong_count(s) == 1 && s.block.is_done() {
                     // Files fetched ahead and never read go first, then
                     // blocks read past, then the rest.
@@ -580,48 +554,39 @@ impl ReadEngine {
                     };
                     let key = (rank, s.last_used.load(Ordering::Relaxed));
                     if best.is_none_or(|(c, t, _, _)| key < (c, t)) {
-                        best = Some((key.0, key.1, *ino, *off));
+                        best = Some((key.0, key.1, key_of, *off));
                     }
                 }
             }
         }
-        let Some((_, _, ino, off)) = best else {
+        let Some((_, _, object, off)) = best else {
             return false;
         };
-        if let Some(inode) = inodes.get_mut(&ino) {
-            inode.blocks.remove(&off);
+        let object = object.clone();
+        if let Some(entry) = objects.get_mut(&object) {
+            entry.blocks.remove(&off);
         }
-        drop(inodes);
+        drop(objects);
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         true
     }
 
     /// The slot for the block at `boff`, starting its load if needed. None when
     /// no memory can be had for it.
-    fn slot(&self, ino: u64, object: &ObjectId, size: u64, boff: u64) -> Option<Arc<Slot>> {
-        self.slot_for(ino, object, size, boff, Load::default())
+    fn slot(&self, object: &ObjectId, size: u64, boff: u64) -> Option<Arc<Slot>> {
+        self.slot_for(object, size, boff, Load::default())
     }
 
     /// [`Self::slot`], loaded as `load` says.
-    fn slot_for(
-        &self,
-        ino: u64,
-        object: &ObjectId,
-        size: u64,
-        boff: u64,
-        load: Load,
-    ) -> Option<Arc<Slot>> {
+    fn slot_for(&self, object: &ObjectId, size: u64, boff: u64, load: Load) -> Option<Arc<Slot>> {
         let Load { ahead, file } = load;
         let want = self.cfg.block_size.min(size - boff);
         // Only a whole object goes into a memory file.
         let file = file && boff == 0 && want == size;
         {
-            let mut inodes = lock(&self.inodes);
-            let inode = inodes.get_mut(&ino)?;
-            if inode.generation != object.generation {
-                return None;
-            }
-            if let Some(s) = inode.blocks.get(&boff) {
+            let mut objects = lock(&self.objects);
+            let entry = objects.get_mut(object)?;
+            if let Some(s) = entry.blocks.get(&boff) {
                 let failed = matches!(s.loaded(), Some(Err(_)));
                 if !failed && s.want >= want {
                     s.last_used.store(self.tick(), Ordering::Relaxed);
@@ -632,7 +597,7 @@ impl ReadEngine {
                     return Some(s.clone());
                 }
                 // A failed load, or the object grew past a short block: again.
-                inode.blocks.remove(&boff);
+                entry.blocks.remove(&boff);
             }
         }
         let block = match (ahead, file) {
@@ -653,16 +618,13 @@ impl ReadEngine {
             task: Mutex::new(None),
         });
         {
-            let mut inodes = lock(&self.inodes);
-            let inode = inodes.get_mut(&ino)?;
-            if inode.generation != object.generation {
-                return None;
-            }
-            if let Some(existing) = inode.blocks.get(&boff) {
+            let mut objects = lock(&self.objects);
+            let entry = objects.get_mut(object)?;
+            if let Some(existing) = entry.blocks.get(&boff) {
                 // Another reader got there first.
                 return Some(existing.clone());
             }
-            inode.blocks.insert(boff, slot.clone());
+            entry.blocks.insert(boff, slot.clone());
         }
         self.stats.block_misses.fetch_add(1, Ordering::Relaxed);
         let (client, object, stats, weak) = (
@@ -688,42 +650,42 @@ impl ReadEngine {
         Some(slot)
     }
 
-    /// The last handle of an inode was closed. Through the page cache
+    /// The last handle of an object version was closed. Through the page cache
     /// ([`PrefetchConfig::release_consumed`]) the kernel keeps what was read,
     /// so the blocks read to their end go back to the memory pool now, warm
     /// for the next file (a dataset read file by file then cycles through the
     /// same few warm buffers instead of faulting in fresh memory per file).
     /// Blocks prefetched but not read stay cached.
-    pub fn closed(&self, ino: u64) {
-        if self.cfg.release_consumed && self.drop_consumed(ino, 0) > 0 {
-            if let Some(inode) = lock(&self.inodes).get_mut(&ino) {
-                inode.read_through = true;
+    pub fn closed(&self, object: &ObjectId) {
+        if self.cfg.release_consumed && self.drop_consumed(object, 0) > 0 {
+            if let Some(entry) = lock(&self.objects).get_mut(object) {
+                entry.read_through = true;
             }
         }
     }
 
-    /// Drops the inode's consumed, complete, idle blocks beyond the few most
+    /// Drops the version's consumed, complete, idle blocks beyond the few most
     /// recently used (two per cursor), so their memory goes back to the pool's
     /// free list warm. Only with [`PrefetchConfig::release_consumed`].
-    fn release_consumed(&self, ino: u64) {
+    fn release_consumed(&self, object: &ObjectId) {
         let keep = {
-            let inodes = lock(&self.inodes);
-            let Some(inode) = inodes.get(&ino) else {
+            let objects = lock(&self.objects);
+            let Some(entry) = objects.get(object) else {
                 return;
             };
-            2 * inode.cursors.list.len().max(1)
+            2 * entry.cursors.list.len().max(1)
         };
-        self.drop_consumed(ino, keep);
+        self.drop_consumed(object, keep);
     }
 
-    /// Drops the inode's consumed, complete blocks nobody holds, but for the
+    /// Drops the version's consumed, complete blocks nobody holds, but for the
     /// `keep` most recently used; returns how many went.
-    fn drop_consumed(&self, ino: u64, keep: usize) -> usize {
-        let mut inodes = lock(&self.inodes);
-        let Some(inode) = inodes.get_mut(&ino) else {
+    fn drop_consumed(&self, object: &ObjectId, keep: usize) -> usize {
+        let mut objects = lock(&self.objects);
+        let Some(entry) = objects.get_mut(object) else {
             return 0;
         };
-        let mut done: Vec<(u64, u64)> = inode
+        let mut done: Vec<(u64, u64)> = entry
             .blocks
             .iter()
             .filter(|(_, s)| {
@@ -738,9 +700,9 @@ impl ReadEngine {
         let n = done.len() - keep;
         let gone: Vec<Arc<Slot>> = done[..n]
             .iter()
-            .filter_map(|(_, k)| inode.blocks.remove(k))
+            .filter_map(|(_, k)| entry.blocks.remove(k))
             .collect();
-        drop(inodes);
+        drop(objects);
         self.stats
             .released
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
@@ -749,7 +711,6 @@ impl ReadEngine {
 
     async fn through_blocks(
         &self,
-        ino: u64,
         object: &ObjectId,
         size: u64,
         off: u64,
@@ -763,7 +724,7 @@ impl ReadEngine {
         let mut needed = Vec::new();
         let mut b = first;
         while b < end {
-            match self.slot(ino, object, size, b) {
+            match self.slot(object, size, b) {
                 Some(s) => needed.push(s),
                 None => {
                     // No memory for a block: one unit of progress, fetched directly.
@@ -777,15 +738,15 @@ impl ReadEngine {
         // Then the window ahead (the blocks not cached yet), as far as memory
         // allows.
         let missing: Vec<u64> = {
-            let inodes = lock(&self.inodes);
-            let have = inodes.get(&ino).map(|i| &i.blocks);
+            let objects = lock(&self.objects);
+            let have = objects.get(object).map(|i| &i.blocks);
             (b..ahead_to.min(size))
                 .step_by(bs as usize)
                 .filter(|p| have.is_none_or(|m| !m.contains_key(p)))
                 .collect()
         };
         for p in missing {
-            if self.slot(ino, object, size, p).is_none() {
+            if self.slot(object, size, p).is_none() {
                 break;
             }
         }
@@ -798,7 +759,7 @@ impl ReadEngine {
                 && !s.consumed.swap(true, Ordering::Relaxed)
                 && self.cfg.release_consumed
             {
-                self.release_consumed(ino);
+                self.release_consumed(object);
             }
             if filled < hi {
                 return Err(match s.loaded() {
