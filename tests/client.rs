@@ -239,6 +239,29 @@ async fn survives_all_faults_together() {
     );
 }
 
+/// Hands every (offset, length) read to `s` at once, from tasks of their
+/// own, and checks each returns exactly `data`'s bytes there.
+async fn read_at_once(s: &Arc<MrdStream>, data: &[u8], reads: impl Iterator<Item = (u64, u64)>) {
+    let tasks: Vec<_> = reads
+        .map(|(off, len)| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let sink = VecSink::new(len as usize);
+                let n = s.read(off, len, sink.clone()).await;
+                (off, len, n, sink.take())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (off, len, n, got) = t.await.expect("join");
+        assert_eq!(n.expect("read"), len);
+        assert!(
+            got == data[off as usize..(off + len) as usize],
+            "bytes at {off}+{len}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_ranges_on_one_stream() {
     let tree = Tree::new();
@@ -251,22 +274,13 @@ async fn two_hundred_ranges_on_one_stream() {
             .await
             .expect("open"),
     );
-    let mut tasks = Vec::new();
-    for i in 0..200u64 {
-        let s = s.clone();
-        let off = (i * 40_503) % (8 * MIB as u64 - 70_000);
-        let len = 1 + (i * 337) % 70_000;
-        tasks.push(tokio::spawn(async move {
-            let sink = VecSink::new(len as usize);
-            let n = s.read(off, len, sink.clone()).await;
-            (off, len, n, sink.take())
-        }));
-    }
-    for t in tasks {
-        let (off, len, n, got) = t.await.expect("join");
-        assert_eq!(n.expect("read"), len);
-        assert_eq!(got, &data[off as usize..(off + len) as usize]);
-    }
+    let reads = (0..200u64).map(|i| {
+        (
+            (i * 40_503) % (8 * MIB as u64 - 70_000),
+            1 + (i * 337) % 70_000,
+        )
+    });
+    read_at_once(&s, &data, reads).await;
     assert_eq!(get(&stats.streams_opened), 1, "all on one stream");
     assert_eq!(s.load(), 0);
 }
@@ -287,27 +301,11 @@ async fn a_stream_sends_a_large_range_as_the_last_one_nears_its_end() {
             .await
             .expect("open"),
     );
-    let mut tasks = Vec::new();
     // Four 8 MiB blocks and, behind them, eight small reads.
     let reads = (0..4u64)
         .map(|i| (i * 8 * MIB as u64, 8 * MIB as u64))
         .chain((0..8u64).map(|i| (i * 3 * MIB as u64 + 100, 4096)));
-    for (off, len) in reads {
-        let s = s.clone();
-        tasks.push(tokio::spawn(async move {
-            let sink = VecSink::new(len as usize);
-            let n = s.read(off, len, sink.clone()).await;
-            (off, len, n, sink.take())
-        }));
-    }
-    for t in tasks {
-        let (off, len, n, got) = t.await.expect("join");
-        assert_eq!(n.expect("read"), len);
-        assert!(
-            got == data[off as usize..(off + len) as usize],
-            "bytes at {off}"
-        );
-    }
+    read_at_once(&s, &data, reads).await;
     let owed = emu.emu.counters.most_bytes_owed.load(Ordering::Relaxed);
     assert!(
         owed <= 8 * MIB as u64 + SEND_AHEAD + 8 * 4096,

@@ -117,22 +117,16 @@ fn percent_decode(s: &str) -> String {
 /// The routing parameters of a call; also counts calls that carry a bearer
 /// token (the token itself is never looked at further, nor logged).
 pub fn call_params(emu: &Emulator, md: &tonic::metadata::MetadataMap) -> HashMap<String, String> {
-    if md
-        .get("authorization")
-        .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "))
-    {
-        emu.counters
-            .authorized_calls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    if md
-        .get("user-agent")
-        .is_some_and(|v| v.as_bytes().starts_with(b"zonalfs/"))
-    {
-        emu.counters
-            .zonalfs_agent_calls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    let count = |header: &str, prefix: &[u8], counter: &std::sync::atomic::AtomicU64| {
+        if md
+            .get(header)
+            .is_some_and(|v| v.as_bytes().starts_with(prefix))
+        {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    count("authorization", b"Bearer ", &emu.counters.authorized_calls);
+    count("user-agent", b"zonalfs/", &emu.counters.zonalfs_agent_calls);
     request_params(md)
 }
 
