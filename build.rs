@@ -1,5 +1,5 @@
-//! Compiles the `google.storage.v2`, `google.storage.control.v2` and `google.rpc`
-//! subsets in `proto/` with protox (a pure-Rust protobuf compiler), so no `protoc`
+//! Compiles the `google.storage.v2`, `google.storage.control.v2`, `google.longrunning` and
+//! `google.rpc` subsets in `proto/` with protox (a pure-Rust protobuf compiler), so no `protoc`
 //! binary is needed on the build machine. `bytes` fields become `bytes::Bytes`.
 //!
 //! The compiled descriptors are also written to `$OUT_DIR/zonalfs_descriptors.bin`
@@ -11,6 +11,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/google/rpc/status.proto",
+        "proto/google/longrunning/operations.proto",
         "proto/google/storage/v2/storage.proto",
         "proto/google/storage/control/v2/storage_control.proto",
     ];

@@ -432,6 +432,20 @@ impl Storage for Adversarial {
         self.inner.bidi_write_object(r).await
     }
 
+    async fn delete_object(
+        &self,
+        r: Request<pb::DeleteObjectRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.inner.delete_object(r).await
+    }
+
+    async fn move_object(
+        &self,
+        r: Request<pb::MoveObjectRequest>,
+    ) -> Result<Response<pb::Object>, Status> {
+        self.inner.move_object(r).await
+    }
+
     async fn list_objects(
         &self,
         r: Request<pb::ListObjectsRequest>,

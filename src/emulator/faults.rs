@@ -77,6 +77,14 @@ pub struct Counters {
     /// The most bytes one stream owed at once: requested and not sent yet
     /// (not in the report).
     pub most_bytes_owed: AtomicU64,
+    /// BidiWriteObject streams opened.
+    pub write_streams: AtomicU64,
+    /// Write streams that took over an existing appendable object.
+    pub write_takeovers: AtomicU64,
+    /// Write requests with `flush`.
+    pub write_flushes: AtomicU64,
+    /// Bytes persisted by write streams.
+    pub bytes_written: AtomicU64,
 }
 
 impl Counters {
@@ -90,7 +98,8 @@ impl Counters {
             concat!(
                 "{{\"streams_opened\":{},\"ranges_served\":{},\"bytes_served\":{},",
                 "\"faults\":{{\"fail_open\":{},\"break\":{},\"redirect\":{},",
-                "\"corrupt\":{},\"stall\":{}}},\"authorized_calls\":{}}}"
+                "\"corrupt\":{},\"stall\":{}}},\"authorized_calls\":{},",
+                "\"write_streams\":{},\"write_takeovers\":{},\"bytes_written\":{}}}"
             ),
             Self::get(&self.streams_opened),
             Self::get(&self.ranges_served),
@@ -101,6 +110,9 @@ impl Counters {
             Self::get(&self.fault_corrupt),
             Self::get(&self.fault_stall),
             Self::get(&self.authorized_calls),
+            Self::get(&self.write_streams),
+            Self::get(&self.write_takeovers),
+            Self::get(&self.bytes_written),
         )
     }
 }

@@ -3,7 +3,8 @@
 //! directory tree, so that zonalfs is tested and benchmarked without GCS.
 //!
 //! Data flow: a request arrives through tonic at [`service`] (unary calls and
-//! `ReadObject`) or [`bidi`] (`BidiReadObject` streams). Both resolve names through
+//! `ReadObject`), [`bidi`] (`BidiReadObject` streams) or [`write`]
+//! (`BidiWriteObject` streams). Both resolve names through
 //! [`store`] (buckets are subdirectories of the root, objects the files below
 //! them), read bytes with `pread` into one fresh buffer per chunk (the `Bytes` that
 //! is sent), CRC32C each chunk, and consult [`faults`] for shaping and injected
@@ -18,6 +19,7 @@ pub mod send;
 pub mod service;
 pub mod store;
 pub mod wire;
+pub mod write;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -43,6 +45,10 @@ pub enum EmuError {
     OutOfRange(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -63,6 +69,8 @@ impl EmuError {
             EmuError::NotFound(_) => Code::NotFound,
             EmuError::OutOfRange(_) => Code::OutOfRange,
             EmuError::Unavailable(_) => Code::Unavailable,
+            EmuError::FailedPrecondition(_) => Code::FailedPrecondition,
+            EmuError::AlreadyExists(_) => Code::AlreadyExists,
             EmuError::Io(_) | EmuError::Listen { .. } | EmuError::Serve(_) => Code::Internal,
         };
         tonic::Status::new(code, self.to_string())
@@ -108,6 +116,11 @@ pub struct Emulator {
     pub location: String,
     pub location_type: String,
     pub require_token: Option<String>,
+    /// Who writes each object now (takeovers).
+    pub writers: write::Writers,
+    /// Finished long-running operations (folder renames), by name.
+    pub operations:
+        std::sync::Mutex<std::collections::HashMap<String, crate::proto::longrunning::Operation>>,
 }
 
 impl Emulator {
@@ -120,6 +133,8 @@ impl Emulator {
             location: config.location,
             location_type: config.location_type,
             require_token: config.require_token,
+            writers: write::Writers::default(),
+            operations: Default::default(),
         }))
     }
 }
@@ -202,7 +217,15 @@ pub async fn serve(
         check: check.clone(),
     };
     let control_svc = tonic::service::interceptor::InterceptedService::new(
-        control::storage_control_server::StorageControlServer::new(service::ControlService { emu }),
+        control::storage_control_server::StorageControlServer::new(service::ControlService {
+            emu: emu.clone(),
+        }),
+        check.clone(),
+    );
+    let operations_svc = tonic::service::interceptor::InterceptedService::new(
+        crate::proto::longrunning::operations_server::OperationsServer::new(
+            service::OperationsService { emu },
+        ),
         check,
     );
     tonic::transport::Server::builder()
@@ -213,6 +236,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(storage_svc)
         .add_service(control_svc)
+        .add_service(operations_svc)
         .serve_with_incoming_shutdown(no_delay(listener), shutdown)
         .await
         .map_err(|e| EmuError::Serve(e.to_string()))

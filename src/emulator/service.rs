@@ -1,6 +1,9 @@
 //! The emulator's gRPC services: `google.storage.v2.Storage` (GetBucket, GetObject,
-//! ListObjects, ReadObject; BidiReadObject is handed to [`super::bidi`]) and
-//! `google.storage.control.v2.StorageControl` (GetStorageLayout).
+//! ListObjects, ReadObject, DeleteObject, MoveObject; BidiReadObject is handed to
+//! [`super::bidi`], BidiWriteObject to [`super::write`]),
+//! `google.storage.control.v2.StorageControl` (GetStorageLayout and the folder
+//! calls) and `google.longrunning.Operations` (GetOperation, for the folder
+//! renames, which are done when they return).
 //!
 //! Each call parses and validates its request, checks the `x-goog-request-params`
 //! routing header against the bucket it names, asks the [`super::store`] and turns
@@ -12,10 +15,10 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::store::{self, ListCursor, ListQuery, ObjectMeta};
+use super::store::{self, ListCursor, ListQuery, ObjectMeta, Preconditions};
 use super::wire::{call_params, check_routing, object_proto, timestamp};
-use super::{bidi, EmuError, Emulator};
-use crate::proto::{control, storage};
+use super::{bidi, write, EmuError, Emulator};
+use crate::proto::{control, longrunning, storage};
 
 /// Largest page ListObjects returns (and its default), as GCS.
 pub const MAX_PAGE: usize = 1000;
@@ -28,6 +31,52 @@ pub struct StorageService {
 /// `storage.control.v2.StorageControl` over the emulator.
 pub struct ControlService {
     pub emu: Arc<Emulator>,
+}
+
+/// `google.longrunning.Operations` over the emulator: the operations that
+/// folder renames return (they finish before they are returned).
+pub struct OperationsService {
+    pub emu: Arc<Emulator>,
+}
+
+/// Runs a blocking store call off the reactor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EmuError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::from)
+}
+
+/// Parses `projects/_/buckets/B/folders/PATH` into (B, PATH with a trailing `/`).
+fn parse_folder_name(name: &str) -> Result<(String, String), EmuError> {
+    let bad = || {
+        EmuError::InvalidArgument(format!(
+            "Invalid folder name '{name}': expected projects/_/buckets/BUCKET/folders/PATH/"
+        ))
+    };
+    let rest = name.strip_prefix("projects/_/buckets/").ok_or_else(bad)?;
+    let (bucket, path) = rest.split_once("/folders/").ok_or_else(bad)?;
+    let bucket = store::parse_bucket_resource(&format!("projects/_/buckets/{bucket}"))?.to_string();
+    Ok((bucket, store::folder_path(path)?))
+}
+
+fn folder_proto(f: &store::FolderMeta) -> control::Folder {
+    control::Folder {
+        name: format!("projects/_/buckets/{}/folders/{}", f.bucket, f.path),
+        metageneration: 1,
+        create_time: Some(timestamp(f.ctime)),
+        update_time: Some(timestamp(f.mtime)),
+        pending_rename_info: None,
+    }
+}
+
+fn any<M: prost::Message>(type_name: &str, m: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: m.encode_to_vec(),
+    }
 }
 
 fn encode_cursor(c: &ListCursor) -> String {
@@ -181,15 +230,71 @@ impl storage::storage_server::Storage for StorageService {
         Ok(Response::new(stream))
     }
 
-    type BidiWriteObjectStream = ReceiverStream<Result<storage::BidiWriteObjectResponse, Status>>;
+    type BidiWriteObjectStream = write::ResponseStream;
 
     async fn bidi_write_object(
         &self,
-        _request: Request<Streaming<storage::BidiWriteObjectRequest>>,
+        request: Request<Streaming<storage::BidiWriteObjectRequest>>,
     ) -> Result<Response<Self::BidiWriteObjectStream>, Status> {
-        Err(Status::unimplemented(
-            "BidiWriteObject is not implemented by the emulator yet",
-        ))
+        let params = call_params(&self.emu, request.metadata());
+        let stream = write::open(self.emu.clone(), params, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn delete_object(
+        &self,
+        request: Request<storage::DeleteObjectRequest>,
+    ) -> Result<Response<()>, Status> {
+        let params = call_params(&self.emu, request.metadata());
+        let req = request.into_inner();
+        check_routing(&params, &req.bucket)?;
+        let bucket = store::parse_bucket_resource(&req.bucket)?.to_string();
+        store::check_object_name(&req.object)?;
+        let pre = Preconditions {
+            if_generation_match: req.if_generation_match,
+            if_generation_not_match: req.if_generation_not_match,
+            if_metageneration_match: req.if_metageneration_match,
+            if_metageneration_not_match: req.if_metageneration_not_match,
+        };
+        let emu = self.emu.clone();
+        blocking(move || emu.store.delete(&bucket, &req.object, req.generation, &pre)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn move_object(
+        &self,
+        request: Request<storage::MoveObjectRequest>,
+    ) -> Result<Response<storage::Object>, Status> {
+        let params = call_params(&self.emu, request.metadata());
+        let req = request.into_inner();
+        check_routing(&params, &req.bucket)?;
+        let bucket = store::parse_bucket_resource(&req.bucket)?.to_string();
+        store::check_object_name(&req.source_object)?;
+        store::check_object_name(&req.destination_object)?;
+        let source_pre = Preconditions {
+            if_generation_match: req.if_source_generation_match,
+            if_generation_not_match: req.if_source_generation_not_match,
+            if_metageneration_match: req.if_source_metageneration_match,
+            if_metageneration_not_match: req.if_source_metageneration_not_match,
+        };
+        let pre = Preconditions {
+            if_generation_match: req.if_generation_match,
+            if_generation_not_match: req.if_generation_not_match,
+            if_metageneration_match: req.if_metageneration_match,
+            if_metageneration_not_match: req.if_metageneration_not_match,
+        };
+        let emu = self.emu.clone();
+        let meta = blocking(move || {
+            emu.store.rename(
+                &bucket,
+                &req.source_object,
+                &req.destination_object,
+                &source_pre,
+                &pre,
+            )
+        })
+        .await?;
+        Ok(Response::new(object_proto(&meta)))
     }
 
     async fn list_objects(
@@ -237,6 +342,101 @@ impl control::storage_control_server::StorageControl for ControlService {
                 enabled: true,
             }),
         }))
+    }
+
+    async fn create_folder(
+        &self,
+        request: Request<control::CreateFolderRequest>,
+    ) -> Result<Response<control::Folder>, Status> {
+        let params = call_params(&self.emu, request.metadata());
+        let req = request.into_inner();
+        check_routing(&params, &req.parent)?;
+        let bucket = store::parse_bucket_resource(&req.parent)?.to_string();
+        let path = store::folder_path(&req.folder_id)?;
+        let emu = self.emu.clone();
+        let f = blocking(move || emu.store.create_folder(&bucket, &path, req.recursive)).await?;
+        Ok(Response::new(folder_proto(&f)))
+    }
+
+    async fn delete_folder(
+        &self,
+        request: Request<control::DeleteFolderRequest>,
+    ) -> Result<Response<()>, Status> {
+        call_params(&self.emu, request.metadata());
+        let (bucket, path) = parse_folder_name(&request.into_inner().name)?;
+        let emu = self.emu.clone();
+        blocking(move || emu.store.delete_folder(&bucket, &path)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_folder(
+        &self,
+        request: Request<control::GetFolderRequest>,
+    ) -> Result<Response<control::Folder>, Status> {
+        call_params(&self.emu, request.metadata());
+        let (bucket, path) = parse_folder_name(&request.into_inner().name)?;
+        let emu = self.emu.clone();
+        let f = blocking(move || emu.store.folder(&bucket, &path)).await?;
+        Ok(Response::new(folder_proto(&f)))
+    }
+
+    async fn rename_folder(
+        &self,
+        request: Request<control::RenameFolderRequest>,
+    ) -> Result<Response<longrunning::Operation>, Status> {
+        call_params(&self.emu, request.metadata());
+        let req = request.into_inner();
+        let (bucket, from) = parse_folder_name(&req.name)?;
+        let to = store::folder_path(&req.destination_folder_id)?;
+        let started = std::time::SystemTime::now();
+        let (emu, b, f, t) = (self.emu.clone(), bucket.clone(), from.clone(), to.clone());
+        let folder = blocking(move || emu.store.rename_folder(&b, &f, &t)).await?;
+        let id = self.emu.store.next_generation();
+        let name = format!("projects/_/buckets/{bucket}/operations/rename-{id}");
+        let ended = Some(timestamp(std::time::SystemTime::now()));
+        let metadata = control::RenameFolderMetadata {
+            common_metadata: Some(control::CommonLongRunningOperationMetadata {
+                create_time: Some(timestamp(started)),
+                end_time: ended,
+                update_time: ended,
+                r#type: "rename-folder".to_string(),
+                requested_cancellation: false,
+                progress_percent: 100,
+            }),
+            source_folder_id: from,
+            destination_folder_id: to,
+        };
+        let op = longrunning::Operation {
+            name: name.clone(),
+            metadata: Some(any(
+                "google.storage.control.v2.RenameFolderMetadata",
+                &metadata,
+            )),
+            done: true,
+            result: Some(longrunning::operation::Result::Response(any(
+                "google.storage.control.v2.Folder",
+                &folder_proto(&folder),
+            ))),
+        };
+        let mut ops = crate::sync::lock(&self.emu.operations);
+        if ops.len() > 10_000 {
+            ops.clear();
+        }
+        ops.insert(name, op.clone());
+        Ok(Response::new(op))
+    }
+}
+
+#[tonic::async_trait]
+impl longrunning::operations_server::Operations for OperationsService {
+    async fn get_operation(
+        &self,
+        request: Request<longrunning::GetOperationRequest>,
+    ) -> Result<Response<longrunning::Operation>, Status> {
+        let name = request.into_inner().name;
+        let op = crate::sync::lock(&self.emu.operations).get(&name).cloned();
+        op.map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("No such operation: {name}")))
     }
 }
 

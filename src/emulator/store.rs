@@ -6,17 +6,25 @@
 //! no request name can reach outside its bucket (names with empty, `.` or `..`
 //! segments are refused before any path is built).
 //!
-//! Generations: a finalized object's generation is a hash of the file's identity
-//! and content version (device, inode, mtime, size), so it is stable across emulator
-//! restarts and changes when the file is replaced or rewritten. An object is
-//! *appendable* (unfinalized) while a marker file exists at
-//! `ROOT/.appendable/BUCKET/OBJECT`; its generation then comes from the file's inode
-//! and the marker (not the file's mtime), so it stays put while writers append, and
-//! its size follows the file as it grows. Whole-object CRC32C checksums of finalized
-//! objects are computed once per generation and cached.
+//! Generations: an object written through the emulator (BidiWriteObject) has a
+//! generation record at `ROOT/.generations/BUCKET/OBJECT` ("GEN INO MTIME_NS
+//! SIZE"): its generation number, given at creation and kept when the object is
+//! finalized or moved, as the real service keeps it. The record holds while the
+//! file is the same inode (and, once finalized, the same mtime and size: a file
+//! rewritten in place by hand is a new version). Any other file's generation is a
+//! hash of its identity and content version (device, inode, mtime, size), so it
+//! is stable across emulator restarts and changes when the file is replaced or
+//! rewritten. An object is *appendable* (unfinalized) while a marker file exists
+//! at `ROOT/.appendable/BUCKET/OBJECT`; without a record its generation then
+//! comes from the file's inode and the marker (not the file's mtime), so it stays
+//! put while writers append, and its size follows the file as it grows.
+//! Whole-object CRC32C checksums of finalized objects are computed once per
+//! generation and cached.
 //!
 //! Data flow: the gRPC services resolve `(bucket, object)` here to an
 //! [`ObjectMeta`] and an open [`std::fs::File`], then read chunks with `pread`.
+//! Writes, deletes, moves and folders change the tree through [`mutate`], under
+//! one lock so that a precondition and the change it guards are one step.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
@@ -28,8 +36,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::EmuError;
 use crate::names::{valid_bucket_name, valid_object_name};
 
+mod mutate;
+pub use mutate::{folder_path, FolderMeta, Preconditions, Written};
+
 /// Name of the root-level directory that holds appendable-object markers.
 pub const APPENDABLE_DIR: &str = ".appendable";
+
+/// Name of the root-level directory that holds generation records.
+pub const GENERATIONS_DIR: &str = ".generations";
+
+/// Name of the root-level directory where new objects are staged.
+pub const STAGING_DIR: &str = ".staging";
 
 /// What the store knows of one object version.
 #[derive(Debug, Clone)]
@@ -61,6 +78,10 @@ pub struct Store {
     root: PathBuf,
     crc_cache: Mutex<HashMap<(String, String, i64), u32>>,
     dir_cache: Mutex<DirCache>,
+    /// Held by every change to the tree (see [`mutate`]).
+    changing: Mutex<()>,
+    /// The last generation number given out (see [`Store::next_generation`]).
+    last_generation: std::sync::atomic::AtomicI64,
 }
 
 /// A page of a listing, in lexicographic order of names and prefixes.
@@ -165,6 +186,36 @@ fn system_time(secs: i64, nsec: i64) -> SystemTime {
     }
 }
 
+/// A generation record: the generation given to a file when the emulator
+/// created it, with the file's identity (and, once finalized, its version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    generation: i64,
+    ino: u64,
+    mtime_ns: i64,
+    size: u64,
+}
+
+impl Record {
+    fn parse(text: &str) -> Option<Record> {
+        let mut w = text.split_ascii_whitespace();
+        let r = Record {
+            generation: w.next()?.parse().ok()?,
+            ino: w.next()?.parse().ok()?,
+            mtime_ns: w.next()?.parse().ok()?,
+            size: w.next()?.parse().ok()?,
+        };
+        w.next().is_none().then_some(r)
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "{} {} {} {}\n",
+            self.generation, self.ino, self.mtime_ns, self.size
+        )
+    }
+}
+
 impl Store {
     /// Opens a store over `root`, which must be a readable directory.
     pub fn new(root: &Path) -> Result<Store, EmuError> {
@@ -182,6 +233,8 @@ impl Store {
             root: root.to_path_buf(),
             crc_cache: Mutex::new(HashMap::new()),
             dir_cache: Mutex::new(HashMap::new()),
+            changing: Mutex::new(()),
+            last_generation: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -229,16 +282,41 @@ impl Store {
         self.root.join(APPENDABLE_DIR).join(bucket).join(name)
     }
 
+    fn record_path(&self, bucket: &str, name: &str) -> PathBuf {
+        self.root.join(GENERATIONS_DIR).join(bucket).join(name)
+    }
+
+    /// The generation record of an object written here, if it still holds for
+    /// the file `md` describes (see the module doc).
+    fn recorded_generation(
+        &self,
+        bucket: &str,
+        name: &str,
+        md: &Metadata,
+        appendable: bool,
+    ) -> Option<i64> {
+        let text = std::fs::read_to_string(self.record_path(bucket, name)).ok()?;
+        let r = Record::parse(&text)?;
+        let same_file = r.ino == md.ino();
+        let same_version = appendable || (r.mtime_ns == mtime_ns(md) && r.size == md.size());
+        (same_file && same_version).then_some(r.generation)
+    }
+
     /// Builds the metadata of an object from its file's metadata.
     fn meta_from(&self, bucket: &str, name: &str, md: &Metadata) -> ObjectMeta {
         let marker = std::fs::symlink_metadata(self.marker_path(bucket, name)).ok();
+        let recorded = self.recorded_generation(bucket, name, md, marker.is_some());
         let (generation, finalized) = match &marker {
             Some(m) => (
-                to_generation(fnv1a(&[md.dev(), md.ino(), m.ino(), mtime_ns(m) as u64])),
+                recorded.unwrap_or_else(|| {
+                    to_generation(fnv1a(&[md.dev(), md.ino(), m.ino(), mtime_ns(m) as u64]))
+                }),
                 false,
             ),
             None => (
-                to_generation(fnv1a(&[md.dev(), md.ino(), mtime_ns(md) as u64, md.size()])),
+                recorded.unwrap_or_else(|| {
+                    to_generation(fnv1a(&[md.dev(), md.ino(), mtime_ns(md) as u64, md.size()]))
+                }),
                 true,
             ),
         };
