@@ -248,9 +248,10 @@ mod tests {
     fn json_report() {
         let c = Counters::default();
         c.bytes_served.store(5, Ordering::Relaxed);
+        c.bytes_written.store(7, Ordering::Relaxed);
         assert_eq!(
             c.to_json(),
-            "{\"streams_opened\":0,\"ranges_served\":0,\"bytes_served\":5,\"faults\":{\"fail_open\":0,\"break\":0,\"redirect\":0,\"corrupt\":0,\"stall\":0},\"authorized_calls\":0}"
+            "{\"streams_opened\":0,\"ranges_served\":0,\"bytes_served\":5,\"faults\":{\"fail_open\":0,\"break\":0,\"redirect\":0,\"corrupt\":0,\"stall\":0},\"authorized_calls\":0,\"write_streams\":0,\"write_takeovers\":0,\"bytes_written\":7}"
         );
     }
 }
