@@ -331,8 +331,11 @@ pub async fn open(
 
 /// Why a stream stops early.
 enum Stop {
-    /// The client went away, or the stream stalls: end silently.
+    /// The client went away: end silently.
     Gone,
+    /// Stall: take in requests, answer none, persist nothing, until the
+    /// client goes away.
+    Stall,
     /// End the stream with this status.
     Fail(Status),
 }
@@ -404,10 +407,16 @@ impl Session {
         first: BidiWriteObjectRequest,
         mut inbound: Streaming<BidiWriteObjectRequest>,
     ) -> Result<(), Stop> {
-        self.handle(first).await?;
+        let mut step = self.handle(first).await;
         loop {
+            if let Err(Stop::Stall) = step {
+                // Held open, silent, until the client gives up on it.
+                while let Ok(Some(_)) = inbound.message().await {}
+                return Err(Stop::Gone);
+            }
+            step?;
             match inbound.message().await {
-                Ok(Some(msg)) => self.handle(msg).await?,
+                Ok(Some(msg)) => step = self.handle(msg).await,
                 Ok(None) => break,
                 Err(_) => return Err(Stop::Gone),
             }
@@ -491,7 +500,7 @@ impl Session {
                     .counters
                     .fault_stall
                     .fetch_add(1, Ordering::Relaxed);
-                return Err(Stop::Gone);
+                return Err(Stop::Stall);
             }
             if self.pending_len >= AUTO_PERSIST {
                 self.persist()?;

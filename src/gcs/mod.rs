@@ -21,6 +21,7 @@ pub mod pool;
 pub mod retry;
 pub mod transport;
 pub mod wire;
+pub mod write;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -55,6 +56,11 @@ pub enum GcsError {
     OutOfRange(String),
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// Bytes the service had acknowledged are gone (never retried).
+    #[error("data loss: {0}")]
+    DataLoss(String),
     #[error("server sent an invalid response: {0}")]
     Protocol(String),
     /// Retrying ran out of time; `last` is the failure of the last attempt.
@@ -94,6 +100,8 @@ impl GcsError {
             Code::InvalidArgument => GcsError::InvalidArgument(msg),
             Code::OutOfRange => GcsError::OutOfRange(msg),
             Code::FailedPrecondition => GcsError::PreconditionFailed(msg),
+            Code::AlreadyExists => GcsError::AlreadyExists(msg),
+            Code::DataLoss => GcsError::DataLoss(msg),
             // We never cancel a call and then wait for its status: a
             // CANCELLED status comes from a connection that broke under the
             // call (hyper reports a reset connection so), which a new

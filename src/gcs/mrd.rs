@@ -39,7 +39,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -53,7 +52,6 @@ use crate::proto::storage::{
     BidiReadHandle, BidiReadObjectError, BidiReadObjectRedirectedError, BidiReadObjectRequest,
     BidiReadObjectSpec, ReadRange,
 };
-use crate::proto::RpcStatus;
 
 /// Most ranges sent in one request message (as the official clients do).
 const MAX_RANGES_PER_MESSAGE: usize = 100;
@@ -935,26 +933,12 @@ fn send_ranges(c: &mut Conn, ranges: Vec<ReadRange>) -> Result<(), GcsError> {
     Ok(())
 }
 
-fn details(st: &Status) -> Option<RpcStatus> {
-    RpcStatus::decode(st.details()).ok()
-}
-
 fn redirect_detail(st: &Status) -> Option<BidiReadObjectRedirectedError> {
-    details(st)?.details.into_iter().find_map(|a| {
-        a.type_url
-            .ends_with("google.storage.v2.BidiReadObjectRedirectedError")
-            .then(|| BidiReadObjectRedirectedError::decode(a.value.as_slice()).ok())
-            .flatten()
-    })
+    wire::status_detail(st, "google.storage.v2.BidiReadObjectRedirectedError")
 }
 
 fn range_errors(st: &Status) -> Option<BidiReadObjectError> {
-    details(st)?.details.into_iter().find_map(|a| {
-        a.type_url
-            .ends_with("google.storage.v2.BidiReadObjectError")
-            .then(|| BidiReadObjectError::decode(a.value.as_slice()).ok())
-            .flatten()
-    })
+    wire::status_detail(st, "google.storage.v2.BidiReadObjectError")
 }
 
 #[cfg(test)]
@@ -963,6 +947,7 @@ mod tests {
     use crate::gcs::VecSink;
     use crate::proto::storage::{BidiReadObjectResponse, ChecksummedData, ObjectRangeData};
     use proptest::prelude::*;
+    use prost::Message;
 
     fn truth() -> Vec<u8> {
         (0..20_000u32)

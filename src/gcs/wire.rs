@@ -542,6 +542,22 @@ where
     })
 }
 
+/// The detail of type `type_name` (e.g. `google.storage.v2.BidiReadObjectRedirectedError`)
+/// a status carries in its `google.rpc.Status` details, if any.
+pub fn status_detail<M: Message + Default>(st: &Status, type_name: &str) -> Option<M> {
+    crate::proto::RpcStatus::decode(st.details())
+        .ok()?
+        .details
+        .into_iter()
+        .find_map(|a| {
+            a.type_url
+                .strip_suffix(type_name)
+                .is_some_and(|head| head.ends_with('/'))
+                .then(|| M::decode(a.value.as_slice()).ok())
+                .flatten()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
