@@ -514,6 +514,73 @@ pub struct StatArgs {
     pub log_level: String,
 }
 
+/// `zonalfs cp SRC DST`
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// A local file, `-` (standard input), or gs://BUCKET/OBJECT.
+    pub src: String,
+    /// gs://BUCKET/OBJECT (or gs://BUCKET/PREFIX/ to keep the file's name),
+    /// or a local file or directory.
+    pub dst: String,
+    /// Leave the uploaded object appendable (unfinalized).
+    #[arg(long)]
+    pub no_finalize: bool,
+    /// Do not replace an existing object.
+    #[arg(short = 'n', long)]
+    pub no_clobber: bool,
+    /// Ask the service to persist every this many bytes.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub flush_every: u64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
+    pub log_level: String,
+}
+
+/// `zonalfs append SRC gs://BUCKET/OBJECT`
+#[derive(Debug, Args)]
+pub struct AppendArgs {
+    /// A local file, or `-` for standard input.
+    pub src: String,
+    /// gs://BUCKET/OBJECT
+    pub dst: String,
+    /// Finalize the object at the end (no more appends).
+    #[arg(long)]
+    pub finalize: bool,
+    /// Ask the service to persist every this many bytes.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub flush_every: u64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
+    pub log_level: String,
+}
+
+/// `zonalfs rm gs://BUCKET/OBJECT...`
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// gs://BUCKET/OBJECT, one or more.
+    #[arg(required = true)]
+    pub urls: Vec<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
+    pub log_level: String,
+}
+
+/// `zonalfs mv gs://BUCKET/SRC gs://BUCKET/DST`
+#[derive(Debug, Args)]
+pub struct MvArgs {
+    /// gs://BUCKET/OBJECT, or gs://BUCKET/FOLDER/
+    pub src: String,
+    /// gs://BUCKET/OBJECT (same bucket)
+    pub dst: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, default_value = "warn", env = "ZONALFS_LOG", value_parser = parse_log_filter)]
+    pub log_level: String,
+}
+
 /// zonalfs: mount a Google Cloud Storage zonal bucket as a read-only filesystem.
 #[derive(Debug, Parser)]
 #[command(name = "zonalfs", version, about, propagate_version = true)]
@@ -539,6 +606,17 @@ pub enum Command {
     Ls(LsArgs),
     /// Show an object's metadata.
     Stat(StatArgs),
+    /// Copy a local file (or `-`, standard input) to gs://BUCKET/OBJECT as an
+    /// appendable object, finalized unless --no-finalize; or an object to a
+    /// local file.
+    Cp(CpArgs),
+    /// Append a local file (or `-`, standard input, persisted as it comes) to
+    /// an unfinalized object, creating it if missing.
+    Append(AppendArgs),
+    /// Delete objects.
+    Rm(RmArgs),
+    /// Rename an object (atomically) or a folder, within a bucket.
+    Mv(MvArgs),
     /// Serve a directory tree as GCS zonal buckets over gRPC (google.storage.v2),
     /// a stand-in for GCS in tests, benchmarks and the quickstart.
     Emulator(EmulatorArgs),

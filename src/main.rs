@@ -11,6 +11,7 @@ use clap::Parser;
 use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, MountArgs, StatArgs};
 use zonalfs::emulator;
 use zonalfs::fs::mountinfo::MountEntry;
+use zonalfs::gcs::write::WriteOptions;
 use zonalfs::gcs::{GcsClient, GcsError};
 use zonalfs::mount::{Ended, Mount, MountError};
 use zonalfs::tools;
@@ -154,6 +155,45 @@ fn main() -> ExitCode {
         Command::Cat(args) => run_tool(&LogSpec::plain(&args.log_level), || cat(args)),
         Command::Ls(args) => run_tool(&LogSpec::plain(&args.log_level), || ls(args)),
         Command::Stat(args) => run_tool(&LogSpec::plain(&args.log_level), || stat(args)),
+        Command::Cp(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+            let opts = tools::write::UploadOptions {
+                finalize: !args.no_finalize,
+                no_clobber: args.no_clobber,
+                write: WriteOptions {
+                    flush_every: args.flush_every,
+                },
+            };
+            let connect = |b: &str| args.client.client_config(b);
+            let pool = args.client.pool_config();
+            let line = tools::write::copy_command(&connect, pool, &args.src, &args.dst, &opts);
+            eprintln!("{}", line.await?);
+            Ok::<_, GcsError>(())
+        }),
+        Command::Append(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+            let opts = WriteOptions {
+                flush_every: args.flush_every,
+            };
+            let connect = |b: &str| args.client.client_config(b);
+            let line =
+                tools::write::append_command(&connect, &args.src, &args.dst, args.finalize, opts);
+            eprintln!("{}", line.await?);
+            Ok::<_, GcsError>(())
+        }),
+        Command::Rm(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+            let connect = |b: &str| args.client.client_config(b);
+            for line in tools::write::remove_command(&connect, &args.urls).await? {
+                eprintln!("{line}");
+            }
+            Ok::<_, GcsError>(())
+        }),
+        Command::Mv(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+            let connect = |b: &str| args.client.client_config(b);
+            eprintln!(
+                "{}",
+                tools::write::move_command(&connect, &args.src, &args.dst).await?
+            );
+            Ok::<_, GcsError>(())
+        }),
     }
 }
 

@@ -1,6 +1,8 @@
 //! The metadata calls of one bucket: storage layout / bucket (is it there, is it
 //! zonal), get object (stat), list objects (prefix, delimiter `/`, folders as
-//! prefixes, pagination). Unary calls are retried with backoff while the error
+//! prefixes, pagination), delete and move objects, and the folders of a
+//! hierarchical namespace (create, get, delete, rename: a long-running
+//! operation, polled until it is done). Unary calls are retried with backoff while the error
 //! is retryable and the retry deadline allows (an attempt with no answer within
 //! the stall timeout counts as UNAVAILABLE); every error names the bucket or
 //! object it concerns.
@@ -14,9 +16,17 @@ use super::retry::{Backoff, RetryPolicy};
 use super::transport::{resolve_endpoint, Transport};
 use super::{GcsError, ListPage, ObjectInfo};
 use crate::proto::control::storage_control_client::StorageControlClient;
-use crate::proto::control::GetStorageLayoutRequest;
+use crate::proto::control::{
+    CreateFolderRequest, DeleteFolderRequest, GetFolderRequest, GetStorageLayoutRequest,
+    RenameFolderRequest,
+};
+use crate::proto::longrunning::operations_client::OperationsClient;
+use crate::proto::longrunning::{operation, GetOperationRequest};
 use crate::proto::storage::storage_client::StorageClient;
-use crate::proto::storage::{GetBucketRequest, GetObjectRequest, ListObjectsRequest, Object};
+use crate::proto::storage::{
+    DeleteObjectRequest, GetBucketRequest, GetObjectRequest, ListObjectsRequest, MoveObjectRequest,
+    Object,
+};
 
 /// Everything needed to reach a bucket.
 #[derive(Debug, Clone)]
@@ -347,5 +357,219 @@ impl GcsClient {
             })
         })
         .await
+    }
+
+    fn control(&self) -> StorageControlClient<tonic::transport::Channel> {
+        StorageControlClient::new(self.transport.channel())
+    }
+
+    /// Deletes an object's live version (`generation`: only that one).
+    pub async fn delete(&self, name: &str, generation: Option<i64>) -> Result<(), GcsError> {
+        let what = format!("gs://{}/{name}", self.bucket);
+        self.retrying(&what, || async {
+            let req = self
+                .transport
+                .request(
+                    DeleteObjectRequest {
+                        bucket: self.bucket_resource(),
+                        object: name.to_string(),
+                        if_generation_match: generation,
+                        ..Default::default()
+                    },
+                    &self.bucket,
+                    None,
+                )
+                .await?;
+            self.storage()
+                .delete_object(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| GcsError::from_status(&s, &what))
+        })
+        .await
+    }
+
+    /// Renames an object atomically (the service's MoveObject), keeping its
+    /// generation. `if_generation_match`: a precondition on the destination
+    /// (Some(0): it must not exist).
+    pub async fn move_object(
+        &self,
+        from: &str,
+        to: &str,
+        if_generation_match: Option<i64>,
+    ) -> Result<ObjectInfo, GcsError> {
+        let what = format!("gs://{}/{from}", self.bucket);
+        self.retrying(&what, || async {
+            let req = self
+                .transport
+                .request(
+                    MoveObjectRequest {
+                        bucket: self.bucket_resource(),
+                        source_object: from.to_string(),
+                        destination_object: to.to_string(),
+                        if_generation_match,
+                        ..Default::default()
+                    },
+                    &self.bucket,
+                    None,
+                )
+                .await?;
+            self.storage()
+                .move_object(req)
+                .await
+                .map(|r| object_info(r.get_ref()))
+                .map_err(|s| GcsError::from_status(&s, &what))
+        })
+        .await
+    }
+
+    fn folder_name(&self, path: &str) -> String {
+        format!(
+            "{}/folders/{}/",
+            self.bucket_resource(),
+            path.trim_end_matches('/')
+        )
+    }
+
+    /// Creates a folder (`a/b`); `recursive` creates missing parents too.
+    pub async fn create_folder(&self, path: &str, recursive: bool) -> Result<(), GcsError> {
+        let what = format!("gs://{}/{path}", self.bucket);
+        self.retrying(&what, || async {
+            let req = self
+                .transport
+                .request(
+                    CreateFolderRequest {
+                        parent: self.bucket_resource(),
+                        folder: None,
+                        folder_id: format!("{}/", path.trim_end_matches('/')),
+                        recursive,
+                        request_id: String::new(),
+                    },
+                    &self.bucket,
+                    None,
+                )
+                .await?;
+            self.control()
+                .create_folder(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| GcsError::from_status(&s, &what))
+        })
+        .await
+    }
+
+    /// Is there a folder at `path`?
+    pub async fn folder_exists(&self, path: &str) -> Result<bool, GcsError> {
+        let what = format!("gs://{}/{path}", self.bucket);
+        let found = self
+            .retrying(&what, || async {
+                let req = self
+                    .transport
+                    .request(
+                        GetFolderRequest {
+                            name: self.folder_name(path),
+                            ..Default::default()
+                        },
+                        &self.bucket,
+                        None,
+                    )
+                    .await?;
+                self.control()
+                    .get_folder(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| GcsError::from_status(&s, &what))
+            })
+            .await;
+        match found {
+            Ok(()) => Ok(true),
+            Err(GcsError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes an empty folder.
+    pub async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
+        let what = format!("gs://{}/{path}", self.bucket);
+        self.retrying(&what, || async {
+            let req = self
+                .transport
+                .request(
+                    DeleteFolderRequest {
+                        name: self.folder_name(path),
+                        ..Default::default()
+                    },
+                    &self.bucket,
+                    None,
+                )
+                .await?;
+            self.control()
+                .delete_folder(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| GcsError::from_status(&s, &what))
+        })
+        .await
+    }
+
+    /// Renames a folder and everything below it; waits for the operation.
+    pub async fn rename_folder(&self, from: &str, to: &str) -> Result<(), GcsError> {
+        let what = format!("gs://{}/{from}", self.bucket);
+        let mut op = self
+            .retrying(&what, || async {
+                let req = self
+                    .transport
+                    .request(
+                        RenameFolderRequest {
+                            name: self.folder_name(from),
+                            destination_folder_id: format!("{}/", to.trim_end_matches('/')),
+                            ..Default::default()
+                        },
+                        &self.bucket,
+                        None,
+                    )
+                    .await?;
+                self.control()
+                    .rename_folder(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| GcsError::from_status(&s, &what))
+            })
+            .await?;
+        let mut backoff = Backoff::new(&self.retry);
+        while !op.done {
+            let Some(d) = backoff.next_delay() else {
+                return Err(GcsError::Unavailable(format!(
+                    "{what}: the rename to {to} did not finish within {:?}",
+                    self.retry.deadline
+                )));
+            };
+            tokio::time::sleep(d).await;
+            let name = op.name.clone();
+            op = self
+                .retrying(&what, || async {
+                    let req = self
+                        .transport
+                        .request(
+                            GetOperationRequest { name: name.clone() },
+                            &self.bucket,
+                            None,
+                        )
+                        .await?;
+                    OperationsClient::new(self.transport.channel())
+                        .get_operation(req)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| GcsError::from_status(&s, &what))
+                })
+                .await?;
+        }
+        match op.result {
+            Some(operation::Result::Error(st)) => {
+                let status = tonic::Status::new(tonic::Code::from(st.code), st.message);
+                Err(GcsError::from_status(&status, &what))
+            }
+            _ => Ok(()),
+        }
     }
 }

@@ -1,9 +1,12 @@
-//! The command-line tools on top of the client: `zonalfs cat`, `ls` and `stat`.
+//! The command-line tools on top of the client: `zonalfs cat`, `ls` and `stat`
+//! here; `cp`, `append`, `rm` and `mv` in [`write`].
 //!
 //! `cat` pins the object's generation, splits the requested span into windows,
 //! keeps several in flight through the shared MRD pool (so they spread over the
 //! object's streams) and writes them to stdout in order: it is also the raw-client
 //! ceiling the mount is measured against.
+
+pub mod write;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
