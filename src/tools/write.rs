@@ -355,12 +355,30 @@ fn object_url(url: &str) -> Result<(String, String), GcsError> {
     Ok((bucket, object))
 }
 
-/// Standard input, if there is one to read: not closed, not a terminal.
+/// Is standard input missing: closed, or /dev/null (which is what a closed
+/// standard input becomes: the Rust runtime reopens it there at start)?
+fn no_stdin() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let stdin = std::io::stdin();
+    let fd = std::os::fd::AsFd::as_fd(&stdin);
+    let Ok(owned) = fd.try_clone_to_owned() else {
+        return true;
+    };
+    let (Ok(ours), Ok(null)) = (
+        std::fs::File::from(owned).metadata(),
+        std::fs::metadata("/dev/null"),
+    ) else {
+        return false;
+    };
+    ours.rdev() == null.rdev() && ours.dev() == null.dev() && ours.ino() == null.ino()
+}
+
+/// Standard input, if there is one to read: not closed (or /dev/null), not a
+/// terminal.
 fn stdin_source() -> Result<tokio::io::Stdin, GcsError> {
-    // SAFETY: fcntl(F_GETFD) only asks whether descriptor 0 is open.
-    if unsafe { libc::fcntl(0, libc::F_GETFD) } < 0 {
+    if no_stdin() {
         return Err(GcsError::InvalidArgument(
-            "'-' reads standard input, but there is none (it is closed)".to_string(),
+            "'-' reads standard input, but there is none (closed, or /dev/null)".to_string(),
         ));
     }
     if std::io::stdin().is_terminal() {
