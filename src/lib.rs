@@ -7,14 +7,16 @@
 //! the read engine (per-inode readahead cache, prefetcher, page-aligned blocks
 //! under one memory budget); [`fs`] is the filesystem as async methods plus the
 //! thin fuser adapter and the mount's life cycle. Beside them: [`emulator`],
-//! the loopback gRPC server that stands in for GCS; [`tools`], the `cat`, `ls`
-//! and `stat` commands; [`metrics`], the Prometheus endpoint; [`cli`] and
+//! the loopback gRPC server that stands in for GCS; [`tools`], the `cat`, `ls`,
+//! `stat`, `cp`, `append`, `rm` and `mv` commands; [`fileio`], offset reads of
+//! local files; [`metrics`], the Prometheus endpoint; [`cli`] and
 //! [`config`], the command line and config files of the `zonalfs` binary;
 //! [`proto`], the generated wire types.
 
 pub mod cli;
 pub mod config;
 pub mod emulator;
+pub mod fileio;
 pub mod fs;
 pub mod gcs;
 pub mod memory;

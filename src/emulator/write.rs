@@ -25,11 +25,13 @@
 //! breaks (UNAVAILABLE) once it has received `break_after_bytes`, after
 //! persisting what it received (the writer must not send it again); a stream
 //! stalls (reads on, answers nothing, persists nothing more) once it has
-//! received `stall_after_bytes`. Latency delays every answer.
+//! received `stall_after_bytes`. Shaping: latency delays every answer, and the
+//! per-stream bandwidth cap paces what a stream takes in.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -323,6 +325,7 @@ pub async fn open(
         received: 0,
         pre: opened.pre,
         finished: false,
+        paced: tokio::time::Instant::now(),
         tx,
     };
     tokio::spawn(session.run(first_response, first, inbound));
@@ -369,6 +372,8 @@ struct Session {
     received: u64,
     pre: Preconditions,
     finished: bool,
+    /// When the bytes received so far may have arrived, at the bandwidth cap.
+    paced: tokio::time::Instant,
     tx: mpsc::Sender<Result<BidiWriteObjectResponse, Status>>,
 }
 
@@ -475,6 +480,12 @@ impl Session {
             }
             let len = data.content.len() as u64;
             self.received += len;
+            if let Some(rate) = self.emu.faults.shaping.stream_bytes_per_sec {
+                // The bandwidth cap: this stream takes in no more than `rate`.
+                let now = tokio::time::Instant::now();
+                self.paced = self.paced.max(now) + Duration::from_secs_f64(len as f64 / rate);
+                tokio::time::sleep_until(self.paced).await;
+            }
             self.pending_crc = crc32c::crc32c_combine(self.pending_crc, crc, len as usize);
             self.pending_len += len;
             self.pending.push(data.content);

@@ -134,37 +134,118 @@ fn local(what: &Path, e: std::io::Error) -> GcsError {
     GcsError::Other(format!("{}: {e}", what.display()))
 }
 
-/// Copies `src` into the writer until its end; with `idle_flush`, persists
-/// whenever the source goes quiet that long.
-async fn pump<R: AsyncRead + Unpin>(
-    src: &mut R,
-    src_name: &Path,
+/// Where an upload's bytes come from.
+pub enum Source {
+    /// A local file of `size` bytes (at open), read with `pread` straight into
+    /// the buffers that go on the wire.
+    File {
+        file: std::sync::Arc<std::fs::File>,
+        path: PathBuf,
+        size: u64,
+        offset: u64,
+    },
+    /// A stream (standard input), taken as it comes.
+    Stream {
+        reader: Box<dyn AsyncRead + Unpin + Send>,
+        name: PathBuf,
+    },
+}
+
+impl Source {
+    /// A local file, opened; refuses directories.
+    pub fn file(path: &Path) -> Result<Source, GcsError> {
+        let file = std::fs::File::open(path).map_err(|e| local(path, e))?;
+        let md = file.metadata().map_err(|e| local(path, e))?;
+        if md.is_dir() {
+            return Err(GcsError::InvalidArgument(format!(
+                "{}: is a directory",
+                path.display()
+            )));
+        }
+        Ok(Source::File {
+            file: std::sync::Arc::new(file),
+            path: path.to_path_buf(),
+            size: md.len(),
+            offset: 0,
+        })
+    }
+
+    /// A stream, e.g. standard input.
+    pub fn stream(reader: impl AsyncRead + Unpin + Send + 'static, name: &str) -> Source {
+        Source::Stream {
+            reader: Box::new(reader),
+            name: PathBuf::from(name),
+        }
+    }
+
+    /// The size, when known up front.
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            Source::File { size, .. } => Some(*size),
+            Source::Stream { .. } => None,
+        }
+    }
+
+    fn name(&self) -> &Path {
+        match self {
+            Source::File { path, .. } => path,
+            Source::Stream { name, .. } => name,
+        }
+    }
+}
+
+/// Copies the source into the writer until its end; with `idle_flush`,
+/// persists whenever a stream source goes quiet that long.
+async fn pump(
+    src: &mut Source,
     w: &mut AppendableWriter,
     idle_flush: Option<Duration>,
     progress: &mut Progress,
 ) -> Result<(), GcsError> {
+    let name = src.name().to_path_buf();
     loop {
-        let mut buf = BytesMut::with_capacity(PIECE);
-        let mut ended = false;
-        while buf.len() < PIECE {
-            let read = match idle_flush {
-                Some(idle) if w.persisted() < w.written() || !buf.is_empty() => {
-                    match tokio::time::timeout(idle, src.read_buf(&mut buf)).await {
-                        Ok(r) => r,
-                        // Quiet: send and persist what came.
-                        Err(_) => break,
+        let (piece, ended) = match src {
+            Source::File {
+                file, size, offset, ..
+            } => {
+                let len = (*size - *offset).min(PIECE as u64) as usize;
+                if len == 0 {
+                    return Ok(());
+                }
+                let (f, at) = (file.clone(), *offset);
+                let piece =
+                    tokio::task::spawn_blocking(move || crate::fileio::pread_bytes(&f, at, len))
+                        .await
+                        .map_err(|e| GcsError::Other(format!("reading {}: {e}", name.display())))?
+                        .map_err(|e| local(&name, e))?;
+                *offset += len as u64;
+                (piece, *offset == *size)
+            }
+            Source::Stream { reader, .. } => {
+                let mut buf = BytesMut::with_capacity(PIECE);
+                let mut ended = false;
+                while buf.len() < PIECE {
+                    let read = match idle_flush {
+                        Some(idle) if w.persisted() < w.written() || !buf.is_empty() => {
+                            match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
+                                Ok(r) => r,
+                                // Quiet: send and persist what came.
+                                Err(_) => break,
+                            }
+                        }
+                        _ => reader.read_buf(&mut buf).await,
+                    };
+                    if read.map_err(|e| local(&name, e))? == 0 {
+                        ended = true;
+                        break;
                     }
                 }
-                _ => src.read_buf(&mut buf).await,
-            };
-            if read.map_err(|e| local(src_name, e))? == 0 {
-                ended = true;
-                break;
+                (buf, ended)
             }
-        }
-        let n = buf.len() as u64;
+        };
+        let n = piece.len() as u64;
         if n > 0 {
-            w.write(buf.freeze()).await?;
+            w.write(piece.freeze()).await?;
             progress.advance(n);
         }
         if idle_flush.is_some() && !ended && w.persisted() < w.written() {
@@ -178,18 +259,17 @@ async fn pump<R: AsyncRead + Unpin>(
 
 /// `cp LOCAL gs://B/O`: uploads `src` as a new appendable object, finalized
 /// unless told otherwise.
-pub async fn upload<R: AsyncRead + Unpin>(
+pub async fn upload(
     client: &GcsClient,
-    src: &mut R,
-    src_name: &Path,
-    size: Option<u64>,
+    src: &mut Source,
     object: &str,
     opts: &UploadOptions,
 ) -> Result<Uploaded, GcsError> {
+    let size = src.size();
     let precondition = opts.no_clobber.then_some(0);
     let mut w = AppendableWriter::create(client, object, precondition, opts.write.clone()).await?;
     let mut progress = Progress::new(&format!("gs://{}/{object}", client.bucket()), size);
-    pump(src, src_name, &mut w, None, &mut progress).await?;
+    pump(src, &mut w, None, &mut progress).await?;
     let generation = w.generation();
     let uploaded = if opts.finalize {
         let info = w.finalize().await?;
@@ -215,15 +295,14 @@ pub async fn upload<R: AsyncRead + Unpin>(
 /// `append SRC gs://B/O`: appends to an unfinalized object by takeover
 /// (creating it if it does not exist), finalizing it at the end if asked.
 /// `follow`: the source is a stream (standard input), persisted as it comes.
-pub async fn append<R: AsyncRead + Unpin>(
+pub async fn append(
     client: &GcsClient,
-    src: &mut R,
-    src_name: &Path,
+    src: &mut Source,
     object: &str,
     finalize: bool,
-    follow: bool,
     opts: WriteOptions,
 ) -> Result<Uploaded, GcsError> {
+    let follow = matches!(src, Source::Stream { .. });
     let mut w = match AppendableWriter::append(client, object, None, opts.clone()).await {
         Ok(w) => w,
         Err(GcsError::NotFound(_)) => {
@@ -233,7 +312,7 @@ pub async fn append<R: AsyncRead + Unpin>(
     };
     let mut progress = Progress::new(&format!("gs://{}/{object}", client.bucket()), None);
     let idle = follow.then_some(IDLE_FLUSH);
-    pump(src, src_name, &mut w, idle, &mut progress).await?;
+    pump(src, &mut w, idle, &mut progress).await?;
     let generation = w.generation();
     let (size, finalized) = if finalize {
         (w.finalize().await?.size, true)
@@ -389,21 +468,6 @@ fn stdin_source() -> Result<tokio::io::Stdin, GcsError> {
     Ok(tokio::io::stdin())
 }
 
-/// A local file to upload, opened, and its size.
-async fn open_local(path: &Path) -> Result<(tokio::fs::File, u64), GcsError> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| local(path, e))?;
-    let md = file.metadata().await.map_err(|e| local(path, e))?;
-    if md.is_dir() {
-        return Err(GcsError::InvalidArgument(format!(
-            "{}: is a directory",
-            path.display()
-        )));
-    }
-    Ok((file, md.len()))
-}
-
 /// `zonalfs cp SRC DST`: an upload (SRC local or `-`, DST gs://) or a
 /// download (SRC gs://, DST local). Returns the line to print.
 pub async fn copy_command(
@@ -432,14 +496,13 @@ pub async fn copy_command(
             let (bucket, prefix) = super::parse_gs_url(dst)?;
             let src_path = Path::new(src);
             let object = destination_object(&prefix, src_path)?;
-            let (mut source, size): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) = if src == "-" {
-                (Box::new(stdin_source()?), None)
+            let mut source = if src == "-" {
+                Source::stream(stdin_source()?, "-")
             } else {
-                let (f, n) = open_local(src_path).await?;
-                (Box::new(f), Some(n))
+                Source::file(src_path)?
             };
             let client = GcsClient::connect(connect(&bucket)).await?;
-            let up = upload(&client, &mut source, src_path, size, &object, opts).await?;
+            let up = upload(&client, &mut source, &object, opts).await?;
             Ok(format!(
                 "copied {src} to gs://{bucket}/{} ({} bytes, generation {}, {})",
                 up.object,
@@ -460,24 +523,13 @@ pub async fn append_command(
     opts: WriteOptions,
 ) -> Result<String, GcsError> {
     let (bucket, object) = object_url(dst)?;
-    let src_path = Path::new(src);
-    let follow = src == "-";
-    let mut source: Box<dyn AsyncRead + Unpin + Send> = if follow {
-        Box::new(stdin_source()?)
+    let mut source = if src == "-" {
+        Source::stream(stdin_source()?, "-")
     } else {
-        Box::new(open_local(src_path).await?.0)
+        Source::file(Path::new(src))?
     };
     let client = GcsClient::connect(connect(&bucket)).await?;
-    let up = append(
-        &client,
-        &mut source,
-        src_path,
-        &object,
-        finalize,
-        follow,
-        opts,
-    )
-    .await?;
+    let up = append(&client, &mut source, &object, finalize, opts).await?;
     Ok(format!(
         "appended {src} to gs://{bucket}/{object} (now {} bytes, generation {}, {})",
         up.size,
