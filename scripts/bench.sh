@@ -18,7 +18,7 @@
 #               its figures are marked as not for comparison)
 #     --runs N  runs per figure, median reported (default 5)
 #     --only S  run only these sections (ceilings, sequential, random, skip,
-#               firstbyte, ls, rss, smallfiles); the report is printed and
+#               firstbyte, ls, rss, smallfiles, writes); the report is printed and
 #               docs/ is left alone
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -51,7 +51,8 @@ PROFILES = {
 SHAPED_STREAM_MBPS = 200
 # What --only can select, in the order they run: the ceilings once, the rest in
 # each profile.
-SECTIONS = ("ceilings", "sequential", "random", "skip", "firstbyte", "ls", "rss", "smallfiles")
+SECTIONS = ("ceilings", "sequential", "random", "skip", "firstbyte", "ls", "rss", "smallfiles",
+            "writes")
 BUCKET = "bench"
 BIG_OBJ = "seq/big.bin"  # the sequential object
 FETCHED = "zonalfs_bytes_fetched_total"  # the daemon's metric of bytes received
@@ -347,6 +348,7 @@ class Suite:
             "ls": self.listing,
             "rss": self.rss16,
             "smallfiles": self.small_files,
+            "writes": self.writes,
         }
         for section, step in steps.items():
             if section in self.sections:
@@ -614,6 +616,33 @@ class Suite:
             + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
         r["small"] = {"files": files, "bytes": size, "dirs": dirs, "step_seconds": secs, **runs}
 
+    def writes(self, name: str, emu: Emulator, r: dict) -> None:
+        """`zonalfs cp` of the sequential object's bytes (a local file, warm in
+        the page cache) to a new appendable object, finalized; `zonalfs cat`
+        of it back; the official Python writer uploading the same file.
+        Alternating, so all three see the same machine."""
+        log("writes: zonalfs cp, zonalfs cat of it back, the official Python writer, alternating")
+        src = self.root / BUCKET / BIG_OBJ
+        url = f"gs://{BUCKET}/written/up.bin"
+        ep = ["--endpoint", emu.endpoint, "--anonymous"]
+        gib = self.seq_size / 2**30
+        w = {"cp": [], "cp_cpu": [], "cat_back": [], "peer": []}
+        for _ in range(self.runs):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            s = timed([self.bin, "cp", str(src), url, *ep], stderr=subprocess.DEVNULL)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            w["cp"].append(self.seq_size / s / 1e6)
+            w["cp_cpu"].append(((after.ru_utime - before.ru_utime)
+                                + (after.ru_stime - before.ru_stime)) / gib)
+            w["cat_back"].append(self.seq_size / timed([self.bin, "cat", url, *ep]) / 1e6)
+            line = subprocess.run(
+                [self.a.python, str(Path(__file__).with_name("peer_write.py")), "--endpoint",
+                 emu.addr, "--bucket", BUCKET, "--object", "written/peer.bin",
+                 "--source", str(src)],
+                check=True, capture_output=True, text=True, timeout=600).stdout
+            w["peer"].append(float(re.search(r"mbps=(\d+)", line).group(1)))
+        r["writes"] = w
+
     def run(self) -> dict:
         self.make_data()
         t0 = time.monotonic()
@@ -775,8 +804,19 @@ def profile_report(name: str, r: dict, res: dict, pool_streams: int) -> list[str
         lines += [*notes, ""]
     if "small" in r:
         lines += small_files_table(r["small"])
+    if w := r.get("writes"):
+        lines += [
+            f"| writes ({res['seq_size'] // MiB} MiB) | median | max/min | runs |",
+            "|---|---:|---:|---|",
+            *[f"| {label} | {median(w[k]):.0f} | {spread(w[k]):.2f} | {fmt(w[k])} |"
+              for k, label in WRITE_ROWS],
+            "",
+            f"- `zonalfs cp` CPU: {median(w['cp_cpu']):.2f} s per GiB (runs "
+            + ", ".join(f"{x:.2f}" for x in w["cp_cpu"]) + ").",
+            "",
+        ]
     ratios = (sequential_ratios(name, r, res, pool_streams) + other_ratios(r)
-              + small_files_ratios(name, r.get("small")))
+              + small_files_ratios(name, r.get("small")) + write_ratios(r.get("writes")))
     if ratios:
         lines += ["| ratio | value | target | |", "|---|---:|---:|---|", *ratios, ""]
     return lines
@@ -836,6 +876,21 @@ def other_ratios(r: dict) -> list[str]:
         over = rss["hwm_mib"] - rss["limit_mib"]
         rows.append(ratio_row("peak RSS − memory limit (16 readers), MiB", over, "≤ 64", over <= 64, ".0f"))
     return rows
+
+
+WRITE_ROWS = [
+    ("cp", "`zonalfs cp` (appendable upload, finalized)"),
+    ("cat_back", "`zonalfs cat` of it back"),
+    ("peer", "peer: official Python writer (`AsyncAppendableObjectWriter`)"),
+]
+
+
+def write_ratios(w: dict | None) -> list[str]:
+    if not w:
+        return []
+    cp, back, peer = median(w["cp"]), median(w["cat_back"]), median(w["peer"])
+    return [ratio_row("`zonalfs cp` / `zonalfs cat` back", cp / back),
+            ratio_row("`zonalfs cp` / Python writer", cp / peer)]
 
 
 SMALL_ROWS = [

@@ -555,9 +555,9 @@ impl Engine {
 /// average rate meets the cap instead of falling short of it.
 const PACE_CREDIT: Duration = Duration::from_millis(50);
 
-/// Bandwidth shaping: waits until `bytes` may be sent at `rate` bytes/s and
-/// books their time. `next` is when the stream's next byte is due.
-async fn pace(next: &mut Instant, bytes: u64, rate: f64) {
+/// Bandwidth shaping: waits until `bytes` may be sent (or, on a write stream,
+/// taken in) at `rate` bytes/s and books their time. `next` is when the stream's next byte is due.
+pub(super) async fn pace(next: &mut Instant, bytes: u64, rate: f64) {
     let now = Instant::now();
     let floor = now.checked_sub(PACE_CREDIT).unwrap_or(now);
     if *next < floor {

@@ -31,7 +31,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -482,9 +481,7 @@ impl Session {
             self.received += len;
             if let Some(rate) = self.emu.faults.shaping.stream_bytes_per_sec {
                 // The bandwidth cap: this stream takes in no more than `rate`.
-                let now = tokio::time::Instant::now();
-                self.paced = self.paced.max(now) + Duration::from_secs_f64(len as f64 / rate);
-                tokio::time::sleep_until(self.paced).await;
+                super::bidi::pace(&mut self.paced, len, rate).await;
             }
             self.pending_crc = crc32c::crc32c_combine(self.pending_crc, crc, len as usize);
             self.pending_len += len;
