@@ -35,7 +35,10 @@ use prost::Message;
 use tonic::codegen::Service;
 use tonic::{Code, Status};
 
-use crate::proto::storage::{BidiReadHandle, BidiReadObjectRequest, Object, ReadRange};
+use crate::proto::storage::{
+    bidi_write_object_request, BidiReadHandle, BidiReadObjectRequest, BidiWriteObjectRequest,
+    BidiWriteObjectResponse, Object, ReadRange,
+};
 
 /// Why a response could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -423,28 +426,29 @@ pub fn decode_response(msg: &Rope) -> Result<Response, WireError> {
     })
 }
 
-/// The method's path.
+/// The methods' paths.
 const BIDI_READ_OBJECT: &str = "/google.storage.v2.Storage/BidiReadObject";
+const BIDI_WRITE_OBJECT: &str = "/google.storage.v2.Storage/BidiWriteObject";
 
 fn wire_status(e: WireError) -> Status {
-    Status::internal(format!("an undecodable BidiReadObject response: {e}"))
+    Status::internal(format!("an undecodable response: {e}"))
 }
 
-/// The responses of a `BidiReadObject` call, decoded as their frames arrive.
-pub struct ResponseStream {
+/// The messages of a streaming call's response body, framed as they arrive.
+struct Frames {
     body: tonic::body::Body,
     framer: Framer,
     /// The trailers said OK: no more messages.
     ended: bool,
 }
 
-impl ResponseStream {
-    /// The next response; `None` once the call ended with OK; the call's
-    /// status if it ended otherwise.
-    pub async fn message(&mut self) -> Result<Option<Response>, Status> {
+impl Frames {
+    /// The next message's bytes; `None` once the call ended with OK; the
+    /// call's status if it ended otherwise.
+    async fn next(&mut self) -> Result<Option<Rope>, Status> {
         loop {
             if let Some(m) = self.framer.next_message().map_err(wire_status)? {
-                return decode_response(&m).map(Some).map_err(wire_status);
+                return Ok(Some(m));
             }
             if self.ended {
                 if self.framer.buffered() > 0 {
@@ -477,6 +481,40 @@ impl ResponseStream {
     }
 }
 
+/// The responses of a `BidiReadObject` call, decoded as their frames arrive.
+pub struct ResponseStream {
+    frames: Frames,
+}
+
+impl ResponseStream {
+    /// The next response; `None` once the call ended with OK; the call's
+    /// status if it ended otherwise.
+    pub async fn message(&mut self) -> Result<Option<Response>, Status> {
+        match self.frames.next().await? {
+            Some(m) => decode_response(&m).map(Some).map_err(wire_status),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The responses of a `BidiWriteObject` call (small messages, decoded whole).
+pub struct WriteResponseStream {
+    frames: Frames,
+}
+
+impl WriteResponseStream {
+    /// The next response; `None` once the call ended with OK; the call's
+    /// status if it ended otherwise.
+    pub async fn message(&mut self) -> Result<Option<BidiWriteObjectResponse>, Status> {
+        match self.frames.next().await? {
+            Some(m) => BidiWriteObjectResponse::decode(m.to_vec().as_slice())
+                .map(Some)
+                .map_err(|e| wire_status(WireError::Decode(e))),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The status a non-200 HTTP response stands for (as gRPC maps them).
 fn http_status(code: http::StatusCode) -> Status {
     let c = match code.as_u16() {
@@ -490,30 +528,25 @@ fn http_status(code: http::StatusCode) -> Status {
     Status::new(c, format!("HTTP status {code}"))
 }
 
-/// Starts a `BidiReadObject` call on `channel` sending `req`'s messages (its
-/// metadata as the call's headers); returns the response stream once the
-/// response headers arrived.
-pub async fn bidi_read_object<S>(
+/// Starts a streaming call to `path` whose request body is `frames` (gRPC
+/// messages already framed, possibly in several pieces each) and `metadata`
+/// its headers; returns the response frames once the response headers
+/// arrived.
+async fn start_call<F>(
     mut channel: tonic::transport::Channel,
-    req: tonic::Request<S>,
+    path: &'static str,
+    metadata: tonic::metadata::MetadataMap,
+    frames: F,
     max_message: usize,
-) -> Result<ResponseStream, Status>
+) -> Result<Frames, Status>
 where
-    S: Stream<Item = BidiReadObjectRequest> + Send + 'static,
+    F: Stream<Item = Bytes> + Send + 'static,
 {
-    let (metadata, _, messages) = req.into_parts();
-    let frames = messages.map(|m| {
-        let mut buf = BytesMut::with_capacity(5 + m.encoded_len());
-        buf.put_u8(0);
-        buf.put_u32(m.encoded_len() as u32);
-        // Cannot fail: the buffer has room for the whole message.
-        let _ = m.encode(&mut buf);
-        Ok::<_, Status>(http_body::Frame::data(buf.freeze()))
-    });
+    let frames = frames.map(|b| Ok::<_, Status>(http_body::Frame::data(b)));
     let body = tonic::body::Body::new(http_body_util::StreamBody::new(frames));
     let mut request = http::Request::builder()
         .method(http::Method::POST)
-        .uri(BIDI_READ_OBJECT)
+        .uri(path)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .body(body)
@@ -535,11 +568,125 @@ where
     if response.status() != http::StatusCode::OK {
         return Err(http_status(response.status()));
     }
-    Ok(ResponseStream {
+    Ok(Frames {
         body: response.into_body(),
         framer: Framer::new(max_message),
         ended: false,
     })
+}
+
+/// One message as a gRPC frame in one buffer.
+fn framed<M: Message>(m: &M) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + m.encoded_len());
+    buf.put_u8(0);
+    buf.put_u32(m.encoded_len() as u32);
+    // Cannot fail: the buffer has room for the whole message.
+    let _ = m.encode(&mut buf);
+    buf.freeze()
+}
+
+/// Starts a `BidiReadObject` call on `channel` sending `req`'s messages (its
+/// metadata as the call's headers); returns the response stream once the
+/// response headers arrived.
+pub async fn bidi_read_object<S>(
+    channel: tonic::transport::Channel,
+    req: tonic::Request<S>,
+    max_message: usize,
+) -> Result<ResponseStream, Status>
+where
+    S: Stream<Item = BidiReadObjectRequest> + Send + 'static,
+{
+    let (metadata, _, messages) = req.into_parts();
+    let frames = messages.map(|m| framed(&m));
+    let frames = start_call(channel, BIDI_READ_OBJECT, metadata, frames, max_message).await?;
+    Ok(ResponseStream { frames })
+}
+
+/// A `BidiWriteObjectRequest` as the pieces of its gRPC frame: the chunk's
+/// content is a piece of its own, the caller's buffer itself, so it goes to
+/// the connection without being copied into an encoding buffer. The pieces
+/// together are the 5-byte frame header and a protobuf encoding of the
+/// message (the first-message fields, then `write_offset`, then
+/// `checksummed_data`, then the rest: any field order decodes the same).
+pub fn write_request_frames(m: BidiWriteObjectRequest) -> Vec<Bytes> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let Some(bidi_write_object_request::Data::ChecksummedData(data)) = m.data.clone() else {
+        return vec![framed(&m)];
+    };
+    let first = BidiWriteObjectRequest {
+        first_message: m.first_message.clone(),
+        ..Default::default()
+    };
+    let rest = BidiWriteObjectRequest {
+        first_message: None,
+        write_offset: 0,
+        data: None,
+        ..m.clone()
+    };
+    let content_len = data.content.len();
+    let content_field = if content_len > 0 {
+        1 + encoded_len_varint(content_len as u64) + content_len
+    } else {
+        0
+    };
+    let data_len = content_field + data.crc32c.map_or(0, |_| 1 + 4);
+    let offset_field = if m.write_offset != 0 {
+        1 + encoded_len_varint(m.write_offset as u64)
+    } else {
+        0
+    };
+    let total = first.encoded_len()
+        + offset_field
+        + 1
+        + encoded_len_varint(data_len as u64)
+        + data_len
+        + rest.encoded_len();
+    let mut head = BytesMut::with_capacity(5 + first.encoded_len() + 32);
+    head.put_u8(0);
+    head.put_u32(total as u32);
+    let _ = first.encode(&mut head);
+    if m.write_offset != 0 {
+        encode_key(3, WireType::Varint, &mut head);
+        encode_varint(m.write_offset as u64, &mut head);
+    }
+    encode_key(4, WireType::LengthDelimited, &mut head);
+    encode_varint(data_len as u64, &mut head);
+    if content_len > 0 {
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        encode_varint(content_len as u64, &mut head);
+    }
+    let mut tail = BytesMut::with_capacity(5 + rest.encoded_len());
+    if let Some(crc) = data.crc32c {
+        encode_key(2, WireType::ThirtyTwoBit, &mut tail);
+        tail.put_u32_le(crc);
+    }
+    let _ = rest.encode(&mut tail);
+    let mut pieces = vec![head.freeze()];
+    if content_len > 0 {
+        pieces.push(data.content);
+    }
+    if !tail.is_empty() {
+        pieces.push(tail.freeze());
+    }
+    pieces
+}
+
+/// Starts a `BidiWriteObject` call on `channel` sending `req`'s messages
+/// (chunk content without a copy, see [`write_request_frames`]; its metadata
+/// as the call's headers); returns the response stream once the response
+/// headers arrived (the service answers the first message at once).
+pub async fn bidi_write_object<S>(
+    channel: tonic::transport::Channel,
+    req: tonic::Request<S>,
+    max_message: usize,
+) -> Result<WriteResponseStream, Status>
+where
+    S: Stream<Item = BidiWriteObjectRequest> + Send + 'static,
+{
+    let (metadata, _, messages) = req.into_parts();
+    let frames = messages.flat_map(|m| futures::stream::iter(write_request_frames(m)));
+    let frames = start_call(channel, BIDI_WRITE_OBJECT, metadata, frames, max_message).await?;
+    Ok(WriteResponseStream { frames })
 }
 
 /// The detail of type `type_name` (e.g. `google.storage.v2.BidiReadObjectRedirectedError`)
@@ -766,5 +913,66 @@ mod tests {
             f.next_message(),
             Err(WireError::TooLarge { len: 17, .. })
         ));
+    }
+
+    fn write_request() -> impl Strategy<Value = BidiWriteObjectRequest> {
+        use crate::proto::storage::bidi_write_object_request::{Data, FirstMessage};
+        use crate::proto::storage::{AppendObjectSpec, ObjectChecksums};
+        (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::option::of(any::<u32>()),
+            0i64..(1 << 40),
+            any::<(bool, bool, bool, bool)>(),
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(
+                |(content, crc, offset, (flush, lookup, finish, first), whole)| {
+                    BidiWriteObjectRequest {
+                        first_message: first.then(|| {
+                            FirstMessage::AppendObjectSpec(AppendObjectSpec {
+                                bucket: "projects/_/buckets/b".into(),
+                                object: "o".into(),
+                                generation: 7,
+                                ..Default::default()
+                            })
+                        }),
+                        write_offset: offset,
+                        data: Some(Data::ChecksummedData(ChecksummedData {
+                            content: Bytes::from(content),
+                            crc32c: crc,
+                        })),
+                        object_checksums: whole.map(|c| ObjectChecksums {
+                            crc32c: Some(c),
+                            md5_hash: Bytes::new(),
+                        }),
+                        state_lookup: lookup,
+                        flush,
+                        finish_write: finish,
+                        common_object_request_params: None,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(256)))]
+
+        /// A write request's pieces are one gRPC frame whose message decodes
+        /// to the request; the content piece is the caller's buffer itself.
+        #[test]
+        fn write_requests_frame_without_copying_content(m in write_request()) {
+            let pieces = write_request_frames(m.clone());
+            let whole: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+            prop_assert_eq!(whole[0], 0);
+            let len = u32::from_be_bytes([whole[1], whole[2], whole[3], whole[4]]) as usize;
+            prop_assert_eq!(len, whole.len() - 5);
+            let back = BidiWriteObjectRequest::decode(&whole[5..]).expect("decodes");
+            prop_assert_eq!(&back, &m);
+            if let Some(bidi_write_object_request::Data::ChecksummedData(d)) = &m.data {
+                if !d.content.is_empty() {
+                    prop_assert!(pieces.iter().any(|p| p.as_ptr() == d.content.as_ptr()));
+                }
+            }
+        }
     }
 }

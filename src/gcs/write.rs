@@ -29,7 +29,7 @@ use tonic::Status;
 
 use super::client::{object_info, GcsClient};
 use super::retry::Backoff;
-use super::wire::status_detail;
+use super::wire::{self, status_detail, WriteResponseStream};
 use super::{GcsError, ObjectInfo};
 use crate::proto::storage::bidi_write_object_request::{Data, FirstMessage};
 use crate::proto::storage::bidi_write_object_response::WriteStatus;
@@ -100,7 +100,7 @@ impl From<GcsError> for Failed {
 
 struct Stream {
     tx: mpsc::Sender<BidiWriteObjectRequest>,
-    rx: tonic::Streaming<BidiWriteObjectResponse>,
+    rx: WriteResponseStream,
 }
 
 /// Writes one appendable object (see the module doc).
@@ -306,13 +306,10 @@ impl AppendableWriter {
             .await?;
         let what = self.what.clone();
         let opening = async {
-            let mut rx = self
-                .client
-                .storage()
-                .bidi_write_object(req)
+            let channel = self.client.transport.channel();
+            let mut rx = wire::bidi_write_object(channel, req, self.client.max_message)
                 .await
-                .map_err(|st| Failed::status(&st, &what))?
-                .into_inner();
+                .map_err(|st| Failed::status(&st, &what))?;
             let answer = rx
                 .message()
                 .await
