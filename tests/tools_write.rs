@@ -267,3 +267,33 @@ fn bad_input_is_one_line_and_exit_1() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(!tree.path("o").exists(), "nothing was written");
 }
+
+/// On a terminal `cp` shows its progress (bytes, rate, time left) on stderr,
+/// as `gcloud storage cp` does; the run above, without one, showed none.
+/// The terminal is a pseudo-terminal made by util-linux `script`.
+#[test]
+fn cp_shows_progress_on_a_terminal() {
+    let tree = Tree::new();
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("p.bin");
+    std::fs::write(&src, pattern(24 << 20, 2)).unwrap();
+    let cmd = format!(
+        "{} cp {} gs://test-bucket/p.bin",
+        env!("CARGO_BIN_EXE_zonalfs"),
+        src.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("STORAGE_EMULATOR_HOST", &emu.addr)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script(1)");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("gs://test-bucket/p.bin: 24.0 MiB / 24.0 MiB at"),
+        "no progress line on the terminal: {shown:?}"
+    );
+    assert!(shown.contains("left"), "{shown:?}");
+}
