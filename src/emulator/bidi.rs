@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 use super::store::{self, ObjectMeta};
-use super::wire::{check_routing, object_proto, status_with_detail};
+use super::wire::{self, check_routing, object_proto, status_with_detail};
 use super::{EmuError, Emulator};
 use crate::proto::storage::{
     BidiReadHandle, BidiReadObjectError, BidiReadObjectRedirectedError, BidiReadObjectRequest,
@@ -49,22 +49,11 @@ const HANDLE_MAGIC: &str = "zemu1";
 
 /// An opaque read handle naming (bucket, object, generation).
 fn encode_handle(bucket: &str, object: &str, generation: i64) -> Bytes {
-    Bytes::from(format!("{HANDLE_MAGIC}\0{bucket}\0{object}\0{generation}"))
+    wire::encode_handle(HANDLE_MAGIC, bucket, object, generation)
 }
 
 fn decode_handle(h: &[u8]) -> Option<(String, String, i64)> {
-    let s = std::str::from_utf8(h).ok()?;
-    let mut parts = s.split('\0');
-    if parts.next()? != HANDLE_MAGIC {
-        return None;
-    }
-    let bucket = parts.next()?.to_string();
-    let object = parts.next()?.to_string();
-    let generation = parts.next()?.parse().ok()?;
-    parts
-        .next()
-        .is_none()
-        .then_some((bucket, object, generation))
+    wire::decode_handle(HANDLE_MAGIC, h)
 }
 
 fn invalid(msg: impl Into<String>) -> Status {

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::store::{self, ListCursor, ListQuery, ObjectMeta, Preconditions};
-use super::wire::{call_params, check_routing, object_proto, timestamp};
+use super::wire::{blocking, call_params, check_routing, object_proto, timestamp};
 use super::{bidi, write, EmuError, Emulator};
 use crate::proto::{control, longrunning, storage};
 
@@ -37,16 +37,6 @@ pub struct ControlService {
 /// folder renames return (they finish before they are returned).
 pub struct OperationsService {
     pub emu: Arc<Emulator>,
-}
-
-/// Runs a blocking store call off the reactor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, EmuError> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::from)
 }
 
 /// Parses `projects/_/buckets/B/folders/PATH` into (B, PATH with a trailing `/`).

@@ -370,8 +370,19 @@ impl Store {
         name: &str,
         generation: i64,
     ) -> Result<(ObjectMeta, File), EmuError> {
+        self.open_as(bucket, name, generation, File::options().read(true))
+    }
+
+    /// [`Store::open`] with these open options (writers open for writing too).
+    fn open_as(
+        &self,
+        bucket: &str,
+        name: &str,
+        generation: i64,
+        how: &std::fs::OpenOptions,
+    ) -> Result<(ObjectMeta, File), EmuError> {
         let path = self.object_path(bucket, name)?;
-        let file = File::open(&path).map_err(|_| Self::not_found(bucket, name))?;
+        let file = how.open(&path).map_err(|_| Self::not_found(bucket, name))?;
         let md = file.metadata()?;
         if !md.is_file() {
             return Err(Self::not_found(bucket, name));

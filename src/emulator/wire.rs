@@ -1,7 +1,8 @@
 //! What every emulator call shares on the wire: an object's metadata as the
 //! service sends it, timestamps, the routing header (`x-goog-request-params`)
-//! and its check, the per-call bookkeeping of credentials and user agent, and
-//! statuses carrying a typed detail. `service` (unary calls), `bidi` (read
+//! and its check, the per-call bookkeeping of credentials and user agent,
+//! statuses carrying a typed detail, the opaque read and write handles, and
+//! running a blocking store call off the reactor. `service` (unary calls), `bidi` (read
 //! streams) and `send` (their responses) take these from here; none of them
 //! imports another for them.
 
@@ -141,6 +142,39 @@ pub fn check_routing(
         ))),
         _ => Ok(()),
     }
+}
+
+/// An opaque handle (a read or a write handle, told apart by `magic`)
+/// naming (bucket, object, generation).
+pub fn encode_handle(magic: &str, bucket: &str, object: &str, generation: i64) -> bytes::Bytes {
+    bytes::Bytes::from(format!("{magic}\0{bucket}\0{object}\0{generation}"))
+}
+
+/// The (bucket, object, generation) of a handle made by [`encode_handle`]
+/// with the same `magic`.
+pub fn decode_handle(magic: &str, h: &[u8]) -> Option<(String, String, i64)> {
+    let s = std::str::from_utf8(h).ok()?;
+    let mut parts = s.split('\0');
+    if parts.next()? != magic {
+        return None;
+    }
+    let bucket = parts.next()?.to_string();
+    let object = parts.next()?.to_string();
+    let generation = parts.next()?.parse().ok()?;
+    parts
+        .next()
+        .is_none()
+        .then_some((bucket, object, generation))
+}
+
+/// Runs a blocking store call off the reactor.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EmuError> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .map_err(tonic::Status::from)
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use tonic::{Code, Status, Streaming};
 
 use super::faults::MAX_CHUNK;
 use super::store::{self, Preconditions, Written};
-use super::wire::{check_routing, object_proto, status_with_detail};
+use super::wire::{self, blocking, check_routing, object_proto, status_with_detail};
 use super::{EmuError, Emulator};
 use crate::proto::storage::bidi_write_object_request::{Data, FirstMessage};
 use crate::proto::storage::bidi_write_object_response::WriteStatus;
@@ -59,23 +59,12 @@ const HANDLE_MAGIC: &str = "zemuw1";
 /// An opaque write handle naming (bucket, object, generation).
 fn encode_handle(bucket: &str, object: &str, generation: i64) -> BidiWriteHandle {
     BidiWriteHandle {
-        handle: Bytes::from(format!("{HANDLE_MAGIC}\0{bucket}\0{object}\0{generation}")),
+        handle: wire::encode_handle(HANDLE_MAGIC, bucket, object, generation),
     }
 }
 
 fn decode_handle(h: &[u8]) -> Option<(String, String, i64)> {
-    let s = std::str::from_utf8(h).ok()?;
-    let mut parts = s.split('\0');
-    if parts.next()? != HANDLE_MAGIC {
-        return None;
-    }
-    let bucket = parts.next()?.to_string();
-    let object = parts.next()?.to_string();
-    let generation = parts.next()?.parse().ok()?;
-    parts
-        .next()
-        .is_none()
-        .then_some((bucket, object, generation))
+    wire::decode_handle(HANDLE_MAGIC, h)
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -135,16 +124,6 @@ fn routing_token(
         }
     }
     Ok(token)
-}
-
-/// Runs a blocking store call off the reactor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, EmuError> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::from)
 }
 
 /// The CRC32C of a file's first `len` bytes.

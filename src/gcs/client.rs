@@ -363,28 +363,35 @@ impl GcsClient {
         StorageControlClient::new(self.transport.channel())
     }
 
-    /// Deletes an object's live version (`generation`: only that one).
-    pub async fn delete(&self, name: &str, generation: Option<i64>) -> Result<(), GcsError> {
-        let what = format!("gs://{}/{name}", self.bucket);
-        self.retrying(&what, || async {
+    /// One unary call about `what`, retried: `msg` goes out with the routing
+    /// header and credentials, `call` sends it on a stub.
+    async fn unary<M, T, F, Fut>(&self, what: &str, msg: M, call: F) -> Result<T, GcsError>
+    where
+        M: Clone,
+        F: Fn(tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.retrying(what, || async {
             let req = self
                 .transport
-                .request(
-                    DeleteObjectRequest {
-                        bucket: self.bucket_resource(),
-                        object: name.to_string(),
-                        if_generation_match: generation,
-                        ..Default::default()
-                    },
-                    &self.bucket,
-                    None,
-                )
+                .request(msg.clone(), &self.bucket, None)
                 .await?;
-            self.storage()
-                .delete_object(req)
-                .await
-                .map(|_| ())
-                .map_err(|s| GcsError::from_status(&s, &what))
+            call(req).await.map_err(|s| GcsError::from_status(&s, what))
+        })
+        .await
+    }
+
+    /// Deletes an object's live version (`generation`: only that one).
+    pub async fn delete(&self, name: &str, generation: Option<i64>) -> Result<(), GcsError> {
+        let msg = DeleteObjectRequest {
+            bucket: self.bucket_resource(),
+            object: name.to_string(),
+            if_generation_match: generation,
+            ..Default::default()
+        };
+        let what = format!("gs://{}/{name}", self.bucket);
+        self.unary(&what, msg, |r| async move {
+            self.storage().delete_object(r).await.map(|_| ())
         })
         .await
     }
@@ -398,27 +405,19 @@ impl GcsClient {
         to: &str,
         if_generation_match: Option<i64>,
     ) -> Result<ObjectInfo, GcsError> {
+        let msg = MoveObjectRequest {
+            bucket: self.bucket_resource(),
+            source_object: from.to_string(),
+            destination_object: to.to_string(),
+            if_generation_match,
+            ..Default::default()
+        };
         let what = format!("gs://{}/{from}", self.bucket);
-        self.retrying(&what, || async {
-            let req = self
-                .transport
-                .request(
-                    MoveObjectRequest {
-                        bucket: self.bucket_resource(),
-                        source_object: from.to_string(),
-                        destination_object: to.to_string(),
-                        if_generation_match,
-                        ..Default::default()
-                    },
-                    &self.bucket,
-                    None,
-                )
-                .await?;
+        self.unary(&what, msg, |r| async move {
             self.storage()
-                .move_object(req)
+                .move_object(r)
                 .await
-                .map(|r| object_info(r.get_ref()))
-                .map_err(|s| GcsError::from_status(&s, &what))
+                .map(|o| object_info(o.get_ref()))
         })
         .await
     }
@@ -433,52 +432,30 @@ impl GcsClient {
 
     /// Creates a folder (`a/b`); `recursive` creates missing parents too.
     pub async fn create_folder(&self, path: &str, recursive: bool) -> Result<(), GcsError> {
+        let msg = CreateFolderRequest {
+            parent: self.bucket_resource(),
+            folder: None,
+            folder_id: format!("{}/", path.trim_end_matches('/')),
+            recursive,
+            request_id: String::new(),
+        };
         let what = format!("gs://{}/{path}", self.bucket);
-        self.retrying(&what, || async {
-            let req = self
-                .transport
-                .request(
-                    CreateFolderRequest {
-                        parent: self.bucket_resource(),
-                        folder: None,
-                        folder_id: format!("{}/", path.trim_end_matches('/')),
-                        recursive,
-                        request_id: String::new(),
-                    },
-                    &self.bucket,
-                    None,
-                )
-                .await?;
-            self.control()
-                .create_folder(req)
-                .await
-                .map(|_| ())
-                .map_err(|s| GcsError::from_status(&s, &what))
+        self.unary(&what, msg, |r| async move {
+            self.control().create_folder(r).await.map(|_| ())
         })
         .await
     }
 
     /// Is there a folder at `path`?
     pub async fn folder_exists(&self, path: &str) -> Result<bool, GcsError> {
+        let msg = GetFolderRequest {
+            name: self.folder_name(path),
+            ..Default::default()
+        };
         let what = format!("gs://{}/{path}", self.bucket);
         let found = self
-            .retrying(&what, || async {
-                let req = self
-                    .transport
-                    .request(
-                        GetFolderRequest {
-                            name: self.folder_name(path),
-                            ..Default::default()
-                        },
-                        &self.bucket,
-                        None,
-                    )
-                    .await?;
-                self.control()
-                    .get_folder(req)
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| GcsError::from_status(&s, &what))
+            .unary(&what, msg, |r| async move {
+                self.control().get_folder(r).await.map(|_| ())
             })
             .await;
         match found {
@@ -490,50 +467,31 @@ impl GcsClient {
 
     /// Deletes an empty folder.
     pub async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
+        let msg = DeleteFolderRequest {
+            name: self.folder_name(path),
+            ..Default::default()
+        };
         let what = format!("gs://{}/{path}", self.bucket);
-        self.retrying(&what, || async {
-            let req = self
-                .transport
-                .request(
-                    DeleteFolderRequest {
-                        name: self.folder_name(path),
-                        ..Default::default()
-                    },
-                    &self.bucket,
-                    None,
-                )
-                .await?;
-            self.control()
-                .delete_folder(req)
-                .await
-                .map(|_| ())
-                .map_err(|s| GcsError::from_status(&s, &what))
+        self.unary(&what, msg, |r| async move {
+            self.control().delete_folder(r).await.map(|_| ())
         })
         .await
     }
 
     /// Renames a folder and everything below it; waits for the operation.
     pub async fn rename_folder(&self, from: &str, to: &str) -> Result<(), GcsError> {
+        let msg = RenameFolderRequest {
+            name: self.folder_name(from),
+            destination_folder_id: format!("{}/", to.trim_end_matches('/')),
+            ..Default::default()
+        };
         let what = format!("gs://{}/{from}", self.bucket);
         let mut op = self
-            .retrying(&what, || async {
-                let req = self
-                    .transport
-                    .request(
-                        RenameFolderRequest {
-                            name: self.folder_name(from),
-                            destination_folder_id: format!("{}/", to.trim_end_matches('/')),
-                            ..Default::default()
-                        },
-                        &self.bucket,
-                        None,
-                    )
-                    .await?;
+            .unary(&what, msg, |r| async move {
                 self.control()
-                    .rename_folder(req)
+                    .rename_folder(r)
                     .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| GcsError::from_status(&s, &what))
+                    .map(|o| o.into_inner())
             })
             .await?;
         let mut backoff = Backoff::new(&self.retry);
@@ -545,22 +503,15 @@ impl GcsClient {
                 )));
             };
             tokio::time::sleep(d).await;
-            let name = op.name.clone();
+            let msg = GetOperationRequest {
+                name: op.name.clone(),
+            };
             op = self
-                .retrying(&what, || async {
-                    let req = self
-                        .transport
-                        .request(
-                            GetOperationRequest { name: name.clone() },
-                            &self.bucket,
-                            None,
-                        )
-                        .await?;
+                .unary(&what, msg, |r| async move {
                     OperationsClient::new(self.transport.channel())
-                        .get_operation(req)
+                        .get_operation(r)
                         .await
-                        .map(|r| r.into_inner())
-                        .map_err(|s| GcsError::from_status(&s, &what))
+                        .map(|o| o.into_inner())
                 })
                 .await?;
         }

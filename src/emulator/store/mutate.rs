@@ -293,22 +293,12 @@ impl Store {
         name: &str,
         generation: i64,
     ) -> Result<(Written, ObjectMeta), EmuError> {
-        let path = self.object_path(bucket, name)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|_| Self::not_found(bucket, name))?;
-        let md = file.metadata()?;
-        if !md.is_file() {
-            return Err(Self::not_found(bucket, name));
-        }
-        let meta = self.meta_from(bucket, name, &md);
-        if generation != 0 && generation != meta.generation {
-            return Err(EmuError::NotFound(format!(
-                "No such object: {bucket}/{name}#{generation}"
-            )));
-        }
+        let (meta, file) = self.open_as(
+            bucket,
+            name,
+            generation,
+            File::options().read(true).write(true),
+        )?;
         if meta.finalized {
             return Err(EmuError::FailedPrecondition(format!(
                 "The object {bucket}/{name} is finalized: it cannot be appended to"
