@@ -223,6 +223,8 @@ impl MountArgs {
             metadata_ttl: self.metadata_ttl,
             negative_ttl: self.negative_ttl,
             prefetch_files: self.prefetch_files,
+            read_only: self.read_only,
+            finalize_on_close: self.finalize_on_close,
             ..FsConfig::default()
         };
         if let Some(u) = self.uid {
@@ -308,11 +310,18 @@ pub struct MountArgs {
     #[arg(long, env = "ZONALFS_GID")]
     pub gid: Option<u32>,
     /// Permission bits of files (octal).
-    #[arg(long, default_value = "0444", value_parser = parse_mode, env = "ZONALFS_FILE_MODE")]
+    #[arg(long, default_value = "0644", value_parser = parse_mode, env = "ZONALFS_FILE_MODE")]
     pub file_mode: u16,
     /// Permission bits of directories (octal).
-    #[arg(long, default_value = "0555", value_parser = parse_mode, env = "ZONALFS_DIR_MODE")]
+    #[arg(long, default_value = "0755", value_parser = parse_mode, env = "ZONALFS_DIR_MODE")]
     pub dir_mode: u16,
+    /// Mount read-only: every change is refused (EROFS). `-o ro` in fstab.
+    #[arg(long, env = "ZONALFS_READ_ONLY")]
+    pub read_only: bool,
+    /// Finalize a file written through the mount when it is closed (by
+    /// default it stays appendable, as gcsfuse leaves zonal objects).
+    #[arg(long, env = "ZONALFS_FINALIZE_ON_CLOSE")]
+    pub finalize_on_close: bool,
     /// Let other users access the mount.
     #[arg(long, env = "ZONALFS_ALLOW_OTHER")]
     pub allow_other: bool,
@@ -394,13 +403,14 @@ pub struct MountArgs {
 }
 
 /// Turns `-o opt[,opt=val]...` (fstab style) into `--flag[=val]` arguments.
-/// Options the mount(8) machinery passes for itself (`ro`, `defaults`,
-/// `_netdev`, `auto`, `noauto`, `nofail`, `user`, `users`, `nouser`, `exec`,
-/// `noexec`, `suid`, `nosuid`, `dev`, `nodev`, `async`, `atime`, `noatime`,
-/// `relatime`) are accepted and ignored; `rw` is refused (the mount is read-only).
+/// `ro` is `--read-only`, `rw` (the default) nothing. Options the mount(8)
+/// machinery passes for itself (`defaults`, `_netdev`, `auto`, `noauto`,
+/// `nofail`, `user`, `users`, `nouser`, `exec`, `noexec`, `suid`, `nosuid`,
+/// `dev`, `nodev`, `async`, `atime`, `noatime`, `relatime`) are accepted and
+/// ignored.
 pub fn expand_mount_options(opts: &str) -> Result<Vec<String>, String> {
     const IGNORED: &[&str] = &[
-        "ro", "defaults", "_netdev", "auto", "noauto", "nofail", "user", "users", "nouser", "exec",
+        "rw", "defaults", "_netdev", "auto", "noauto", "nofail", "user", "users", "nouser", "exec",
         "noexec", "suid", "nosuid", "dev", "nodev", "async", "atime", "noatime", "relatime",
     ];
     let mut out = Vec::new();
@@ -408,8 +418,9 @@ pub fn expand_mount_options(opts: &str) -> Result<Vec<String>, String> {
         if IGNORED.contains(&o) {
             continue;
         }
-        if o == "rw" {
-            return Err("-o rw: zonalfs mounts are read-only".to_string());
+        if o == "ro" {
+            out.push("--read-only".to_string());
+            continue;
         }
         let (k, v) = match o.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -581,7 +592,7 @@ pub struct MvArgs {
     pub log_level: String,
 }
 
-/// zonalfs: mount a Google Cloud Storage zonal bucket as a read-only filesystem.
+/// zonalfs: mount a Google Cloud Storage zonal bucket as a filesystem.
 #[derive(Debug, Parser)]
 #[command(name = "zonalfs", version, about, propagate_version = true)]
 pub struct Cli {
@@ -593,7 +604,7 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount a bucket read-only at a directory.
+    /// Mount a bucket at a directory (read-write; --read-only for a read-only mount).
     Mount(MountArgs),
     /// Unmount a zonalfs mount (detaching it lazily if it is busy).
     Unmount(UnmountArgs),
@@ -792,6 +803,7 @@ mod tests {
             [
                 "zonalfs",
                 "mount",
+                "--read-only",
                 "--allow-other",
                 "--uid",
                 "1000",
@@ -805,8 +817,11 @@ mod tests {
         let Command::Mount(m) = cli.command else {
             panic!("not mount");
         };
-        assert!(m.allow_other && m.uid == Some(1000) && m.file_mode == 0o440);
-        assert!(helper_args(&["b".into(), "/m".into(), "-o".into(), "rw".into()]).is_err());
+        assert!(m.allow_other && m.uid == Some(1000) && m.file_mode == 0o440 && m.read_only);
+        let rw = helper_args(&["b".into(), "/m".into(), "-o".into(), "rw".into()]).unwrap();
+        assert!(!rw.contains(&"--read-only".to_string()), "{rw:?}");
+        let ro = helper_args(&["b".into(), "/m".into(), "-o".into(), "ro,nodev".into()]).unwrap();
+        assert!(ro.contains(&"--read-only".to_string()), "{ro:?}");
         assert!(helper_args(&["b".into()]).is_err());
         let bad = helper_args(&["b".into(), "/m".into(), "-o".into(), "bogus".into()]).unwrap();
         assert!(

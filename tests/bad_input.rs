@@ -165,12 +165,6 @@ const CASES: &[Case] = &[
         needles: &["--connections", "0 is not in 1..=64"],
     },
     Case {
-        name: "-o rw",
-        args: "mount test-bucket {MNT} -o rw",
-        code: 2,
-        needles: &["-o rw: zonalfs mounts are read-only"],
-    },
-    Case {
         name: "unknown -o option",
         args: "mount test-bucket {MNT} -o bogus_opt",
         code: 2,

@@ -30,7 +30,13 @@ fn mount_read_list_errors_and_clean_unmount() {
     let mut m = MountGuard::mount(
         &format!("http://{}", emu.addr),
         mnt.path(),
-        &["--metrics-addr", &metrics_addr, "--memory-limit", "256MiB"],
+        &[
+            "--metrics-addr",
+            &metrics_addr,
+            "--memory-limit",
+            "256MiB",
+            "--read-only",
+        ],
     );
     let root = mnt.path();
 

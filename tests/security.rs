@@ -258,21 +258,28 @@ fn mount_options_default_permissions_and_no_allow_other() {
     tree.put("x", b"x");
     let emu = EmuChild::spawn(tree.root(), &[]);
     let mnt = tempfile::tempdir().expect("mountpoint");
-    let m = MountGuard::mount(&format!("http://{}", emu.addr), mnt.path(), &[]);
-    let opts = mount_options(mnt.path());
-    for want in ["ro", "nosuid", "nodev", "default_permissions"] {
-        assert!(opts.iter().any(|o| o == want), "{want} not in {opts:?}");
+    for (extra, mode, want_ro) in [(&[][..], 0o644, false), (&["--read-only"][..], 0o644, true)] {
+        let m = MountGuard::mount(&format!("http://{}", emu.addr), mnt.path(), extra);
+        let opts = mount_options(mnt.path());
+        for want in ["nosuid", "nodev", "default_permissions"] {
+            assert!(opts.iter().any(|o| o == want), "{want} not in {opts:?}");
+        }
+        let rw = if want_ro { "ro" } else { "rw" };
+        assert!(
+            opts.iter().any(|o| o == rw),
+            "{rw} not in {opts:?} ({extra:?})"
+        );
+        assert!(
+            !opts.iter().any(|o| o == "allow_other"),
+            "allow_other without --allow-other: {opts:?}"
+        );
+        // The permission bits are enforced by the kernel: 0644 files, 0755 dirs.
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(mnt.path().join("x")).expect("stat");
+        assert_eq!(md.permissions().mode() & 0o7777, mode);
+        drop(m);
+        assert!(!is_mounted(mnt.path()));
     }
-    assert!(
-        !opts.iter().any(|o| o == "allow_other"),
-        "allow_other without --allow-other: {opts:?}"
-    );
-    // The permission bits are enforced by the kernel: 0444 files, 0555 dirs.
-    use std::os::unix::fs::PermissionsExt;
-    let md = std::fs::metadata(mnt.path().join("x")).expect("stat");
-    assert_eq!(md.permissions().mode() & 0o7777, 0o444);
-    drop(m);
-    assert!(!is_mounted(mnt.path()));
 }
 
 /// Plaintext only when given explicitly: STORAGE_EMULATOR_HOST=host:port is

@@ -25,6 +25,19 @@ pub enum FsError {
     BadHandle,
     #[error("invalid name")]
     InvalidName,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    /// A write the mount does not do (yet): writing anywhere but at the end,
+    /// resizing to other than 0 or the current size.
+    #[error("operation not supported: {0}")]
+    Unsupported(String),
+    /// A write handle whose upload failed: every later write and flush on it
+    /// reports this (the bytes since the last successful flush are not in
+    /// the bucket).
+    #[error("write failed: {0}")]
+    WriteFailed(String),
     /// What the service said of an object cannot be right (e.g. an appendable
     /// object that shrank).
     #[error("I/O error: {0}")]
@@ -48,6 +61,10 @@ impl FsError {
             FsError::Read(ReadError::Gcs(GcsError::NotFound(_))) => libc::ESTALE,
             FsError::BadHandle => libc::EBADF,
             FsError::InvalidName => libc::EINVAL,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Unsupported(_) => libc::EOPNOTSUPP,
+            FsError::WriteFailed(_) => libc::EIO,
             FsError::Inconsistent(_)
             | FsError::Read(ReadError::Short { .. })
             | FsError::Read(ReadError::Shrank { .. }) => libc::EIO,
@@ -63,6 +80,7 @@ impl FsError {
 fn gcs_errno(e: &GcsError) -> i32 {
     match e {
         GcsError::NotFound(_) => libc::ENOENT,
+        GcsError::AlreadyExists(_) => libc::EEXIST,
         e if e.is_denied() => libc::EACCES,
         _ => libc::EIO,
     }

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::mountinfo::{self, MountEntry};
@@ -100,6 +101,40 @@ impl FuseFs {
         }
     }
 
+    /// unlink, rmdir and rename: a name in a directory, an empty reply.
+    fn namespace_op<F>(
+        &self,
+        req: &Request,
+        op: &'static str,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        work: F,
+    ) where
+        F: FnOnce(
+                Arc<Fs>,
+                u64,
+                String,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), FsError>> + Send>,
+            > + Send
+            + 'static,
+    {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.rt.spawn(traced(op, id, parent.0, async move {
+            let r = work(fs, parent.0, name).await;
+            Self::done(&stats, op, id, t, r.as_ref().err());
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
     fn done(stats: &FuseStats, op: &str, req: u64, start: Instant, err: Option<&FsError>) {
         let took = start.elapsed();
         if let Some(s) = stats.op(op) {
@@ -166,6 +201,9 @@ impl Filesystem for FuseFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // O_TRUNC comes with the open (a new generation in one step) instead
+        // of a separate truncation first.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         // Small finalized files are served by the kernel from memory files
         // (FUSE passthrough) where the kernel offers it (6.9 and later, with
         // CAP_SYS_ADMIN); with direct I/O every read must come to us.
@@ -223,12 +261,13 @@ impl Filesystem for FuseFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
         let (fs, direct) = (self.fs.clone(), self.direct_io);
         let (stats, t) = (self.stats.clone(), Instant::now());
         let id = req.unique().0;
         let backings = self.backings.clone();
         self.rt.spawn(traced("open", id, ino.0, async move {
-            let r = fs.open_file(ino.0, write).await;
+            let r = fs.open_file(ino.0, write, truncate).await;
             Self::done(&stats, "open", id, t, r.as_ref().err());
             let opened = match r {
                 Ok(o) => o,
@@ -254,10 +293,14 @@ impl Filesystem for FuseFs {
             }
             // Keep the page cache across opens: the handle pins a generation,
             // and a new generation of the object gets an inode of its own.
+            // An open for writing keeps none (its inode may stand for a new
+            // generation from now on).
             reply.opened(
                 fh,
                 if direct {
                     FopenFlags::FOPEN_DIRECT_IO
+                } else if write {
+                    FopenFlags::empty()
                 } else {
                     FopenFlags::FOPEN_KEEP_CACHE
                 },
@@ -301,10 +344,196 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
+        if let Some(w) = self.fs.release(fh.0) {
+            // The upload ends off the loop thread (what was written was
+            // persisted by the flush at close).
+            self.rt.spawn(Fs::finish_write(w));
+        }
         lock(&self.backings).remove(&fh.0);
         self.stats.handle_released(false);
         reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let exclusive = flags & libc::O_EXCL != 0;
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.rt.spawn(traced("create", id, parent.0, async move {
+            let r = fs.create(parent.0, &name, exclusive).await;
+            Self::done(&stats, "create", id, t, r.as_ref().err());
+            match r {
+                Ok((a, fh)) => {
+                    stats.handle_opened(false);
+                    reply.created(
+                        &KERNEL_TTL,
+                        &file_attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        // The bytes are copied once, into the handle's gathering buffer (the
+        // request's buffer is the loop's own).
+        let data = bytes::Bytes::copy_from_slice(data);
+        self.now_or_spawn(traced("write", id, ino.0, async move {
+            let r = fs.write(fh.0, offset, &data).await;
+            Self::done(&stats, "write", id, t, r.as_ref().err());
+            match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.rt.spawn(traced("fsync", id, ino.0, async move {
+            let r = fs.flush(fh.0, false).await;
+            Self::done(&stats, "fsync", id, t, r.as_ref().err());
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.rt.spawn(traced("setattr", id, ino.0, async move {
+            let r = fs.setattr(ino.0, size, fh.map(|f| f.0)).await;
+            Self::done(&stats, "setattr", id, t, r.as_ref().err());
+            match r {
+                Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.rt.spawn(traced("mkdir", id, parent.0, async move {
+            let r = fs.mkdir(parent.0, &name).await;
+            Self::done(&stats, "mkdir", id, t, r.as_ref().err());
+            match r {
+                Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.namespace_op(req, "unlink", parent, name, reply, |fs, parent, name| {
+            Box::pin(async move { fs.unlink(parent, &name).await })
+        });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.namespace_op(req, "rmdir", parent, name, reply, |fs, parent, name| {
+            Box::pin(async move { fs.rmdir(parent, &name).await })
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let Some(newname) = newname.to_str().map(str::to_string) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.namespace_op(
+            req,
+            "rename",
+            parent,
+            name,
+            reply,
+            move |fs, parent, name| {
+                Box::pin(async move {
+                    fs.rename(parent, &name, newparent.0, &newname, noreplace)
+                        .await
+                })
+            },
+        );
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -399,14 +628,24 @@ impl Filesystem for FuseFs {
 
     fn flush(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is ever written: nothing to flush.
-        reply.ok();
+        // Each close(2): what a write handle wrote is persisted (a read
+        // handle has nothing to flush, answered on the loop thread).
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.now_or_spawn(traced("flush", id, ino.0, async move {
+            let r = fs.flush(fh.0, true).await;
+            Self::done(&stats, "flush", id, t, r.as_ref().err());
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
     }
 
     fn getxattr(
@@ -596,11 +835,15 @@ pub fn lazy_unmount(path: &Path) {
     }
 }
 
-/// Mount options for a read-only zonalfs mount of `bucket`.
-pub fn config(bucket: &str, allow_other: bool, threads: usize) -> fuser::Config {
+/// Mount options for a zonalfs mount of `bucket` (`read_only`: `ro`).
+pub fn config(bucket: &str, allow_other: bool, threads: usize, read_only: bool) -> fuser::Config {
     let mut c = fuser::Config::default();
     c.mount_options = vec![
-        fuser::MountOption::RO,
+        if read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        },
         fuser::MountOption::FSName(format!("zonalfs:{bucket}")),
         fuser::MountOption::Subtype("zonalfs".into()),
         fuser::MountOption::DefaultPermissions,

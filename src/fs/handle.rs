@@ -25,12 +25,12 @@ pub struct Handle {
     pub io: Io,
 }
 
-/// What an open handle does with its file: today it reads; a handle opened
-/// for writing becomes a variant of its own, and a read handle can turn into
-/// one (an append to the object it reads).
+/// What an open handle does with its file: it reads (a pinned object
+/// version), or it writes (an upload, see [`super::write`]).
 #[derive(Clone)]
 pub enum Io {
     Read(ReadHandle),
+    Write(super::write::WriteHandle),
 }
 
 /// A read handle: the object version it reads.
@@ -56,16 +56,27 @@ impl Fs {
     /// the object has a new generation: the inode stands for the old one, and
     /// the kernel then looks the name up again (and finds the new inode).
     pub async fn open(&self, ino: u64, write: bool) -> Result<u64, FsError> {
-        self.open_file(ino, write).await.map(|o| o.fh)
+        self.open_file(ino, write, false).await.map(|o| o.fh)
     }
 
     /// [`Fs::open`], and for a small finalized object when FUSE passthrough
     /// is on, its whole bytes in a memory file for the kernel to serve (an
     /// inode once opened the normal way stays on the normal path: the kernel
     /// refuses cached and passthrough opens of one inode at once).
-    pub async fn open_file(&self, ino: u64, write: bool) -> Result<Opened, FsError> {
+    /// `write`: for writing (see [`super::write`]); `truncate`: to a new empty
+    /// generation.
+    pub async fn open_file(
+        &self,
+        ino: u64,
+        write: bool,
+        truncate: bool,
+    ) -> Result<Opened, FsError> {
         if write {
-            return Err(FsError::ReadOnly);
+            let fh = self.open_write(ino, truncate).await?;
+            return Ok(Opened {
+                fh,
+                passthrough: None,
+            });
         }
         let kind = lock(&self.table)
             .nodes
@@ -152,10 +163,14 @@ impl Fs {
 
     /// Reads through the read engine, the only read path.
     pub async fn read(&self, fh: u64, offset: u64, len: u32) -> Result<ReadData, FsError> {
-        let (ino, Io::Read(mut h)) = lock(&self.handles)
+        let (ino, io) = lock(&self.handles)
             .get(&fh)
             .map(|h| (h.ino, h.io.clone()))
             .ok_or(FsError::BadHandle)?;
+        let mut h = match io {
+            Io::Read(h) => h,
+            Io::Write(w) => return self.read_written(&w, offset, len).await,
+        };
         let mut fresh = false;
         if !h.finalized && offset.saturating_add(u64::from(len)) > h.size {
             h = self.refresh_appendable(fh, ino, h).await?;
@@ -203,20 +218,25 @@ impl Fs {
     /// Closes a file handle. When it was the object's last one, the read
     /// engine lets go of the blocks that were read through (see
     /// [`ReadEngine::closed`]).
-    pub fn release(&self, fh: u64) {
+    /// A write handle's upload is returned, for the caller to end
+    /// ([`Fs::finish_write`], async).
+    pub fn release(&self, fh: u64) -> Option<super::write::WriteHandle> {
         let last_of = {
             let mut handles = lock(&self.handles);
-            handles.remove(&fh).and_then(|h| {
-                let Io::Read(r) = h.io;
-                let open = handles.values().any(|o| {
-                    let Io::Read(other) = &o.io;
-                    other.object == r.object
-                });
-                (!open).then_some(r.object)
-            })
+            match handles.remove(&fh).map(|h| h.io) {
+                Some(Io::Read(r)) => {
+                    let open = handles
+                        .values()
+                        .any(|o| matches!(&o.io, Io::Read(other) if other.object == r.object));
+                    (!open).then_some(r.object)
+                }
+                Some(Io::Write(w)) => return Some(w),
+                None => None,
+            }
         };
         if let Some(object) = last_of {
             self.engine.closed(&object);
         }
+        None
     }
 }

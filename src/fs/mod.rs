@@ -13,8 +13,10 @@
 //! name, the directory wins.
 //!
 //! Data flow for a read: `open` pins the object's generation and size in a
-//! handle (writes are refused with EROFS); `read` asks the [`ReadEngine`], the
-//! only read path, with that pinned version. Errors are [`FsError`], turned into
+//! handle; `read` asks the [`ReadEngine`], the only read path, with that
+//! pinned version. Writes (files created or truncated stream as appendable
+//! objects; appends take an unfinalized object over) and namespace changes
+//! are in [`write`]; a `--read-only` mount refuses them with EROFS. Errors are [`FsError`], turned into
 //! an errno in one place ([`FsError::errno`]).
 //!
 //! Changing objects: a file inode stands for one object *generation*, because
@@ -32,7 +34,8 @@
 //!
 //! Where each part lives: `inode` (the table of inodes, lookups,
 //! attributes, forgetting), `dir` (listings and directory handles), `handle`
-//! (opens, reads, releases), `error` ([`FsError`] and its errno), and
+//! (opens, reads, releases), `write` (writes, creates, truncation, unlink,
+//! mkdir, rmdir, rename), `error` ([`FsError`] and its errno), and
 //! [`fuse`], the adapter to the kernel. [`Fs`] and its settings are here.
 
 mod dir;
@@ -44,6 +47,7 @@ pub mod mountinfo;
 pub mod order;
 #[cfg(test)]
 mod tests;
+pub mod write;
 
 pub use dir::{entry_name, DirEntry};
 pub use error::FsError;
@@ -83,6 +87,11 @@ pub struct FsConfig {
     /// are opened in listing order, fetch this many of the next ones whole
     /// ahead of the reader (0: off).
     pub prefetch_files: usize,
+    /// `--read-only` (`-o ro`): every change is EROFS.
+    pub read_only: bool,
+    /// `--finalize-on-close`: a file written through the mount is finalized
+    /// when it is closed (else it stays appendable).
+    pub finalize_on_close: bool,
 }
 
 impl Default for FsConfig {
@@ -95,14 +104,16 @@ impl Default for FsConfig {
         FsConfig {
             uid,
             gid,
-            file_mode: 0o444,
-            dir_mode: 0o555,
+            file_mode: 0o644,
+            dir_mode: 0o755,
             metadata_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
             list_ttl: Duration::ZERO,
             max_nodes: 200_000,
             prefix: String::new(),
             prefetch_files: 0,
+            read_only: false,
+            finalize_on_close: false,
         }
     }
 }

@@ -594,7 +594,7 @@ async fn namespace_and_reads() {
         .map(|(_, e)| e.name)
         .collect();
     assert_eq!(rest, ["dup", "top"], "offsets are stable indexes");
-    assert!(matches!(fs.open(b.ino, true).await, Err(FsError::ReadOnly)));
+    assert!(matches!(fs.open(a.ino, true).await, Err(FsError::IsDir)));
     assert!(matches!(fs.open(a.ino, false).await, Err(FsError::IsDir)));
     let fh = fs.open(b.ino, false).await.unwrap();
     assert_eq!(fs.read(fh, 1, 100).await.unwrap().as_slice(), b"ello");
@@ -754,4 +754,156 @@ async fn failed_reads_are_eio_and_never_wrong_bytes() {
             fs.release(fh);
         }
     }
+}
+
+/// Writes through the filesystem over the in-memory client: a created file
+/// streams as an appendable object (persisted by flush, left unfinalized at
+/// close), O_TRUNC makes a new generation, appends take the object over,
+/// only sequential writes are streamed, a read through a write handle sees
+/// its own writes, and the namespace calls change the bucket.
+#[tokio::test]
+async fn writes_stream_as_appendable_objects() {
+    let c = MemClient::new(Duration::ZERO);
+    let fs = fs(c.clone());
+    let dir = fs.mkdir(ROOT_INO, "out").await.expect("mkdir");
+    assert!(dir.is_dir);
+    assert_eq!(c.folders(), ["out/"]);
+
+    let (a, fh) = fs.create(dir.ino, "log", false).await.expect("create");
+    assert_eq!(a.size, 0);
+    let body = pattern_bytes(5 << 20);
+    let mut off = 0;
+    for piece in body.chunks(128 << 10) {
+        assert_eq!(
+            fs.write(fh, off, piece).await.unwrap() as usize,
+            piece.len()
+        );
+        off += piece.len() as u64;
+    }
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, body.len() as u64);
+    // Not at the end: not streamed.
+    assert_eq!(
+        fs.write(fh, 3, b"x").await.unwrap_err().errno(),
+        libc::EOPNOTSUPP
+    );
+    // A read through the write handle sees its own writes.
+    let got = fs.read(fh, (4 << 20) + 5, 1000).await.unwrap();
+    assert_eq!(got.as_slice(), &body[(4 << 20) + 5..(4 << 20) + 1005]);
+    fs.flush(fh, true).await.expect("close");
+    if let Some(w) = fs.release(fh) {
+        Fs::finish_write(w).await;
+    }
+    let info = c.stat("out/log").await.unwrap();
+    assert_eq!((info.size, info.finalized), (body.len() as u64, false));
+
+    // O_APPEND-style: open without truncation, write at the end.
+    let fh = fs.open(a.ino, true).await.expect("open for append");
+    fs.write(fh, body.len() as u64, b"tail")
+        .await
+        .expect("append");
+    fs.flush(fh, false).await.expect("fsync");
+    let after = c.stat("out/log").await.unwrap();
+    assert_eq!(
+        after.generation, info.generation,
+        "an append keeps the generation"
+    );
+    assert_eq!(after.size, body.len() as u64 + 4);
+    if let Some(w) = fs.release(fh) {
+        Fs::finish_write(w).await;
+    }
+
+    // O_TRUNC: a new generation, which the inode stands for from now on.
+    let fh = fs.open_file(a.ino, true, true).await.expect("truncate").fh;
+    fs.write(fh, 0, b"new").await.unwrap();
+    fs.flush(fh, true).await.unwrap();
+    let _ = fs.release(fh);
+    let now = c.stat("out/log").await.unwrap();
+    assert_ne!(now.generation, info.generation);
+    assert_eq!(now.size, 3);
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, 3);
+    let rfh = fs.open(a.ino, false).await.unwrap();
+    assert_eq!(fs.read(rfh, 0, 10).await.unwrap().as_slice(), b"new");
+    let _ = fs.release(rfh);
+
+    // Truncation to 0 by setattr; other sizes are not supported.
+    assert_eq!(fs.setattr(a.ino, Some(0), None).await.unwrap().size, 0);
+    assert_eq!(
+        fs.setattr(a.ino, Some(7), None).await.unwrap_err().errno(),
+        libc::EOPNOTSUPP
+    );
+    // Mode and times are accepted and not kept.
+    assert_eq!(fs.setattr(a.ino, None, None).await.unwrap().ino, a.ino);
+
+    // Rename (atomic, same generation), exclusive create, unlink, rmdir.
+    let g = c.stat("out/log").await.unwrap().generation;
+    fs.rename(dir.ino, "log", ROOT_INO, "moved", false)
+        .await
+        .expect("rename");
+    assert_eq!(c.stat("moved").await.unwrap().generation, g);
+    assert!(c.stat("out/log").await.is_err());
+    let (_, fh) = fs.create(ROOT_INO, "other", false).await.unwrap();
+    let _ = fs.release(fh);
+    assert!(matches!(
+        fs.rename(ROOT_INO, "moved", ROOT_INO, "other", true).await,
+        Err(FsError::Exists)
+    ));
+    assert!(matches!(
+        fs.create(ROOT_INO, "other", true).await,
+        Err(FsError::Exists)
+    ));
+    let (_, fh) = fs.create(dir.ino, "keep", false).await.unwrap();
+    let _ = fs.release(fh);
+    assert!(matches!(
+        fs.rmdir(ROOT_INO, "out").await,
+        Err(FsError::NotEmpty)
+    ));
+    fs.unlink(dir.ino, "keep").await.expect("unlink");
+    assert!(c.stat("out/keep").await.is_err());
+    fs.rmdir(ROOT_INO, "out").await.expect("rmdir");
+    assert!(c.folders().is_empty());
+    assert!(matches!(
+        fs.lookup(ROOT_INO, "out").await,
+        Err(FsError::NotFound)
+    ));
+}
+
+/// A read-only mount refuses every change with EROFS.
+#[tokio::test]
+async fn a_read_only_mount_refuses_changes() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("f", b"x".to_vec(), true);
+    let engine = ReadEngine::new(
+        c.clone(),
+        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+        PrefetchConfig::default(),
+    );
+    let fs = Fs::new(
+        c.clone(),
+        engine,
+        FsConfig {
+            read_only: true,
+            ..Default::default()
+        },
+    );
+    let f = fs.lookup(ROOT_INO, "f").await.unwrap();
+    let refused = [
+        fs.open(f.ino, true).await.err(),
+        fs.create(ROOT_INO, "n", false).await.err(),
+        fs.mkdir(ROOT_INO, "d").await.err(),
+        fs.unlink(ROOT_INO, "f").await.err(),
+        fs.rename(ROOT_INO, "f", ROOT_INO, "g", false).await.err(),
+        fs.setattr(f.ino, Some(0), None).await.err(),
+    ];
+    for (i, e) in refused.iter().enumerate() {
+        assert_eq!(
+            e.as_ref().map(FsError::errno),
+            Some(libc::EROFS),
+            "case {i}: {e:?}"
+        );
+    }
+    assert_eq!(c.stat("f").await.unwrap().size, 1, "nothing changed");
+}
+
+fn pattern_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }

@@ -1,26 +1,32 @@
 //! In-memory object clients for tests and the FUSE-ceiling benchmark: the read
 //! engine and the filesystem run against these without a network.
 //!
-//! [`MemClient`] holds objects in memory, delivers reads in chunks of at most
-//! 2 MiB into the caller's sink (as a stream would), can add a latency to every
-//! read, and counts requests and bytes fetched. [`FaultyClient`] wraps any
+//! [`MemClient`] holds objects (and folders) in memory, delivers reads in
+//! chunks of at most 2 MiB into the caller's sink (as a stream would), can add
+//! a latency to every read, and counts requests and bytes fetched. It writes
+//! too, as the service does: appendable objects written through a
+//! [`MemWriter`] grow by what each flush persists. [`FaultyClient`] wraps any
 //! [`ObjectClient`] and fails every Nth read with UNAVAILABLE.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, RangeSink};
+use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
 
 const CHUNK: usize = 2 << 20;
+
+type Objects = HashMap<String, (ObjectInfo, Bytes)>;
 
 /// Objects in memory.
 #[derive(Default)]
 pub struct MemClient {
-    objects: RwLock<HashMap<String, (ObjectInfo, Bytes)>>,
+    objects: Arc<RwLock<Objects>>,
+    /// Folders, each with its trailing `/`.
+    folders: RwLock<BTreeSet<String>>,
     next_generation: AtomicU64,
     /// Added before every read's first byte.
     pub latency: Duration,
@@ -54,7 +60,7 @@ impl MemClient {
         let info = ObjectInfo {
             name: name.to_string(),
             size: data.len() as u64,
-            generation: self.next_generation.fetch_add(1, Ordering::Relaxed) as i64 + 1,
+            generation: self.new_generation(),
             metageneration: 1,
             finalized,
             update_time: SystemTime::now(),
@@ -86,6 +92,87 @@ impl MemClient {
         let objects = crate::sync::read(&self.objects);
         objects.get(name).cloned()
     }
+
+    fn new_generation(&self) -> i64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed) as i64 + 1
+    }
+
+    /// The folders (with their `/`).
+    pub fn folders(&self) -> Vec<String> {
+        crate::sync::read(&self.folders).iter().cloned().collect()
+    }
+}
+
+fn missing(name: &str) -> GcsError {
+    GcsError::NotFound(format!("mem://{name}"))
+}
+
+/// An appendable object being written into a [`MemClient`]: bytes wait in
+/// the writer until a flush persists them (appends them to the object).
+pub struct MemWriter {
+    objects: Arc<RwLock<Objects>>,
+    name: String,
+    generation: i64,
+    persisted: u64,
+    pending: Vec<u8>,
+}
+
+impl MemWriter {
+    fn persist(&mut self, finalize: bool) -> Result<ObjectInfo, GcsError> {
+        let mut objects = crate::sync::write(&self.objects);
+        let (info, data) = objects
+            .get_mut(&self.name)
+            .filter(|(i, _)| i.generation == self.generation)
+            .ok_or_else(|| missing(&self.name))?;
+        if info.finalized {
+            return Err(GcsError::PreconditionFailed(format!(
+                "mem://{} is finalized",
+                self.name
+            )));
+        }
+        if !self.pending.is_empty() {
+            let mut v = data.to_vec();
+            v.extend_from_slice(&self.pending);
+            *data = Bytes::from(v);
+            self.pending.clear();
+        }
+        info.size = data.len() as u64;
+        info.update_time = SystemTime::now();
+        if finalize {
+            info.finalized = true;
+            info.crc32c = Some(crc32c::crc32c(data));
+        }
+        self.persisted = info.size;
+        Ok(info.clone())
+    }
+}
+
+#[tonic::async_trait]
+impl ObjectWrite for MemWriter {
+    fn generation(&self) -> i64 {
+        self.generation
+    }
+
+    fn written(&self) -> u64 {
+        self.persisted + self.pending.len() as u64
+    }
+
+    async fn write(&mut self, data: Bytes) -> Result<(), GcsError> {
+        self.pending.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<u64, GcsError> {
+        Ok(self.persist(false)?.size)
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<u64, GcsError> {
+        Ok(self.persist(false)?.size)
+    }
+
+    async fn finalize(mut self: Box<Self>) -> Result<ObjectInfo, GcsError> {
+        self.persist(true)
+    }
 }
 
 #[tonic::async_trait]
@@ -101,17 +188,26 @@ impl ObjectClient for MemClient {
         let mut page = ListPage::default();
         let mut names: Vec<&String> = objects.keys().filter(|n| n.starts_with(prefix)).collect();
         names.sort();
+        let folders = crate::sync::read(&self.folders);
+        let mut prefixes = BTreeSet::new();
         for n in names {
             match n[prefix.len()..].find('/') {
                 Some(i) => {
-                    let p = n[..prefix.len() + i + 1].to_string();
-                    if page.prefixes.last() != Some(&p) {
-                        page.prefixes.push(p);
-                    }
+                    prefixes.insert(n[..prefix.len() + i + 1].to_string());
                 }
                 None => page.objects.push(objects[n].0.clone()),
             }
         }
+        // A folder below the prefix shows as the prefix of its first level.
+        for f in folders
+            .iter()
+            .filter(|f| f.len() > prefix.len() && f.starts_with(prefix))
+        {
+            if let Some(i) = f[prefix.len()..].find('/') {
+                prefixes.insert(f[..prefix.len() + i + 1].to_string());
+            }
+        }
+        page.prefixes = prefixes.into_iter().collect();
         Ok(page)
     }
 
@@ -148,6 +244,150 @@ impl ObjectClient for MemClient {
             self.fetched.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok((end as u64).saturating_sub(offset))
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        if_generation_match: Option<i64>,
+    ) -> Result<Box<dyn ObjectWrite>, GcsError> {
+        let generation = self.new_generation();
+        let mut objects = crate::sync::write(&self.objects);
+        let live = objects.get(name).map_or(0, |(i, _)| i.generation);
+        if if_generation_match.is_some_and(|g| g != live) {
+            return Err(GcsError::PreconditionFailed(format!(
+                "mem://{name}: if_generation_match"
+            )));
+        }
+        let now = SystemTime::now();
+        let info = ObjectInfo {
+            name: name.to_string(),
+            size: 0,
+            generation,
+            metageneration: 1,
+            finalized: false,
+            update_time: now,
+            create_time: now,
+            crc32c: None,
+        };
+        objects.insert(name.to_string(), (info, Bytes::new()));
+        Ok(Box::new(MemWriter {
+            objects: self.objects.clone(),
+            name: name.to_string(),
+            generation,
+            persisted: 0,
+            pending: Vec::new(),
+        }))
+    }
+
+    async fn append(&self, name: &str, generation: i64) -> Result<Box<dyn ObjectWrite>, GcsError> {
+        let (info, _) = self
+            .get(name)
+            .filter(|(i, _)| i.generation == generation)
+            .ok_or_else(|| missing(name))?;
+        if info.finalized {
+            return Err(GcsError::PreconditionFailed(format!(
+                "mem://{name} is finalized"
+            )));
+        }
+        Ok(Box::new(MemWriter {
+            objects: self.objects.clone(),
+            name: name.to_string(),
+            generation,
+            persisted: info.size,
+            pending: Vec::new(),
+        }))
+    }
+
+    async fn delete(&self, name: &str, generation: Option<i64>) -> Result<(), GcsError> {
+        let mut objects = crate::sync::write(&self.objects);
+        match objects.get(name) {
+            Some((i, _)) if generation.is_none_or(|g| g == i.generation) => {
+                objects.remove(name);
+                Ok(())
+            }
+            _ => Err(missing(name)),
+        }
+    }
+
+    async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        if_generation_match: Option<i64>,
+    ) -> Result<ObjectInfo, GcsError> {
+        let mut objects = crate::sync::write(&self.objects);
+        let live = objects.get(to).map_or(0, |(i, _)| i.generation);
+        if if_generation_match.is_some_and(|g| g != live) {
+            return Err(GcsError::PreconditionFailed(format!(
+                "mem://{to}: if_generation_match"
+            )));
+        }
+        let (mut info, data) = objects.remove(from).ok_or_else(|| missing(from))?;
+        info.name = to.to_string();
+        objects.insert(to.to_string(), (info.clone(), data));
+        Ok(info)
+    }
+
+    async fn create_folder(&self, path: &str) -> Result<(), GcsError> {
+        let mut folders = crate::sync::write(&self.folders);
+        let path = path.trim_end_matches('/');
+        for (i, _) in path.match_indices('/').chain([(path.len(), "")]) {
+            folders.insert(format!("{}/", &path[..i]));
+        }
+        Ok(())
+    }
+
+    async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
+        let dir = format!("{}/", path.trim_end_matches('/'));
+        let busy = crate::sync::read(&self.objects)
+            .keys()
+            .any(|n| n.starts_with(&dir))
+            || crate::sync::read(&self.folders)
+                .iter()
+                .any(|f| f.len() > dir.len() && f.starts_with(&dir));
+        if busy {
+            return Err(GcsError::PreconditionFailed(format!(
+                "mem://{dir} is not empty"
+            )));
+        }
+        if !crate::sync::write(&self.folders).remove(&dir) {
+            return Err(missing(&dir));
+        }
+        Ok(())
+    }
+
+    async fn rename_folder(&self, from: &str, to: &str) -> Result<(), GcsError> {
+        let (from, to) = (
+            format!("{}/", from.trim_end_matches('/')),
+            format!("{}/", to.trim_end_matches('/')),
+        );
+        let mut objects = crate::sync::write(&self.objects);
+        let mut folders = crate::sync::write(&self.folders);
+        let names: Vec<String> = objects
+            .keys()
+            .filter(|n| n.starts_with(&from))
+            .cloned()
+            .collect();
+        let dirs: Vec<String> = folders
+            .iter()
+            .filter(|f| f.starts_with(&from))
+            .cloned()
+            .collect();
+        if names.is_empty() && dirs.is_empty() {
+            return Err(missing(&from));
+        }
+        for n in names {
+            if let Some((mut info, data)) = objects.remove(&n) {
+                info.name = format!("{to}{}", &n[from.len()..]);
+                objects.insert(info.name.clone(), (info, data));
+            }
+        }
+        for d in dirs {
+            folders.remove(&d);
+            folders.insert(format!("{to}{}", &d[from.len()..]));
+        }
+        Ok(())
     }
 }
 

@@ -256,6 +256,72 @@ pub trait ObjectClient: Send + Sync + 'static {
     fn paces_above(&self) -> u64 {
         u64::MAX
     }
+
+    // ---- writes and namespace changes (a read-only client refuses them) ----
+
+    /// Creates a new appendable object (a new generation) to write;
+    /// `if_generation_match`: Some(0) refuses to replace an existing object.
+    async fn create(
+        &self,
+        name: &str,
+        _if_generation_match: Option<i64>,
+    ) -> Result<Box<dyn ObjectWrite>, GcsError> {
+        Err(cannot_write(name))
+    }
+    /// Takes over unfinalized object `name` at `generation` to append to it.
+    async fn append(&self, name: &str, _generation: i64) -> Result<Box<dyn ObjectWrite>, GcsError> {
+        Err(cannot_write(name))
+    }
+    /// Deletes an object's live version (`generation`: only that one).
+    async fn delete(&self, name: &str, _generation: Option<i64>) -> Result<(), GcsError> {
+        Err(cannot_write(name))
+    }
+    /// Renames an object atomically, keeping its generation
+    /// (`if_generation_match` on the destination: Some(0), it must not exist).
+    async fn rename(
+        &self,
+        from: &str,
+        _to: &str,
+        _if_generation_match: Option<i64>,
+    ) -> Result<ObjectInfo, GcsError> {
+        Err(cannot_write(from))
+    }
+    /// Creates a folder (`a/b/`) and any missing parents.
+    async fn create_folder(&self, path: &str) -> Result<(), GcsError> {
+        Err(cannot_write(path))
+    }
+    /// Deletes an empty folder.
+    async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
+        Err(cannot_write(path))
+    }
+    /// Renames a folder and everything below it.
+    async fn rename_folder(&self, from: &str, _to: &str) -> Result<(), GcsError> {
+        Err(cannot_write(from))
+    }
+}
+
+fn cannot_write(name: &str) -> GcsError {
+    GcsError::PermissionDenied(format!("{name}: this client does not write"))
+}
+
+/// An object being written (an appendable upload): bytes go in order,
+/// persisted by `flush`; `close` leaves the object unfinalized, `finalize`
+/// finalizes it. (`write::AppendableWriter` over the service; an in-memory one
+/// in `mem`.)
+#[tonic::async_trait]
+pub trait ObjectWrite: Send {
+    /// The object's generation.
+    fn generation(&self) -> i64;
+    /// Bytes written (the object's size once they are persisted).
+    fn written(&self) -> u64;
+    /// Appends `data` (persisted by a later flush).
+    async fn write(&mut self, data: bytes::Bytes) -> Result<(), GcsError>;
+    /// Persists everything written; returns the persisted size.
+    async fn flush(&mut self) -> Result<u64, GcsError>;
+    /// Persists everything and ends the upload, leaving the object appendable.
+    async fn close(self: Box<Self>) -> Result<u64, GcsError>;
+    /// Persists everything and finalizes the object.
+    async fn finalize(self: Box<Self>) -> Result<ObjectInfo, GcsError>;
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@ use tokio::time::Instant;
 
 use super::client::GcsClient;
 use super::mrd::{FirstRead, MrdStream, PendingRead, StreamStats, SEND_AHEAD};
-use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, RangeSink};
+use super::write::{AppendableWriter, WriteOptions};
+use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct PoolConfig {
     /// asks for 16 KiB at the start of a file) is answered in about one
     /// round trip.
     pub head_bytes: u64,
+    /// How objects written through the pool's client are written.
+    pub write: WriteOptions,
 }
 
 impl Default for PoolConfig {
@@ -64,6 +67,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(10),
             whole_read_max: 8 << 20,
             head_bytes: 64 << 10,
+            write: WriteOptions::default(),
         }
     }
 }
@@ -519,5 +523,50 @@ impl ObjectClient for MrdPool {
         sink: Arc<dyn RangeSink>,
     ) -> Result<u64, GcsError> {
         MrdPool::read(self, object, size_hint, offset, len, sink).await
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        if_generation_match: Option<i64>,
+    ) -> Result<Box<dyn ObjectWrite>, GcsError> {
+        let opts = self.inner.cfg.write.clone();
+        let w =
+            AppendableWriter::create(&self.inner.client, name, if_generation_match, opts).await?;
+        Ok(Box::new(w))
+    }
+
+    async fn append(&self, name: &str, generation: i64) -> Result<Box<dyn ObjectWrite>, GcsError> {
+        let opts = self.inner.cfg.write.clone();
+        let w = AppendableWriter::append(&self.inner.client, name, Some(generation), opts).await?;
+        Ok(Box::new(w))
+    }
+
+    async fn delete(&self, name: &str, generation: Option<i64>) -> Result<(), GcsError> {
+        self.inner.client.delete(name, generation).await
+    }
+
+    async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        if_generation_match: Option<i64>,
+    ) -> Result<ObjectInfo, GcsError> {
+        self.inner
+            .client
+            .move_object(from, to, if_generation_match)
+            .await
+    }
+
+    async fn create_folder(&self, path: &str) -> Result<(), GcsError> {
+        self.inner.client.create_folder(path, true).await
+    }
+
+    async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
+        self.inner.client.delete_folder(path).await
+    }
+
+    async fn rename_folder(&self, from: &str, to: &str) -> Result<(), GcsError> {
+        self.inner.client.rename_folder(from, to).await
     }
 }

@@ -682,3 +682,30 @@ impl AppendableWriter {
         Ok(size)
     }
 }
+
+#[tonic::async_trait]
+impl super::ObjectWrite for AppendableWriter {
+    fn generation(&self) -> i64 {
+        self.generation
+    }
+
+    fn written(&self) -> u64 {
+        self.sent
+    }
+
+    async fn write(&mut self, data: Bytes) -> Result<(), GcsError> {
+        AppendableWriter::write(self, data).await
+    }
+
+    async fn flush(&mut self) -> Result<u64, GcsError> {
+        AppendableWriter::flush(self).await
+    }
+
+    async fn close(self: Box<Self>) -> Result<u64, GcsError> {
+        AppendableWriter::close(*self).await
+    }
+
+    async fn finalize(self: Box<Self>) -> Result<ObjectInfo, GcsError> {
+        AppendableWriter::finalize(*self).await
+    }
+}

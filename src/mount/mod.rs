@@ -130,7 +130,9 @@ impl MountConfig {
     }
 }
 
-/// Where a mount's objects come from.
+/// Where a mount's objects come from. (Built once per mount: the size of the
+/// bucket's settings costs nothing.)
+#[allow(clippy::large_enum_variant)]
 pub enum Objects {
     /// A bucket of the service (or the emulator), read through the shared
     /// MRD pool; its existence and the credentials are checked first.
@@ -183,7 +185,12 @@ impl Mount {
         let mounted = fuse::mount(
             wired.fuse_fs,
             &mp,
-            &fuse::config(&cfg.bucket, cfg.allow_other, cfg.fuse_threads),
+            &fuse::config(
+                &cfg.bucket,
+                cfg.allow_other,
+                cfg.fuse_threads,
+                cfg.fs.read_only,
+            ),
         )
         .map_err(|e| MountError::io(format!("cannot mount at {}", mp.display()), e))?;
         Self::verified(cfg, mounted, &mp, wired.metrics).await
@@ -202,7 +209,12 @@ impl Mount {
             MountError::Mountpoint(format!("mountpoint {}: {e}", cfg.mountpoint.display()))
         })?;
         let wired = wire(cfg, objects).await?;
-        let config = fuse::config(&cfg.bucket, cfg.allow_other, cfg.fuse_threads);
+        let config = fuse::config(
+            &cfg.bucket,
+            cfg.allow_other,
+            cfg.fuse_threads,
+            cfg.fs.read_only,
+        );
         let mp2 = mp.clone();
         let mounted =
             tokio::task::spawn_blocking(move || fuse::serve_fd(wired.fuse_fs, fd, &mp2, config))

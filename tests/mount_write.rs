@@ -1,0 +1,220 @@
+//! Writing through a real mount with unmodified programs (issue 17, first
+//! part): `echo >` and `echo >>`, `cp` and `cp -r` in, `tar -x` into the
+//! mount, Python write/fsync/read-back, `mkdir`, `mv`, `rm`, `rmdir`; a
+//! second mount sees what the first wrote once it is closed; a read-only
+//! mount refuses changes with EROFS. Every byte is checked in the emulator's
+//! tree (the bucket itself), every mount detached by its guard.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use common::mount::*;
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn appendable(tree: &Tree, object: &str) -> bool {
+    tree.root()
+        .join(zonalfs::emulator::store::APPENDABLE_DIR)
+        .join(BUCKET)
+        .join(object)
+        .exists()
+}
+
+#[test]
+fn programs_write_through_the_mount() {
+    let tree = Tree::new();
+    tree.put("old.txt", b"finalized\n");
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let m = MountGuard::mount(&ep, mnt.path(), &["--metadata-ttl", "0s"]);
+    let root = mnt.path();
+    let r = root.display();
+
+    // echo > and echo >>: a new appendable object, then an append by
+    // takeover (same generation), left unfinalized.
+    sh(&format!("echo hello > {r}/greeting.txt"));
+    assert_eq!(
+        std::fs::read(tree.path("greeting.txt")).unwrap(),
+        b"hello\n"
+    );
+    assert!(appendable(&tree, "greeting.txt"), "left unfinalized");
+    let ino_before = std::fs::metadata(tree.path("greeting.txt")).unwrap().ino();
+    sh(&format!("echo world >> {r}/greeting.txt"));
+    assert_eq!(
+        std::fs::read(tree.path("greeting.txt")).unwrap(),
+        b"hello\nworld\n"
+    );
+    assert_eq!(
+        std::fs::metadata(tree.path("greeting.txt")).unwrap().ino(),
+        ino_before,
+        "the append went to the same object version"
+    );
+    assert_eq!(
+        std::fs::read(root.join("greeting.txt")).unwrap(),
+        b"hello\nworld\n",
+        "read back through the mount"
+    );
+
+    // cp of a large file (chunks, flushes), and cp -r of a tree.
+    let src = tempfile::tempdir().expect("source");
+    let big = pattern(9 * (1 << 20) + 77, 3);
+    std::fs::write(src.path().join("big.bin"), &big).unwrap();
+    std::fs::create_dir_all(src.path().join("tree/a/b")).unwrap();
+    for (i, p) in ["tree/one", "tree/a/two", "tree/a/b/three"]
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(src.path().join(p), pattern(1000 + i * 4000, i as u64)).unwrap();
+    }
+    sh(&format!("cp {}/big.bin {r}/big.bin", src.path().display()));
+    assert_eq!(
+        Sha256::digest(std::fs::read(tree.path("big.bin")).unwrap()),
+        Sha256::digest(&big)
+    );
+    assert_eq!(
+        sha_file(&root.join("big.bin")),
+        Sha256::digest(&big).to_vec()
+    );
+    sh(&format!("cp -r {}/tree {r}/copied", src.path().display()));
+    for p in ["one", "a/two", "a/b/three"] {
+        assert_eq!(
+            std::fs::read(tree.path(&format!("copied/{p}"))).unwrap(),
+            std::fs::read(src.path().join("tree").join(p)).unwrap(),
+            "{p}"
+        );
+    }
+
+    // tar -x into the mount.
+    let tarball = src.path().join("t.tar");
+    sh(&format!(
+        "tar -C {} -cf {} tree",
+        src.path().display(),
+        tarball.display()
+    ));
+    sh(&format!(
+        "mkdir {r}/untar && tar -C {r}/untar -xf {}",
+        tarball.display()
+    ));
+    assert_eq!(
+        std::fs::read(tree.path("untar/tree/a/b/three")).unwrap(),
+        std::fs::read(src.path().join("tree/a/b/three")).unwrap()
+    );
+
+    // Python: write, fsync, read back through the same file, close.
+    let py = format!(
+        "import os\n\
+         with open('{r}/py.bin', 'w+b') as f:\n\
+         \x20   f.write(b'abc' * 1000)\n\
+         \x20   f.flush(); os.fsync(f.fileno())\n\
+         \x20   f.seek(0)\n\
+         \x20   assert f.read() == b'abc' * 1000\n\
+         \x20   f.write(b'end')\n"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &py])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = b"abc".repeat(1000);
+    want.extend_from_slice(b"end");
+    assert_eq!(std::fs::read(tree.path("py.bin")).unwrap(), want);
+
+    // Namespace: mkdir, mv (file: atomic, same object; directory: with
+    // everything below), rm, rmdir.
+    sh(&format!("mkdir {r}/d && mv {r}/big.bin {r}/d/big.bin"));
+    assert!(!tree.path("big.bin").exists());
+    assert_eq!(
+        std::fs::read(tree.path("d/big.bin")).unwrap().len(),
+        big.len()
+    );
+    sh(&format!("mv {r}/copied {r}/renamed"));
+    assert!(tree.path("renamed/a/b/three").exists() && !tree.path("copied").exists());
+    assert_eq!(
+        std::fs::read(root.join("renamed/a/two")).unwrap(),
+        std::fs::read(src.path().join("tree/a/two")).unwrap()
+    );
+    let e = std::fs::remove_dir(root.join("d")).expect_err("not empty");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY));
+    sh(&format!("rm {r}/d/big.bin && rmdir {r}/d"));
+    assert!(!tree.path("d").exists());
+    sh(&format!("rm -r {r}/renamed"));
+    assert!(!tree.path("renamed").exists());
+
+    // Writing into a finalized object in place is not streamed.
+    let e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(root.join("old.txt"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"))
+        .expect_err("append to a finalized object");
+    assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+    assert_eq!(std::fs::read(tree.path("old.txt")).unwrap(), b"finalized\n");
+
+    // A second mount sees what the first wrote (and closed).
+    let mnt2 = tempfile::tempdir().expect("mountpoint 2");
+    let m2 = MountGuard::mount(&ep, mnt2.path(), &["--read-only", "--metadata-ttl", "0s"]);
+    assert_eq!(
+        std::fs::read(mnt2.path().join("greeting.txt")).unwrap(),
+        b"hello\nworld\n"
+    );
+    assert_eq!(std::fs::read(mnt2.path().join("py.bin")).unwrap(), want);
+    // ... and, mounted read-only, refuses changes.
+    for (what, r) in [
+        ("create", std::fs::write(mnt2.path().join("new"), b"x")),
+        ("mkdir", std::fs::create_dir(mnt2.path().join("nd"))),
+        ("unlink", std::fs::remove_file(mnt2.path().join("old.txt"))),
+    ] {
+        assert_eq!(
+            r.expect_err(what).raw_os_error(),
+            Some(libc::EROFS),
+            "{what}"
+        );
+    }
+    drop(m2);
+    drop(m);
+    assert!(!is_mounted(mnt.path()) && !is_mounted(mnt2.path()));
+}
+
+/// `--finalize-on-close`: a file written through the mount is finalized
+/// when it is closed, with the whole object's CRC32C.
+#[test]
+fn finalize_on_close() {
+    let tree = Tree::new();
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let _m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &["--finalize-on-close"],
+    );
+    let body = pattern(3 * (1 << 20) + 5, 9);
+    std::fs::write(mnt.path().join("done.bin"), &body).unwrap();
+    assert_eq!(std::fs::read(tree.path("done.bin")).unwrap(), body);
+    assert!(!appendable(&tree, "done.bin"), "finalized at close");
+    let out = zonalfs_cmd()
+        .args(["stat", &format!("gs://{BUCKET}/done.bin")])
+        .env("STORAGE_EMULATOR_HOST", &emu.addr)
+        .output()
+        .expect("zonalfs stat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("finalized: true"), "{text}");
+    assert!(
+        text.contains(&format!("crc32c: {:08x}", crc32c::crc32c(&body))),
+        "{text}"
+    );
+}
