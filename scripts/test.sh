@@ -7,6 +7,8 @@ command -v cargo >/dev/null || { echo "cargo is required" >&2; exit 1; }
 NEED=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || NEED+=(python3-venv)
 command -v systemd-analyze >/dev/null || NEED+=(systemd)
+# The mount write tests run rsync into the mount.
+command -v rsync >/dev/null || NEED+=(rsync)
 if [ ${#NEED[@]} -gt 0 ]; then
   echo "== installing ${NEED[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEED[@]}" >/dev/null

@@ -218,3 +218,120 @@ fn finalize_on_close() {
         "{text}"
     );
 }
+
+/// rsync into the mount (it writes a temporary file, sets its times and
+/// mode, and renames it over the target), and the checkpoint pattern
+/// (write a temporary file, fsync, rename it over the old checkpoint).
+#[test]
+fn rsync_and_the_checkpoint_pattern() {
+    let tree = Tree::new();
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let _m = MountGuard::mount(&format!("http://{}", emu.addr), mnt.path(), &[]);
+    let root = mnt.path();
+    let src = tempfile::tempdir().expect("source");
+    std::fs::create_dir_all(src.path().join("data/sub")).unwrap();
+    let files = [
+        ("data/a.bin", 3 << 20),
+        ("data/sub/b.txt", 1234),
+        ("data/c", 0),
+    ];
+    for (i, (p, n)) in files.iter().enumerate() {
+        std::fs::write(src.path().join(p), pattern(*n, i as u64)).unwrap();
+    }
+    sh(&format!(
+        "rsync -a {}/data/ {}/synced/",
+        src.path().display(),
+        root.display()
+    ));
+    for (p, _) in files {
+        let rel = p.trim_start_matches("data/");
+        assert_eq!(
+            std::fs::read(tree.path(&format!("synced/{rel}"))).unwrap(),
+            std::fs::read(src.path().join(p)).unwrap(),
+            "{p}"
+        );
+    }
+    // A second rsync finds nothing to change, or rewrites to the same bytes.
+    sh(&format!(
+        "rsync -a {}/data/ {}/synced/",
+        src.path().display(),
+        root.display()
+    ));
+    assert_eq!(
+        std::fs::read(tree.path("synced/a.bin")).unwrap(),
+        std::fs::read(src.path().join("data/a.bin")).unwrap()
+    );
+
+    // The checkpoint pattern, three times over.
+    let py = format!(
+        "import os\n\
+         for step in range(3):\n\
+         \x20   tmp = '{r}/ckpt.tmp'\n\
+         \x20   with open(tmp, 'wb') as f:\n\
+         \x20       f.write(bytes([step]) * (1 << 20))\n\
+         \x20       f.flush(); os.fsync(f.fileno())\n\
+         \x20   os.replace(tmp, '{r}/ckpt')\n\
+         \x20   with open('{r}/ckpt', 'rb') as f:\n\
+         \x20       assert f.read() == bytes([step]) * (1 << 20), step\n",
+        r = root.display()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &py])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(tree.path("ckpt")).unwrap(),
+        vec![2u8; 1 << 20]
+    );
+    assert!(!tree.path("ckpt.tmp").exists());
+}
+
+/// Crash safety: what fsync acknowledged survives SIGKILL of the daemon;
+/// after `--force` (the systemd unit's restart) the object reads to its
+/// persisted size, and can be appended to again.
+#[test]
+fn fsynced_bytes_survive_a_killed_daemon() {
+    let tree = Tree::new();
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let mut m = MountGuard::mount(&ep, mnt.path(), &[]);
+    let synced = pattern(5 * (1 << 20) + 3, 4);
+    let mut f = std::fs::File::create(mnt.path().join("journal")).expect("create");
+    std::io::Write::write_all(&mut f, &synced).unwrap();
+    f.sync_all().expect("fsync");
+    // Written after the fsync, never synced: may be lost.
+    std::io::Write::write_all(&mut f, b"unsynced tail").unwrap();
+    let child = m.child.take().expect("daemon");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+    let mut child = child;
+    let _ = child.wait();
+    drop(f);
+    let on_disk = std::fs::read(tree.path("journal")).unwrap();
+    assert!(
+        on_disk.len() >= synced.len() && on_disk[..synced.len()] == synced[..],
+        "fsynced bytes lost: {} bytes in the bucket, {} fsynced",
+        on_disk.len(),
+        synced.len()
+    );
+    drop(m);
+    let _m = MountGuard::mount(&ep, mnt.path(), &["--force", "--metadata-ttl", "0s"]);
+    let back = std::fs::read(mnt.path().join("journal")).expect("read after restart");
+    assert_eq!(back, on_disk, "the object reads to its persisted size");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.path().join("journal"))
+        .expect("reopen to append");
+    std::io::Write::write_all(&mut f, b"+after").unwrap();
+    drop(f);
+    let mut want = on_disk.clone();
+    want.extend_from_slice(b"+after");
+    assert_eq!(std::fs::read(tree.path("journal")).unwrap(), want);
+}
