@@ -22,8 +22,9 @@ const BUCKETS_US: [u64; 12] = [
 ];
 
 /// The FUSE operations counted.
-pub const OPS: [&str; 7] = [
-    "lookup", "getattr", "open", "read", "readdir", "opendir", "statfs",
+pub const OPS: [&str; 16] = [
+    "lookup", "getattr", "open", "read", "readdir", "opendir", "statfs", "create", "write",
+    "flush", "fsync", "setattr", "mkdir", "unlink", "rmdir", "rename",
 ];
 
 /// Count, errors and latency histogram of one operation.
@@ -117,6 +118,7 @@ pub struct Sources {
     pub fuse: Arc<FuseStats>,
     pub engine: Arc<ReadEngine>,
     pub pool: Arc<MrdPool>,
+    pub writes: Arc<crate::fs::write::WriteStats>,
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -243,6 +245,40 @@ pub fn render(s: &Sources) -> String {
         load(&ms.fresh_bytes),
         load(&ms.released_bytes)
     );
+    let w = &s.writes;
+    for (name, help, c) in [
+        (
+            "zonalfs_write_bytes_total",
+            "Bytes programs wrote through the mount.",
+            &w.bytes,
+        ),
+        (
+            "zonalfs_write_flushes_total",
+            "Flushes (fsync, close) that persisted written bytes.",
+            &w.flushes,
+        ),
+        (
+            "zonalfs_write_takeovers_total",
+            "Unfinalized objects taken over to append to them.",
+            &w.takeovers,
+        ),
+        (
+            "zonalfs_write_objects_created_total",
+            "New object generations made by creates and truncations.",
+            &w.objects_created,
+        ),
+        (
+            "zonalfs_write_unsupported_total",
+            "Writes refused as not streamable (not at the end, finalized objects, other sizes).",
+            &w.unsupported,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            load(c)
+        );
+    }
     resource_gauges(&mut out, &s.fuse, open_fds());
     let _ = writeln!(out, "# HELP zonalfs_fuse_op_seconds FUSE operation latency.\n# TYPE zonalfs_fuse_op_seconds histogram");
     for (name, op) in OPS.iter().zip(s.fuse.ops.iter()) {

@@ -38,7 +38,12 @@ fn programs_write_through_the_mount() {
     let emu = EmuChild::spawn(tree.root(), &[]);
     let ep = format!("http://{}", emu.addr);
     let mnt = tempfile::tempdir().expect("mountpoint");
-    let m = MountGuard::mount(&ep, mnt.path(), &["--metadata-ttl", "0s"]);
+    let metrics = free_addr();
+    let m = MountGuard::mount(
+        &ep,
+        mnt.path(),
+        &["--metadata-ttl", "0s", "--metrics-addr", &metrics],
+    );
     let root = mnt.path();
     let r = root.display();
 
@@ -164,6 +169,21 @@ fn programs_write_through_the_mount() {
         .expect_err("append to a finalized object");
     assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
     assert_eq!(std::fs::read(tree.path("old.txt")).unwrap(), b"finalized\n");
+
+    // The metrics count what happened.
+    let text = scrape(&metrics);
+    let written = metric(&text, "zonalfs_write_bytes_total");
+    assert!(written >= big.len() as f64, "{written}");
+    for name in [
+        "zonalfs_write_flushes_total",
+        "zonalfs_write_takeovers_total",
+        "zonalfs_write_objects_created_total",
+        "zonalfs_write_unsupported_total",
+        "zonalfs_fuse_op_seconds_count{op=\"write\"}",
+        "zonalfs_fuse_op_seconds_count{op=\"rename\"}",
+    ] {
+        assert!(metric(&text, name) >= 1.0, "{name} in\n{text}");
+    }
 
     // A second mount sees what the first wrote (and closed).
     let mnt2 = tempfile::tempdir().expect("mountpoint 2");

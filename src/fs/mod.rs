@@ -138,6 +138,8 @@ pub struct Fs {
     warned: Mutex<std::collections::HashSet<String>>,
     next_fh: AtomicU64,
     started: SystemTime,
+    /// What writes did (metrics).
+    writes: Arc<write::WriteStats>,
 }
 
 impl Fs {
@@ -165,6 +167,7 @@ impl Fs {
             warned: Mutex::new(std::collections::HashSet::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
+            writes: Arc::default(),
         })
     }
 

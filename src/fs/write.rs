@@ -19,6 +19,7 @@
 //! resizing to other than 0 or the current size; the staged fallback will
 //! take those.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -33,6 +34,25 @@ use crate::sync::lock;
 /// Bytes of `write(2)`s gathered before they go to the writer: one chunk of
 /// the protocol, so each piece goes out as one message.
 pub const PIECE: usize = 2 << 20;
+
+/// What writes through the mount did, for the metrics.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    /// Bytes programs wrote.
+    pub bytes: AtomicU64,
+    /// Flushes (fsync, close) that persisted a handle's bytes.
+    pub flushes: AtomicU64,
+    /// Unfinalized objects taken over to append to them.
+    pub takeovers: AtomicU64,
+    /// New object generations made (creates, truncations).
+    pub objects_created: AtomicU64,
+    /// Writes refused as not streamable (what the staged fallback will take).
+    pub unsupported: AtomicU64,
+}
+
+fn count(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
 
 /// A handle open for writing.
 #[derive(Clone)]
@@ -150,9 +170,7 @@ impl Fs {
     }
 
     fn open_write_handle(&self, ino: u64, state: WriteState) -> u64 {
-        let fh = self
-            .next_fh
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = WriteHandle {
             state: Arc::new(tokio::sync::Mutex::new(state)),
         };
@@ -188,6 +206,7 @@ impl Fs {
             .create(&path, exclusive.then_some(0))
             .await
             .map_err(exists_if_refused)?;
+        count(&self.writes.objects_created, 1);
         let info = fresh_info(&path, writer.generation());
         let kind = Kind::File(info.clone(), Instant::now());
         let ino = {
@@ -217,6 +236,7 @@ impl Fs {
         };
         if truncate {
             let writer = self.client.create(&info.name, None).await?;
+            count(&self.writes.objects_created, 1);
             let fresh = fresh_info(&info.name, writer.generation());
             self.file_now(ino, fresh.clone());
             return Ok(self.open_write_handle(ino, WriteState::new(fresh, Some(writer))));
@@ -252,6 +272,7 @@ impl Fs {
         let mut st = h.state.lock().await;
         st.check()?;
         if offset != st.size {
+            count(&self.writes.unsupported, 1);
             return Err(FsError::Unsupported(format!(
                 "{}: a write at {offset}, not at the end ({}): only appends are streamed",
                 st.name, st.size
@@ -259,6 +280,7 @@ impl Fs {
         }
         if st.writer.is_none() {
             if st.base.finalized {
+                count(&self.writes.unsupported, 1);
                 return Err(FsError::Unsupported(format!(
                     "{}: the object is finalized; rewriting it in place is not supported",
                     st.name
@@ -266,12 +288,16 @@ impl Fs {
             }
             let (name, generation) = (st.name.clone(), st.base.generation);
             match self.client.append(&name, generation).await {
-                Ok(w) => st.writer = Some(w),
+                Ok(w) => {
+                    count(&self.writes.takeovers, 1);
+                    st.writer = Some(w)
+                }
                 Err(e) => return Err(st.fail(&e)),
             }
         }
         st.pending.extend_from_slice(data);
         st.size += data.len() as u64;
+        count(&self.writes.bytes, data.len() as u64);
         if st.pending.len() >= PIECE {
             st.push().await?;
         }
@@ -315,6 +341,7 @@ impl Fs {
             };
             match w.finalize().await {
                 Ok(info) => {
+                    count(&self.writes.flushes, 1);
                     st.base = info.clone();
                     self.file_now(ino, info);
                 }
@@ -329,7 +356,13 @@ impl Fs {
         if let Err(e) = flushed {
             return Err(st.fail(&e));
         }
+        count(&self.writes.flushes, 1);
         Ok(())
+    }
+
+    /// What writes through this filesystem did.
+    pub fn write_stats(&self) -> Arc<WriteStats> {
+        self.writes.clone()
     }
 
     /// The last close of a write handle: its upload ends (what was written
@@ -372,6 +405,7 @@ impl Fs {
                 return self.getattr(ino).await;
             }
             if size != 0 {
+                count(&self.writes.unsupported, 1);
                 return Err(FsError::Unsupported(format!(
                     "{}: resizing to {size} bytes (only to 0)",
                     st.name
@@ -379,6 +413,7 @@ impl Fs {
             }
             // Start over: a new empty generation for this handle to write.
             let writer = self.client.create(&st.name, None).await?;
+            count(&self.writes.objects_created, 1);
             let fresh = fresh_info(&st.name, writer.generation());
             if let Some(old) = st.writer.replace(writer) {
                 let _ = old.close().await;
@@ -398,6 +433,7 @@ impl Fs {
             return Ok(attr);
         }
         if size != 0 {
+            count(&self.writes.unsupported, 1);
             return Err(FsError::Unsupported(format!(
                 "resizing a file to {size} bytes (only to 0)"
             )));
@@ -407,6 +443,7 @@ impl Fs {
             _ => return Err(FsError::Stale(format!("inode {ino}"))),
         };
         let writer = self.client.create(&name, None).await?;
+        count(&self.writes.objects_created, 1);
         let fresh = fresh_info(&name, writer.generation());
         writer.close().await?;
         self.file_now(ino, fresh);

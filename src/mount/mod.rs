@@ -371,6 +371,7 @@ async fn wire(cfg: &MountConfig, objects: Objects) -> Result<Wired, MountError> 
         },
     );
     let fuse_stats = Arc::new(crate::metrics::FuseStats::default());
+    let fs = Fs::new(client, engine.clone(), cfg.fs.clone());
     let metrics = match (&cfg.metrics_addr, &pool) {
         (Some(addr), Some(pool)) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -380,6 +381,7 @@ async fn wire(cfg: &MountConfig, objects: Objects) -> Result<Wired, MountError> 
                 fuse: fuse_stats.clone(),
                 engine: engine.clone(),
                 pool: pool.clone(),
+                writes: fs.write_stats(),
             };
             Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
                 listener, sources,
@@ -392,7 +394,6 @@ async fn wire(cfg: &MountConfig, objects: Objects) -> Result<Wired, MountError> 
         }
         (None, _) => None,
     };
-    let fs = Fs::new(client, engine, cfg.fs.clone());
     let mut fuse_fs = FuseFs::new(
         fs,
         tokio::runtime::Handle::current(),
