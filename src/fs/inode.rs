@@ -188,6 +188,9 @@ impl Fs {
             Err(GcsError::NotFound(_)) => false,
             Err(e) => return Err(e.into()),
         };
+        // Neither a file nor a directory with contents: perhaps an empty folder.
+        let is_dir = is_dir
+            || (matches!(as_file, Err(GcsError::NotFound(_))) && self.empty_folder(&path).await?);
         let mut t = lock(&self.table);
         let (kind, key) = if is_dir {
             (Kind::Dir(dir_path.clone()), dir_path)
@@ -206,6 +209,19 @@ impl Fs {
         };
         let ino = self.intern(&mut t, parent, &key, kind.clone(), true);
         Ok(self.attr_of(ino, &kind))
+    }
+
+    /// Is `path/` an empty folder (one with nothing below it, which a listing
+    /// of `path/` does not show)? The listing of its parent level shows it as
+    /// a prefix. Asked only for names found neither as a file nor as a
+    /// directory with contents.
+    async fn empty_folder(&self, path: &str) -> Result<bool, FsError> {
+        let want = format!("{path}/");
+        match self.client.list(path, None).await {
+            Ok(page) => Ok(page.prefixes.iter().any(|p| *p == want)),
+            Err(GcsError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The attributes of an inode, refreshing file metadata past its TTL.
