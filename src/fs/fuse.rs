@@ -403,8 +403,13 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let id = req.unique().0;
-        // The bytes are copied once, into the handle's gathering buffer (the
-        // request's buffer is the loop's own).
+        // Most writes are copied straight into the handle's piece, here.
+        if let Some(n) = fs.write_now(fh.0, offset, data) {
+            Self::done(&stats, "write", id, t, None);
+            return reply.written(n);
+        }
+        // Otherwise (a write that fills a piece, or a handle busy flushing)
+        // the bytes must outlive the loop's request buffer: copied once more.
         let data = bytes::Bytes::copy_from_slice(data);
         self.now_or_spawn(traced("write", id, ino.0, async move {
             let r = fs.write(fh.0, offset, &data).await;

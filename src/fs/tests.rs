@@ -772,14 +772,22 @@ async fn writes_stream_as_appendable_objects() {
     let (a, fh) = fs.create(dir.ino, "log", false).await.expect("create");
     assert_eq!(a.size, 0);
     let body = pattern_bytes(5 << 20);
-    let mut off = 0;
+    let (mut off, mut at_once) = (0, 0);
     for piece in body.chunks(128 << 10) {
-        assert_eq!(
-            fs.write(fh, off, piece).await.unwrap() as usize,
-            piece.len()
-        );
+        let n = match fs.write_now(fh, off, piece) {
+            Some(n) => {
+                at_once += 1;
+                n
+            }
+            None => fs.write(fh, off, piece).await.unwrap(),
+        };
+        assert_eq!(n as usize, piece.len());
         off += piece.len() as u64;
     }
+    assert!(
+        at_once > 30,
+        "most writes go straight into the piece: {at_once} of 40"
+    );
     assert_eq!(fs.getattr(a.ino).await.unwrap().size, body.len() as u64);
     // Not at the end: not streamed.
     assert_eq!(

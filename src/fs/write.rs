@@ -31,9 +31,11 @@ use crate::gcs::{GcsError, ObjectId, ObjectInfo, ObjectWrite};
 use crate::read::ReadData;
 use crate::sync::lock;
 
-/// Bytes of `write(2)`s gathered before they go to the writer: one chunk of
-/// the protocol, so each piece goes out as one message.
-pub const PIECE: usize = 2 << 20;
+/// Bytes of `write(2)`s gathered before they go to the writer (which sends
+/// them as 2 MiB chunks, slices of the piece). Writes that fit in the piece
+/// being gathered are copied straight into it on the FUSE loop thread
+/// ([`Fs::write_now`]); only the write that fills a piece waits for it to go.
+pub const PIECE: usize = 8 << 20;
 
 /// What writes through the mount did, for the metrics.
 #[derive(Debug, Default)]
@@ -84,7 +86,7 @@ impl WriteState {
             size: base.size,
             writer,
             base,
-            pending: BytesMut::new(),
+            pending: BytesMut::with_capacity(PIECE),
             failed: None,
         }
     }
@@ -109,7 +111,7 @@ impl WriteState {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let piece = self.pending.split().freeze();
+        let piece = std::mem::replace(&mut self.pending, BytesMut::with_capacity(PIECE)).freeze();
         let Some(w) = self.writer.as_mut() else {
             return Err(FsError::WriteFailed(format!("{}: no upload", self.name)));
         };
@@ -265,6 +267,40 @@ impl Fs {
         }
     }
 
+    /// A `write(2)` done at once, on the caller's thread, when it can be: the
+    /// handle is free, streaming, the write is at the end and fits in the
+    /// piece being gathered. None: it must go through [`Fs::write`].
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
+        let (ino, h) = self.write_state(fh).ok()?;
+        let mut st = h.state.try_lock().ok()?;
+        if st.failed.is_some()
+            || st.writer.is_none()
+            || offset != st.size
+            || st.pending.len() + data.len() >= PIECE
+        {
+            return None;
+        }
+        st.pending.extend_from_slice(data);
+        st.size += data.len() as u64;
+        count(&self.writes.bytes, data.len() as u64);
+        let (size, generation) = (st.size, st.writer.as_ref().map(|w| w.generation()));
+        drop(st);
+        self.written_to(ino, size, generation);
+        Some(data.len() as u32)
+    }
+
+    /// The file's size on its inode follows what was written.
+    fn written_to(&self, ino: u64, size: u64, generation: Option<i64>) {
+        if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
+            if let Kind::File(info, _) = &mut n.kind {
+                if Some(info.generation) == generation {
+                    info.size = size;
+                    info.update_time = SystemTime::now();
+                }
+            }
+        }
+    }
+
     /// `write(2)` at `offset`: only at the file's end (the bytes stream to
     /// the bucket in order).
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
@@ -301,17 +337,9 @@ impl Fs {
         if st.pending.len() >= PIECE {
             st.push().await?;
         }
-        let size = st.size;
-        let generation = st.writer.as_ref().map(|w| w.generation());
+        let (size, generation) = (st.size, st.writer.as_ref().map(|w| w.generation()));
         drop(st);
-        if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
-            if let Kind::File(info, _) = &mut n.kind {
-                if Some(info.generation) == generation {
-                    info.size = size;
-                    info.update_time = SystemTime::now();
-                }
-            }
-        }
+        self.written_to(ino, size, generation);
         Ok(data.len() as u32)
     }
 
