@@ -218,7 +218,7 @@ impl Fs {
     async fn empty_folder(&self, path: &str) -> Result<bool, FsError> {
         let want = format!("{path}/");
         match self.client.list(path, None).await {
-            Ok(page) => Ok(page.prefixes.iter().any(|p| *p == want)),
+            Ok(page) => Ok(page.prefixes.contains(&want)),
             Err(GcsError::NotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),
         }
