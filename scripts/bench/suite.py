@@ -628,7 +628,9 @@ class Suite:
         src = self.root / BUCKET / BIG_OBJ
         tmp = self.work / "write-root"
         tmp.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={3 * self.seq_size + 256 * MiB}",
+        # Room for every object written and a staged new generation beside
+        # each (a tmpfs near its limit slowed writes 3x).
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={6 * self.seq_size + 256 * MiB}",
                         "zonalfs-bench-writes", str(tmp)], check=True)
         wemu = None
         try:
