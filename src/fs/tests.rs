@@ -915,3 +915,44 @@ async fn a_read_only_mount_refuses_changes() {
 fn pattern_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
+
+/// Write buffers count in the mount's memory budget, shared with reads: a
+/// writer that finds it full persists what it holds and lets go of it, so
+/// its memory stays within the budget plus one piece; everything is given
+/// back when the file is closed.
+#[tokio::test]
+async fn writes_stay_within_the_memory_budget() {
+    let c = MemClient::new(Duration::ZERO);
+    let limit = 3 * write::PIECE as u64;
+    let budget = Budget::new(limit);
+    let engine = ReadEngine::new(
+        c.clone(),
+        Pool::new(budget.clone(), PoolConfig::new(1 << 20)),
+        PrefetchConfig::default(),
+    );
+    let fs = Fs::new(c.clone(), engine, FsConfig::default());
+    let (_, fh) = fs.create(ROOT_INO, "big", false).await.unwrap();
+    let body = pattern_bytes(64 << 20);
+    let mut most = 0;
+    for (i, piece) in body.chunks(1 << 20).enumerate() {
+        let off = (i as u64) << 20;
+        if fs.write_now(fh, off, piece).is_none() {
+            fs.write(fh, off, piece).await.unwrap();
+        }
+        most = most.max(budget.used());
+    }
+    assert!(
+        most <= limit + write::PIECE as u64,
+        "held {most} bytes under a budget of {limit}"
+    );
+    assert!(
+        most >= write::PIECE as u64,
+        "the pieces were counted: {most}"
+    );
+    fs.flush(fh, true).await.unwrap();
+    if let Some(w) = fs.release(fh) {
+        Fs::finish_write(w).await;
+    }
+    assert_eq!(budget.used(), 0, "everything given back at close");
+    assert_eq!(c.stat("big").await.unwrap().size, body.len() as u64);
+}

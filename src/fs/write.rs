@@ -19,6 +19,7 @@
 //! resizing to other than 0 or the current size; the staged fallback will
 //! take those.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -28,6 +29,7 @@ use bytes::BytesMut;
 use super::inode::Kind;
 use super::{Attr, Fs, FsError, Handle, Io};
 use crate::gcs::{GcsError, ObjectId, ObjectInfo, ObjectWrite};
+use crate::memory::Budget;
 use crate::read::ReadData;
 use crate::sync::lock;
 
@@ -73,21 +75,92 @@ pub struct WriteState {
     base: ObjectInfo,
     /// Where the next byte goes: the file's size as written here.
     size: u64,
-    /// Bytes written and not handed to the writer yet.
+    /// Bytes written and not handed to the writer yet (no buffer until the
+    /// first byte of a piece comes).
     pending: BytesMut,
     /// The upload failed: later writes and flushes say so.
     failed: Option<String>,
+    /// The mount's memory budget, shared with the read cache: the piece
+    /// being gathered and the pieces the writer holds until they are
+    /// persisted count in it.
+    budget: Arc<Budget>,
+    /// Bytes of `budget` this handle holds for its piece being gathered.
+    gathering: u64,
+    /// Pieces handed to the writer and not yet known persisted: where each
+    /// ends in the object, and the bytes of `budget` it holds.
+    held: VecDeque<(u64, u64)>,
+}
+
+impl Drop for WriteState {
+    fn drop(&mut self) {
+        let held: u64 = self.held.iter().map(|(_, n)| n).sum();
+        self.budget.release(self.gathering + held);
+    }
 }
 
 impl WriteState {
-    fn new(base: ObjectInfo, writer: Option<Box<dyn ObjectWrite>>) -> WriteState {
+    fn new(
+        base: ObjectInfo,
+        writer: Option<Box<dyn ObjectWrite>>,
+        budget: Arc<Budget>,
+    ) -> WriteState {
         WriteState {
             name: base.name.clone(),
             size: base.size,
             writer,
             base,
-            pending: BytesMut::with_capacity(PIECE),
+            pending: BytesMut::new(),
             failed: None,
+            budget,
+            gathering: 0,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// A buffer for the next piece, if the budget has room for it now.
+    fn start_piece(&mut self) -> bool {
+        if self.gathering > 0 {
+            return true;
+        }
+        if !self.budget.try_reserve(PIECE as u64) {
+            return false;
+        }
+        self.gathering = PIECE as u64;
+        self.pending = BytesMut::with_capacity(PIECE);
+        true
+    }
+
+    /// A buffer for the next piece. When the budget is full (readers and
+    /// writers hold it all), this writer first persists what it holds and
+    /// lets go of it, then takes the piece even if that goes one piece over:
+    /// a slow service slows the writer down, and its memory stays bounded.
+    async fn ensure_piece(&mut self) -> Result<(), FsError> {
+        if self.start_piece() {
+            return Ok(());
+        }
+        if let Some(w) = self.writer.as_mut() {
+            if let Err(e) = w.flush().await {
+                return Err(self.fail(&e));
+            }
+        }
+        self.release_persisted();
+        if !self.start_piece() {
+            self.budget.take(PIECE as u64);
+            self.gathering = PIECE as u64;
+            self.pending = BytesMut::with_capacity(PIECE);
+        }
+        Ok(())
+    }
+
+    /// Gives back the budget of pieces the service has persisted.
+    fn release_persisted(&mut self) {
+        let persisted = self.writer.as_ref().map_or(u64::MAX, |w| w.persisted());
+        while let Some(&(end, n)) = self.held.front() {
+            if end > persisted {
+                break;
+            }
+            self.held.pop_front();
+            self.budget.release(n);
         }
     }
 
@@ -111,13 +184,16 @@ impl WriteState {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let piece = std::mem::replace(&mut self.pending, BytesMut::with_capacity(PIECE)).freeze();
+        let piece = std::mem::take(&mut self.pending).freeze();
+        self.held
+            .push_back((self.size, std::mem::take(&mut self.gathering)));
         let Some(w) = self.writer.as_mut() else {
             return Err(FsError::WriteFailed(format!("{}: no upload", self.name)));
         };
         if let Err(e) = w.write(piece).await {
             return Err(self.fail(&e));
         }
+        self.release_persisted();
         Ok(())
     }
 }
@@ -164,6 +240,10 @@ impl Fs {
             return Err(FsError::InvalidName);
         }
         Ok(path)
+    }
+
+    fn write_budget(&self) -> Arc<Budget> {
+        self.engine.pool().budget().clone()
     }
 
     /// A change under directory `parent`: its cached listing is out of date.
@@ -217,7 +297,10 @@ impl Fs {
             self.intern(&mut t, parent, &path, kind.clone(), true)
         };
         self.changed_dir(parent);
-        let fh = self.open_write_handle(ino, WriteState::new(info, Some(writer)));
+        let fh = self.open_write_handle(
+            ino,
+            WriteState::new(info, Some(writer), self.write_budget()),
+        );
         Ok((self.attr_of(ino, &kind), fh))
     }
 
@@ -241,7 +324,10 @@ impl Fs {
             count(&self.writes.objects_created, 1);
             let fresh = fresh_info(&info.name, writer.generation());
             self.file_now(ino, fresh.clone());
-            return Ok(self.open_write_handle(ino, WriteState::new(fresh, Some(writer))));
+            return Ok(self.open_write_handle(
+                ino,
+                WriteState::new(fresh, Some(writer), self.write_budget()),
+            ));
         }
         // Appends go at the true end of the live version.
         let live = self.client.stat(&info.name).await?;
@@ -253,7 +339,7 @@ impl Fs {
             )));
         }
         self.file_now(ino, live.clone());
-        Ok(self.open_write_handle(ino, WriteState::new(live, None)))
+        Ok(self.open_write_handle(ino, WriteState::new(live, None, self.write_budget())))
     }
 
     fn write_state(&self, fh: u64) -> Result<(u64, WriteHandle), FsError> {
@@ -277,6 +363,7 @@ impl Fs {
             || st.writer.is_none()
             || offset != st.size
             || st.pending.len() + data.len() >= PIECE
+            || !st.start_piece()
         {
             return None;
         }
@@ -331,12 +418,18 @@ impl Fs {
                 Err(e) => return Err(st.fail(&e)),
             }
         }
-        st.pending.extend_from_slice(data);
-        st.size += data.len() as u64;
-        count(&self.writes.bytes, data.len() as u64);
-        if st.pending.len() >= PIECE {
-            st.push().await?;
+        let mut rest = data;
+        while !rest.is_empty() {
+            st.ensure_piece().await?;
+            let n = rest.len().min(PIECE - st.pending.len());
+            st.pending.extend_from_slice(&rest[..n]);
+            st.size += n as u64;
+            rest = &rest[n..];
+            if st.pending.len() >= PIECE {
+                st.push().await?;
+            }
         }
+        count(&self.writes.bytes, data.len() as u64);
         let (size, generation) = (st.size, st.writer.as_ref().map(|w| w.generation()));
         drop(st);
         self.written_to(ino, size, generation);
@@ -384,6 +477,7 @@ impl Fs {
         if let Err(e) = flushed {
             return Err(st.fail(&e));
         }
+        st.release_persisted();
         count(&self.writes.flushes, 1);
         Ok(())
     }
@@ -447,6 +541,8 @@ impl Fs {
                 let _ = old.close().await;
             }
             st.pending.clear();
+            let held: u64 = st.held.drain(..).map(|(_, n)| n).sum();
+            st.budget.release(held);
             st.size = 0;
             st.base = fresh.clone();
             drop(st);

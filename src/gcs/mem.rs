@@ -157,6 +157,10 @@ impl ObjectWrite for MemWriter {
         self.persisted + self.pending.len() as u64
     }
 
+    fn persisted(&self) -> u64 {
+        self.persisted
+    }
+
     async fn write(&mut self, data: Bytes) -> Result<(), GcsError> {
         self.pending.extend_from_slice(&data);
         Ok(())

@@ -314,6 +314,8 @@ pub trait ObjectWrite: Send {
     fn generation(&self) -> i64;
     /// Bytes written (the object's size once they are persisted).
     fn written(&self) -> u64;
+    /// Bytes the service said are persisted: the writer holds the rest.
+    fn persisted(&self) -> u64;
     /// Appends `data` (persisted by a later flush).
     async fn write(&mut self, data: bytes::Bytes) -> Result<(), GcsError>;
     /// Persists everything written; returns the persisted size.

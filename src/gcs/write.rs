@@ -693,6 +693,10 @@ impl super::ObjectWrite for AppendableWriter {
         self.sent
     }
 
+    fn persisted(&self) -> u64 {
+        self.persisted
+    }
+
     async fn write(&mut self, data: Bytes) -> Result<(), GcsError> {
         AppendableWriter::write(self, data).await
     }

@@ -158,6 +158,14 @@ impl Budget {
         }
     }
 
+    /// Takes `n` bytes even past the limit: memory that must be held (a
+    /// writer's next piece once it let go of everything else); counted, so
+    /// the readers' buffers make room.
+    pub fn take(&self, n: u64) {
+        let now = self.used.fetch_add(n, Ordering::AcqRel) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
     pub fn release(&self, n: u64) {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
