@@ -2,7 +2,8 @@
 # The main job on the embedded default: build zonalfs, generate sample data,
 # start the emulator on it, list, stat and read it back with `zonalfs ls/stat/cat`,
 # then mount it and read it with ordinary tools (checking every byte against the
-# source), print throughput, unmount and clean up - even on failure. Run as root.
+# source), write through it (a new file and an append) and upload with
+# `zonalfs cp`, print throughput, unmount and clean up - even on failure. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -94,6 +95,17 @@ echo "== sha256sum of every file through the mount vs the source tree"
 (cd "$MNT" && find . -type f | sort | xargs sha256sum) > "$WORK/mnt.sha"
 (cd "$B" && find . -type f | sort | xargs sha256sum) > "$WORK/src.sha"
 diff "$WORK/mnt.sha" "$WORK/src.sha" && echo "   all $(wc -l < "$WORK/src.sha") files identical"
+echo "== writing through the mount: a new file, then an append (an appendable object, taken over)"
+echo "written through zonalfs" > "$MNT/notes.txt"
+echo "and appended" >> "$MNT/notes.txt"
+[ "$("$BIN" cat gs://sample-bucket/notes.txt)" = "$(printf 'written through zonalfs\nand appended')" ] \
+  || { echo "the written object is not what was written" >&2; exit 1; }
+"$BIN" stat gs://sample-bucket/notes.txt | grep -E 'size|finalized'
+echo "== zonalfs cp of train.bin to a new object and back, compared"
+"$BIN" cp "$B/datasets/train.bin" gs://sample-bucket/copies/
+GOT=$("$BIN" cat gs://sample-bucket/copies/train.bin | sha256sum | cut -d' ' -f1)
+[ "$WANT" = "$GOT" ] || { echo "MISMATCH after cp: $GOT != $WANT" >&2; exit 1; }
+echo "   sha256 ok"
 kill -TERM "$MOUNT_PID"
 wait "$MOUNT_PID" || true
 MOUNT_PID=
