@@ -52,6 +52,7 @@ fn encode_handle(bucket: &str, object: &str, generation: i64) -> Bytes {
     wire::encode_handle(HANDLE_MAGIC, bucket, object, generation)
 }
 
+#[cfg(test)]
 fn decode_handle(h: &[u8]) -> Option<(String, String, i64)> {
     wire::decode_handle(HANDLE_MAGIC, h)
 }
@@ -122,19 +123,14 @@ pub async fn open(
     let bucket = store::parse_bucket_resource(&spec.bucket)?.to_string();
     store::check_object_name(&spec.object)?;
 
-    let mut generation = spec.generation;
-    if let Some(h) = &spec.read_handle {
-        let (hb, ho, hg) =
-            decode_handle(&h.handle).ok_or_else(|| invalid("Invalid read_handle"))?;
-        if hb != bucket || ho != spec.object {
-            return Err(invalid("The read_handle is for another object"));
-        }
-        if generation == 0 {
-            generation = hg;
-        } else if generation != hg {
-            return Err(invalid("The read_handle is for another generation"));
-        }
-    }
+    let generation = wire::pinned_generation(
+        HANDLE_MAGIC,
+        "read_handle",
+        spec.read_handle.as_ref().map(|h| h.handle.as_ref()),
+        &bucket,
+        &spec.object,
+        spec.generation,
+    )?;
 
     // A routing token comes in the spec and/or the routing header; it must be one
     // a redirect handed out, and a redirected reopen must also bring the handle.

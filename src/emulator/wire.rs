@@ -167,6 +167,32 @@ pub fn decode_handle(magic: &str, h: &[u8]) -> Option<(String, String, i64)> {
         .then_some((bucket, object, generation))
 }
 
+/// The generation a reopen pins: the spec's, checked against its handle's
+/// (`what`: "read_handle" or "write_handle"), or the handle's when the spec
+/// names none.
+pub fn pinned_generation(
+    magic: &str,
+    what: &str,
+    handle: Option<&[u8]>,
+    bucket: &str,
+    object: &str,
+    generation: i64,
+) -> Result<i64, EmuError> {
+    let Some(h) = handle else {
+        return Ok(generation);
+    };
+    let bad = |m: &str| EmuError::InvalidArgument(m.replace("HANDLE", what));
+    let (hb, ho, hg) = decode_handle(magic, h).ok_or_else(|| bad("Invalid HANDLE"))?;
+    if hb != bucket || ho != object {
+        return Err(bad("The HANDLE is for another object"));
+    }
+    match generation {
+        0 => Ok(hg),
+        g if g == hg => Ok(g),
+        _ => Err(bad("The HANDLE is for another generation")),
+    }
+}
+
 /// Runs a blocking store call off the reactor.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EmuError> + Send + 'static,

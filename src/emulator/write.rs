@@ -63,6 +63,7 @@ fn encode_handle(bucket: &str, object: &str, generation: i64) -> BidiWriteHandle
     }
 }
 
+#[cfg(test)]
 fn decode_handle(h: &[u8]) -> Option<(String, String, i64)> {
     wire::decode_handle(HANDLE_MAGIC, h)
 }
@@ -182,19 +183,14 @@ async fn take_over(
 ) -> Result<Opened, Status> {
     let bucket = store::parse_bucket_resource(&spec.bucket)?.to_string();
     store::check_object_name(&spec.object)?;
-    let mut generation = spec.generation;
-    if let Some(h) = &spec.write_handle {
-        let (hb, ho, hg) =
-            decode_handle(&h.handle).ok_or_else(|| invalid("Invalid write_handle"))?;
-        if hb != bucket || ho != spec.object {
-            return Err(invalid("The write_handle is for another object"));
-        }
-        if generation == 0 {
-            generation = hg;
-        } else if generation != hg {
-            return Err(invalid("The write_handle is for another generation"));
-        }
-    }
+    let generation = wire::pinned_generation(
+        HANDLE_MAGIC,
+        "write_handle",
+        spec.write_handle.as_ref().map(|h| h.handle.as_ref()),
+        &bucket,
+        &spec.object,
+        spec.generation,
+    )?;
     if token.is_some() && spec.write_handle.is_none() {
         return Err(invalid(
             "A redirected stream must be reopened with its write_handle",
