@@ -35,6 +35,8 @@ fn appendable(tree: &Tree, object: &str) -> bool {
 fn programs_write_through_the_mount() {
     let tree = Tree::new();
     tree.put("old.txt", b"finalized\n");
+    // An empty folder made elsewhere (not listed by this mount first).
+    std::fs::create_dir(tree.path("made-elsewhere")).unwrap();
     let emu = EmuChild::spawn(tree.root(), &[]);
     let ep = format!("http://{}", emu.addr);
     let mnt = tempfile::tempdir().expect("mountpoint");
@@ -46,6 +48,9 @@ fn programs_write_through_the_mount() {
     );
     let root = mnt.path();
     let r = root.display();
+
+    std::fs::write(root.join("made-elsewhere/x"), b"x").expect("write into an empty folder");
+    assert_eq!(std::fs::read(tree.path("made-elsewhere/x")).unwrap(), b"x");
 
     // echo > and echo >>: a new appendable object, then an append by
     // takeover (same generation), left unfinalized.

@@ -212,13 +212,11 @@ impl Fs {
     }
 
     /// Is `path/` an empty folder (one with nothing below it, which a listing
-    /// of `path/` does not show)? The listing of its parent level shows it as
-    /// a prefix. Asked only for names found neither as a file nor as a
-    /// directory with contents.
+    /// of `path/` does not show)? Asked of the service (GetFolder) only for
+    /// names found neither as a file nor as a directory with contents.
     async fn empty_folder(&self, path: &str) -> Result<bool, FsError> {
-        let want = format!("{path}/");
-        match self.client.list(path, None).await {
-            Ok(page) => Ok(page.prefixes.contains(&want)),
+        match self.client.folder_exists(&format!("{path}/")).await {
+            Ok(found) => Ok(found),
             Err(GcsError::NotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),
         }

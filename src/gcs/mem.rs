@@ -342,6 +342,11 @@ impl ObjectClient for MemClient {
         Ok(())
     }
 
+    async fn folder_exists(&self, path: &str) -> Result<bool, GcsError> {
+        let dir = format!("{}/", path.trim_end_matches('/'));
+        Ok(crate::sync::read(&self.folders).contains(&dir))
+    }
+
     async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
         let dir = format!("{}/", path.trim_end_matches('/'));
         let busy = crate::sync::read(&self.objects)

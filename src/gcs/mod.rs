@@ -294,6 +294,11 @@ pub trait ObjectClient: Send + Sync + 'static {
     async fn delete_folder(&self, path: &str) -> Result<(), GcsError> {
         Err(cannot_write(path))
     }
+    /// Is there a folder (`a/b/`), empty or not? (A bucket without folders
+    /// has none.)
+    async fn folder_exists(&self, _path: &str) -> Result<bool, GcsError> {
+        Ok(false)
+    }
     /// Renames a folder and everything below it.
     async fn rename_folder(&self, from: &str, _to: &str) -> Result<(), GcsError> {
         Err(cannot_write(from))

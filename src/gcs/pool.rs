@@ -566,6 +566,14 @@ impl ObjectClient for MrdPool {
         self.inner.client.delete_folder(path).await
     }
 
+    async fn folder_exists(&self, path: &str) -> Result<bool, GcsError> {
+        match self.inner.client.folder_exists(path).await {
+            // A bucket without a hierarchical namespace has no folders.
+            Err(GcsError::PreconditionFailed(_) | GcsError::Other(_)) => Ok(false),
+            r => r,
+        }
+    }
+
     async fn rename_folder(&self, from: &str, to: &str) -> Result<(), GcsError> {
         self.inner.client.rename_folder(from, to).await
     }
