@@ -86,22 +86,21 @@ fn check_preconditions(spec: &BidiReadObjectSpec, meta: &ObjectMeta) -> Result<(
     Ok(())
 }
 
-/// Opens the object named by the spec, off the reactor (it may checksum a file).
-async fn open_object(
+/// Opens an object version with its whole checksum, off the reactor (it may
+/// checksum a file): BidiReadObject's and GetObject's lookup.
+pub(super) async fn open_object(
     emu: &Arc<Emulator>,
     bucket: &str,
     object: &str,
     generation: i64,
 ) -> Result<(ObjectMeta, File), Status> {
     let (emu, bucket, object) = (emu.clone(), bucket.to_string(), object.to_string());
-    tokio::task::spawn_blocking(move || -> Result<(ObjectMeta, File), EmuError> {
+    wire::blocking(move || -> Result<(ObjectMeta, File), EmuError> {
         let (mut meta, file) = emu.store.open(&bucket, &object, generation)?;
         emu.store.checksum(&mut meta, &file)?;
         Ok((meta, file))
     })
     .await
-    .map_err(|e| Status::internal(e.to_string()))?
-    .map_err(Status::from)
 }
 
 /// Starts a BidiReadObject stream (see the module doc).
@@ -134,25 +133,11 @@ pub async fn open(
 
     // A routing token comes in the spec and/or the routing header; it must be one
     // a redirect handed out, and a redirected reopen must also bring the handle.
-    let header_token = params.get("routing_token").cloned();
-    let token = match (&spec.routing_token, &header_token) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(invalid(
-                "routing_token differs between the spec and x-goog-request-params",
-            ))
-        }
-        (Some(a), _) => Some(a.clone()),
-        (None, b) => b.clone(),
-    };
-    if let Some(t) = &token {
-        if !emu.faults.known_token(t) {
-            return Err(invalid(format!("Unknown routing token: {t}")));
-        }
-        if spec.read_handle.is_none() {
-            return Err(invalid(
-                "A redirected stream must be reopened with its read_handle",
-            ));
-        }
+    let token = wire::routing_token(&emu, spec.routing_token.as_ref(), &params)?;
+    if token.is_some() && spec.read_handle.is_none() {
+        return Err(invalid(
+            "A redirected stream must be reopened with its read_handle",
+        ));
     }
 
     if emu.faults.fail_open() {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::store::{self, ListCursor, ListQuery, ObjectMeta, Preconditions};
+use super::store::{self, ListCursor, ListQuery, Preconditions};
 use super::wire::{blocking, call_params, check_routing, object_proto, timestamp};
 use super::{bidi, write, EmuError, Emulator};
 use crate::proto::{control, longrunning, storage};
@@ -185,14 +185,7 @@ impl storage::storage_server::Storage for StorageService {
         let req = request.into_inner();
         check_routing(&params, &req.bucket)?;
         let bucket = store::parse_bucket_resource(&req.bucket)?.to_string();
-        let emu = self.emu.clone();
-        let meta = tokio::task::spawn_blocking(move || -> Result<ObjectMeta, EmuError> {
-            let (mut meta, file) = emu.store.open(&bucket, &req.object, req.generation)?;
-            emu.store.checksum(&mut meta, &file)?;
-            Ok(meta)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        let (meta, _) = bidi::open_object(&self.emu, &bucket, &req.object, req.generation).await?;
         Ok(Response::new(object_proto(&meta)))
     }
 
@@ -297,9 +290,7 @@ impl storage::storage_server::Storage for StorageService {
         let svc = StorageService {
             emu: self.emu.clone(),
         };
-        let resp = tokio::task::spawn_blocking(move || svc.list(&req))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let resp = blocking(move || svc.list(&req)).await?;
         Ok(Response::new(resp))
     }
 }

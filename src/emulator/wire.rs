@@ -193,6 +193,32 @@ pub fn pinned_generation(
     }
 }
 
+/// The routing token of a reopen: in the spec and/or the routing header, the
+/// same if both; it must be one a redirect handed out.
+pub fn routing_token(
+    emu: &Emulator,
+    in_spec: Option<&String>,
+    params: &HashMap<String, String>,
+) -> Result<Option<String>, EmuError> {
+    let token = match (in_spec, params.get("routing_token")) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(EmuError::InvalidArgument(
+                "routing_token differs between the spec and x-goog-request-params".into(),
+            ))
+        }
+        (Some(a), _) => Some(a.clone()),
+        (None, b) => b.cloned(),
+    };
+    if let Some(t) = &token {
+        if !emu.faults.known_token(t) {
+            return Err(EmuError::InvalidArgument(format!(
+                "Unknown routing token: {t}"
+            )));
+        }
+    }
+    Ok(token)
+}
+
 /// Runs a blocking store call off the reactor.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EmuError> + Send + 'static,

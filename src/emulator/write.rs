@@ -103,30 +103,6 @@ impl Writers {
     }
 }
 
-/// The routing token of a reopen: in the spec and/or the routing header, the
-/// same if both; it must be one a redirect handed out.
-fn routing_token(
-    emu: &Emulator,
-    in_spec: Option<&String>,
-    params: &HashMap<String, String>,
-) -> Result<Option<String>, Status> {
-    let token = match (in_spec, params.get("routing_token")) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(invalid(
-                "routing_token differs between the spec and x-goog-request-params",
-            ))
-        }
-        (Some(a), _) => Some(a.clone()),
-        (None, b) => b.cloned(),
-    };
-    if let Some(t) = &token {
-        if !emu.faults.known_token(t) {
-            return Err(invalid(format!("Unknown routing token: {t}")));
-        }
-    }
-    Ok(token)
-}
-
 /// The CRC32C of a file's first `len` bytes.
 fn file_crc(file: &std::fs::File, len: u64) -> Result<u32, EmuError> {
     let mut buf = vec![0u8; (1usize << 20).min(len as usize).max(1)];
@@ -242,7 +218,7 @@ pub async fn open(
         }
         Some(FirstMessage::AppendObjectSpec(spec)) => {
             check_routing(&params, &spec.bucket)?;
-            let token = routing_token(&emu, spec.routing_token.as_ref(), &params)?;
+            let token = wire::routing_token(&emu, spec.routing_token.as_ref(), &params)?;
             if emu.faults.fail_open() {
                 emu.counters.fault_fail_open.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::unavailable("injected fault: stream open failed"));

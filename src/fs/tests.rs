@@ -10,12 +10,17 @@ use proptest::prelude::*;
 use std::sync::atomic::Ordering;
 
 fn fs(client: Arc<MemClient>) -> Arc<Fs> {
+    fs_with(client, Budget::new(16 << 20), FsConfig::default())
+}
+
+/// A filesystem over `client` with this memory budget and these settings.
+fn fs_with(client: Arc<MemClient>, budget: Arc<Budget>, cfg: FsConfig) -> Arc<Fs> {
     let engine = ReadEngine::new(
         client.clone(),
-        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
+        Pool::new(budget, PoolConfig::new(1 << 20)),
         PrefetchConfig::default(),
     );
-    Fs::new(client, engine, FsConfig::default())
+    Fs::new(client, engine, cfg)
 }
 
 /// The object version file inode `ino` stands for (the engine caches by
@@ -486,14 +491,9 @@ async fn files_changed_after_the_listing_never_mix_generations() {
 async fn a_new_generation_gets_a_new_inode_and_old_handles_keep_theirs() {
     let c = MemClient::new(Duration::ZERO);
     c.put("o", b"first".to_vec(), true);
-    let engine = ReadEngine::new(
+    let fs = fs_with(
         c.clone(),
-        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
-        PrefetchConfig::default(),
-    );
-    let fs = Fs::new(
-        c.clone(),
-        engine,
+        Budget::new(16 << 20),
         FsConfig {
             metadata_ttl: Duration::ZERO,
             ..Default::default()
@@ -880,14 +880,9 @@ async fn writes_stream_as_appendable_objects() {
 async fn a_read_only_mount_refuses_changes() {
     let c = MemClient::new(Duration::ZERO);
     c.put("f", b"x".to_vec(), true);
-    let engine = ReadEngine::new(
+    let fs = fs_with(
         c.clone(),
-        Pool::new(Budget::new(16 << 20), PoolConfig::new(1 << 20)),
-        PrefetchConfig::default(),
-    );
-    let fs = Fs::new(
-        c.clone(),
-        engine,
+        Budget::new(16 << 20),
         FsConfig {
             read_only: true,
             ..Default::default()
@@ -925,12 +920,7 @@ async fn writes_stay_within_the_memory_budget() {
     let c = MemClient::new(Duration::ZERO);
     let limit = 3 * write::PIECE as u64;
     let budget = Budget::new(limit);
-    let engine = ReadEngine::new(
-        c.clone(),
-        Pool::new(budget.clone(), PoolConfig::new(1 << 20)),
-        PrefetchConfig::default(),
-    );
-    let fs = Fs::new(c.clone(), engine, FsConfig::default());
+    let fs = fs_with(c.clone(), budget.clone(), FsConfig::default());
     let (_, fh) = fs.create(ROOT_INO, "big", false).await.unwrap();
     let body = pattern_bytes(64 << 20);
     let mut most = 0;
