@@ -225,8 +225,12 @@ impl MountArgs {
             prefetch_files: self.prefetch_files,
             read_only: self.read_only,
             finalize_on_close: self.finalize_on_close,
+            temp_limit: self.temp_dir_limit,
             ..FsConfig::default()
         };
+        if let Some(d) = &self.temp_dir {
+            fs.temp_dir = d.clone();
+        }
         if let Some(u) = self.uid {
             fs.uid = u;
         }
@@ -322,6 +326,16 @@ pub struct MountArgs {
     /// default it stays appendable, as gcsfuse leaves zonal objects).
     #[arg(long, env = "ZONALFS_FINALIZE_ON_CLOSE")]
     pub finalize_on_close: bool,
+    /// Where writes that cannot stream (seeking back, holes, rewriting a
+    /// finalized object, resizing) keep a local copy of the file until it is
+    /// uploaded as a new generation at fsync or close (default: $TMPDIR or
+    /// /tmp). The copies are unnamed files: nothing is left behind.
+    #[arg(long, env = "ZONALFS_TEMP_DIR")]
+    pub temp_dir: Option<std::path::PathBuf>,
+    /// Bytes those local copies may take, all files together; past it such a
+    /// write fails with ENOSPC.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size, env = "ZONALFS_TEMP_DIR_LIMIT")]
+    pub temp_dir_limit: u64,
     /// Let other users access the mount.
     #[arg(long, env = "ZONALFS_ALLOW_OTHER")]
     pub allow_other: bool,

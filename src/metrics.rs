@@ -264,13 +264,23 @@ pub fn render(s: &Sources) -> String {
         ),
         (
             "zonalfs_write_objects_created_total",
-            "New object generations made by creates and truncations.",
+            "New object generations made by creates, truncations and staged uploads.",
             &w.objects_created,
         ),
         (
-            "zonalfs_write_unsupported_total",
-            "Writes refused as not streamable (not at the end, finalized objects, other sizes).",
-            &w.unsupported,
+            "zonalfs_write_fallbacks_total",
+            "Write handles that fell back to a staged copy in --temp-dir (not at the end, finalized objects, other sizes).",
+            &w.fallbacks,
+        ),
+        (
+            "zonalfs_write_staged_uploads_total",
+            "Staged copies uploaded as new generations.",
+            &w.staged_uploads,
+        ),
+        (
+            "zonalfs_write_over_budget_total",
+            "Write pieces taken past --memory-limit after waiting for memory.",
+            &w.over_budget,
         ),
     ] {
         let _ = writeln!(

@@ -1,8 +1,10 @@
-//! Writing through a real mount with unmodified programs (issue 17, first
-//! part): `echo >` and `echo >>`, `cp` and `cp -r` in, `tar -x` into the
-//! mount, Python write/fsync/read-back, `mkdir`, `mv`, `rm`, `rmdir`; a
-//! second mount sees what the first wrote once it is closed; a read-only
-//! mount refuses changes with EROFS. Every byte is checked in the emulator's
+//! Writing through a real mount with unmodified programs (issue 17):
+//! `echo >` and `echo >>`, `cp` and `cp -r` in, `tar -x` into the mount,
+//! Python write/fsync/read-back, `mkdir`, `mv`, `rm`, `rmdir`; writes that
+//! cannot stream (`dd conv=notrunc`, `truncate`, seeking back, SQLite) go
+//! through a staged copy; a second mount sees what the first wrote once it
+//! is flushed, while the writer still has the file open; a read-only mount
+//! refuses changes with EROFS. Every byte is checked in the emulator's
 //! tree (the bucket itself), every mount detached by its guard.
 
 mod common;
@@ -166,14 +168,13 @@ fn programs_write_through_the_mount() {
     sh(&format!("rm -r {r}/renamed"));
     assert!(!tree.path("renamed").exists());
 
-    // Writing into a finalized object in place is not streamed.
-    let e = std::fs::OpenOptions::new()
-        .append(true)
-        .open(root.join("old.txt"))
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"))
-        .expect_err("append to a finalized object");
-    assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
-    assert_eq!(std::fs::read(tree.path("old.txt")).unwrap(), b"finalized\n");
+    // Appending to a finalized object goes through a staged copy: a new
+    // generation with the old bytes and the new ones.
+    sh(&format!("echo more >> {r}/old.txt"));
+    assert_eq!(
+        std::fs::read(tree.path("old.txt")).unwrap(),
+        b"finalized\nmore\n"
+    );
 
     // The metrics count what happened.
     let text = scrape(&metrics);
@@ -183,7 +184,8 @@ fn programs_write_through_the_mount() {
         "zonalfs_write_flushes_total",
         "zonalfs_write_takeovers_total",
         "zonalfs_write_objects_created_total",
-        "zonalfs_write_unsupported_total",
+        "zonalfs_write_fallbacks_total",
+        "zonalfs_write_staged_uploads_total",
         "zonalfs_fuse_op_seconds_count{op=\"write\"}",
         "zonalfs_fuse_op_seconds_count{op=\"rename\"}",
     ] {
@@ -402,5 +404,185 @@ fn writes_through_the_mount_survive_write_faults() {
     assert_eq!(
         sha_file(&mnt.path().join("f.bin")),
         Sha256::digest(&whole).to_vec()
+    );
+}
+
+/// Writes that cannot stream, by unmodified programs: `dd conv=notrunc`
+/// into the middle of a file, `truncate -s` up and down, Python seeking back
+/// and writing a hole, and SQLite (pages rewritten in place, a journal, fsync)
+/// — each through a staged copy in `--temp-dir`, uploaded as a new
+/// generation at fsync and close, and nothing left in `--temp-dir`.
+#[test]
+fn programs_that_write_in_place() {
+    let tree = Tree::new();
+    tree.put("fixed.bin", &pattern(3 << 20, 1));
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    let temp = tempfile::tempdir().expect("temp dir");
+    let metrics = free_addr();
+    let _m = MountGuard::mount(
+        &format!("http://{}", emu.addr),
+        mnt.path(),
+        &[
+            "--temp-dir",
+            &temp.path().display().to_string(),
+            "--metrics-addr",
+            &metrics,
+        ],
+    );
+    let root = mnt.path();
+    let r = root.display();
+
+    // dd into the middle of a finalized object.
+    let mut want = pattern(3 << 20, 1);
+    sh(&format!(
+        "head -c 4096 /dev/zero | tr '\\0' 'Q' | dd of={r}/fixed.bin bs=4096 seek=100 conv=notrunc status=none"
+    ));
+    want[100 * 4096..101 * 4096].fill(b'Q');
+    assert!(
+        std::fs::read(tree.path("fixed.bin")).unwrap() == want,
+        "dd conv=notrunc"
+    );
+    assert!(
+        std::fs::read(root.join("fixed.bin")).unwrap() == want,
+        "and through the mount"
+    );
+
+    // truncate down and up.
+    sh(&format!("truncate -s 1000 {r}/fixed.bin"));
+    assert_eq!(std::fs::read(tree.path("fixed.bin")).unwrap(), want[..1000]);
+    sh(&format!("truncate -s 1500 {r}/fixed.bin"));
+    let mut grown = want[..1000].to_vec();
+    grown.resize(1500, 0);
+    assert_eq!(std::fs::read(tree.path("fixed.bin")).unwrap(), grown);
+    assert_eq!(
+        std::fs::metadata(root.join("fixed.bin")).unwrap().len(),
+        1500
+    );
+
+    // Python: a header written last (seek back), a hole, read back through
+    // the same handle before close.
+    let py = format!(
+        "import os\n\
+         with open('{r}/rec.bin', 'w+b') as f:\n\
+         \x20   f.write(b'\\0' * 8)\n\
+         \x20   f.write(b'body' * 1000)\n\
+         \x20   f.seek(10000); f.write(b'tail')\n\
+         \x20   f.seek(0); f.write(b'HEADER!!')\n\
+         \x20   f.flush(); os.fsync(f.fileno())\n\
+         \x20   f.seek(0); got = f.read()\n\
+         \x20   assert got[:12] == b'HEADER!!body', got[:12]\n\
+         \x20   assert len(got) == 10004, len(got)\n",
+        r = r
+    );
+    let out = Command::new("python3")
+        .args(["-c", &py])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rec = b"HEADER!!".to_vec();
+    rec.extend(b"body".repeat(1000));
+    rec.resize(10000, 0);
+    rec.extend_from_slice(b"tail");
+    assert_eq!(std::fs::read(tree.path("rec.bin")).unwrap(), rec);
+
+    // SQLite: a database built in the mount, then read back from the
+    // bucket's own bytes.
+    let py = format!(
+        "import sqlite3\n\
+         db = sqlite3.connect('{r}/app.db')\n\
+         db.execute('create table t (k integer primary key, v text)')\n\
+         for batch in range(5):\n\
+         \x20   with db:\n\
+         \x20       db.executemany('insert into t (v) values (?)', [('v%d-%d' % (batch, i),) for i in range(200)])\n\
+         with db:\n\
+         \x20   db.execute(\"update t set v = 'changed' where k % 7 = 0\")\n\
+         db.close()\n",
+        r = r
+    );
+    let out = Command::new("python3")
+        .args(["-c", &py])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "sqlite: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = temp.path().join("copy.db");
+    std::fs::copy(tree.path("app.db"), &copy).unwrap();
+    let check = format!(
+        "import sqlite3\n\
+         db = sqlite3.connect('{}')\n\
+         assert db.execute('pragma integrity_check').fetchone()[0] == 'ok'\n\
+         assert db.execute('select count(*) from t').fetchone()[0] == 1000\n\
+         assert db.execute(\"select count(*) from t where v = 'changed'\").fetchone()[0] == 142\n\
+         db.close()\n",
+        copy.display()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &check])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the bucket's database: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&copy).unwrap();
+    assert!(
+        !tree.path("app.db-journal").exists(),
+        "the journal was removed"
+    );
+
+    let text = scrape(&metrics);
+    assert!(
+        metric(&text, "zonalfs_write_fallbacks_total") >= 4.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "zonalfs_write_staged_uploads_total") >= 4.0,
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(temp.path()).unwrap().count(),
+        0,
+        "staged copies are unnamed: nothing is left in --temp-dir"
+    );
+}
+
+/// Two mounts of one bucket: a writer, and a reader with metadata TTL 0. The
+/// reader sees each fsync of the writer while the writer still has the file
+/// open (its size and bytes), and the rest after the writer closes.
+#[test]
+fn a_second_mount_reads_what_a_live_writer_flushed() {
+    let tree = Tree::new();
+    let emu = EmuChild::spawn(tree.root(), &[]);
+    let ep = format!("http://{}", emu.addr);
+    let (mw, mr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _w = MountGuard::mount(&ep, mw.path(), &[]);
+    let _r = MountGuard::mount(&ep, mr.path(), &["--read-only", "--metadata-ttl", "0s"]);
+    let body = pattern(3 * (1 << 20) + 77, 5);
+    let mut f = std::fs::File::create(mw.path().join("live.log")).unwrap();
+    let mut written = 0;
+    for part in body.chunks((1 << 20) + 11) {
+        std::io::Write::write_all(&mut f, part).unwrap();
+        f.sync_all().unwrap();
+        written += part.len();
+        let seen = std::fs::read(mr.path().join("live.log")).unwrap();
+        assert_eq!(seen.len(), written, "the reader sees the flushed size");
+        assert!(seen == body[..written], "and the flushed bytes");
+    }
+    std::io::Write::write_all(&mut f, b"after").unwrap();
+    drop(f);
+    let mut all = body.clone();
+    all.extend_from_slice(b"after");
+    assert!(
+        std::fs::read(mr.path().join("live.log")).unwrap() == all,
+        "closed: all of it"
     );
 }

@@ -29,10 +29,14 @@ pub enum FsError {
     Exists,
     #[error("directory not empty")]
     NotEmpty,
-    /// A write the mount does not do (yet): writing anywhere but at the end,
-    /// resizing to other than 0 or the current size.
+    /// An operation the mount does not do.
     #[error("operation not supported: {0}")]
     Unsupported(String),
+    /// The local copy of a write that cannot stream (`--temp-dir`): no room
+    /// (ENOSPC, past `--temp-dir-limit` or the disk full) or another local
+    /// failure, with its errno.
+    #[error("{msg}")]
+    Staging { msg: String, errno: i32 },
     /// A write handle whose upload failed: every later write and flush on it
     /// reports this (the bytes since the last successful flush are not in
     /// the bucket).
@@ -64,6 +68,7 @@ impl FsError {
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::Unsupported(_) => libc::EOPNOTSUPP,
+            FsError::Staging { errno, .. } => *errno,
             FsError::WriteFailed(_) => libc::EIO,
             FsError::Inconsistent(_)
             | FsError::Read(ReadError::Short { .. })

@@ -33,7 +33,9 @@ use crate::sync::lock;
 /// Operations slower than this are logged.
 const SLOW_OP: Duration = Duration::from_secs(1);
 
-/// How long the kernel may cache attributes and entries.
+/// How long the kernel may cache attributes and entries: at most this, and
+/// no longer than `--metadata-ttl` (0 there: the kernel asks every time, so
+/// a growing object's new size is seen at once, as gcsfuse does).
 pub const KERNEL_TTL: Duration = Duration::from_secs(1);
 
 /// The fuser filesystem over [`Fs`].
@@ -42,6 +44,8 @@ pub struct FuseFs {
     rt: tokio::runtime::Handle,
     direct_io: bool,
     stats: Arc<FuseStats>,
+    /// What the kernel may cache attributes and entries for.
+    ttl: Duration,
     /// Asynchronous requests the kernel may have in flight.
     pub max_background: u16,
     /// Ask the kernel for FUSE passthrough (small files served from memory
@@ -59,7 +63,9 @@ impl FuseFs {
         direct_io: bool,
         stats: Arc<FuseStats>,
     ) -> FuseFs {
+        let ttl = KERNEL_TTL.min(fs.config().metadata_ttl);
         FuseFs {
+            ttl,
             fs,
             rt,
             direct_io,
@@ -230,12 +236,13 @@ impl Filesystem for FuseFs {
             return reply.error(Errno::ENOENT);
         };
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let ttl = self.ttl;
         let id = req.unique().0;
         self.rt.spawn(traced("lookup", id, parent.0, async move {
             let r = fs.lookup(parent.0, &name).await;
             Self::done(&stats, "lookup", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -247,12 +254,13 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let ttl = self.ttl;
         let id = req.unique().0;
         self.rt.spawn(traced("getattr", id, ino.0, async move {
             let r = fs.getattr(ino.0).await;
             Self::done(&stats, "getattr", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -347,7 +355,8 @@ impl Filesystem for FuseFs {
         if let Some(w) = self.fs.release(fh.0) {
             // The upload ends off the loop thread (what was written was
             // persisted by the flush at close).
-            self.rt.spawn(Fs::finish_write(w));
+            let fs = self.fs.clone();
+            self.rt.spawn(async move { fs.finish_write(w).await });
         }
         lock(&self.backings).remove(&fh.0);
         self.stats.handle_released(false);
@@ -369,6 +378,7 @@ impl Filesystem for FuseFs {
         };
         let exclusive = flags & libc::O_EXCL != 0;
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let ttl = self.ttl;
         let id = req.unique().0;
         self.rt.spawn(traced("create", id, parent.0, async move {
             let r = fs.create(parent.0, &name, exclusive).await;
@@ -377,7 +387,7 @@ impl Filesystem for FuseFs {
                 Ok((a, fh)) => {
                     stats.handle_opened(false);
                     reply.created(
-                        &KERNEL_TTL,
+                        &ttl,
                         &file_attr(&a),
                         Generation(0),
                         FileHandle(fh),
@@ -404,9 +414,16 @@ impl Filesystem for FuseFs {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let id = req.unique().0;
         // Most writes are copied straight into the handle's piece, here.
-        if let Some(n) = fs.write_now(fh.0, offset, data) {
-            Self::done(&stats, "write", id, t, None);
-            return reply.written(n);
+        match fs.write_now(fh.0, offset, data) {
+            Some(Ok(n)) => {
+                Self::done(&stats, "write", id, t, None);
+                return reply.written(n);
+            }
+            Some(Err(e)) => {
+                Self::done(&stats, "write", id, t, Some(&e));
+                return reply.error(errno(&e));
+            }
+            None => {}
         }
         // Otherwise (a write that fills a piece, or a handle busy flushing)
         // the bytes must outlive the loop's request buffer: copied once more.
@@ -460,12 +477,13 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let ttl = self.ttl;
         let id = req.unique().0;
         self.rt.spawn(traced("setattr", id, ino.0, async move {
             let r = fs.setattr(ino.0, size, fh.map(|f| f.0)).await;
             Self::done(&stats, "setattr", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -484,12 +502,13 @@ impl Filesystem for FuseFs {
             return reply.error(Errno::EINVAL);
         };
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let ttl = self.ttl;
         let id = req.unique().0;
         self.rt.spawn(traced("mkdir", id, parent.0, async move {
             let r = fs.mkdir(parent.0, &name).await;
             Self::done(&stats, "mkdir", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -601,7 +620,7 @@ impl Filesystem for FuseFs {
                         INodeNo(e.ino),
                         next,
                         &e.name,
-                        &KERNEL_TTL,
+                        &self.ttl,
                         &file_attr(&attr),
                         Generation(0),
                     ) {

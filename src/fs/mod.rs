@@ -92,6 +92,10 @@ pub struct FsConfig {
     /// `--finalize-on-close`: a file written through the mount is finalized
     /// when it is closed (else it stays appendable).
     pub finalize_on_close: bool,
+    /// `--temp-dir`: where writes that cannot stream keep their staged copy.
+    pub temp_dir: std::path::PathBuf,
+    /// `--temp-dir-limit`: bytes all staged copies may take together.
+    pub temp_limit: u64,
 }
 
 impl Default for FsConfig {
@@ -114,6 +118,8 @@ impl Default for FsConfig {
             prefetch_files: 0,
             read_only: false,
             finalize_on_close: false,
+            temp_dir: std::env::temp_dir(),
+            temp_limit: 10 << 30,
         }
     }
 }
@@ -140,6 +146,8 @@ pub struct Fs {
     started: SystemTime,
     /// What writes did (metrics).
     writes: Arc<write::WriteStats>,
+    /// Room for staged copies (`--temp-dir`, `--temp-dir-limit`).
+    temp: Arc<write::TempSpace>,
 }
 
 impl Fs {
@@ -153,7 +161,9 @@ impl Fs {
                 lookups: 1,
             },
         );
+        let temp = Arc::new(write::TempSpace::new(cfg.temp_dir.clone(), cfg.temp_limit));
         Arc::new(Fs {
+            temp,
             client,
             engine,
             cfg,

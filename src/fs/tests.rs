@@ -775,9 +775,9 @@ async fn writes_stream_as_appendable_objects() {
     let (mut off, mut at_once) = (0, 0);
     for piece in body.chunks(128 << 10) {
         let n = match fs.write_now(fh, off, piece) {
-            Some(n) => {
+            Some(r) => {
                 at_once += 1;
-                n
+                r.expect("write")
             }
             None => fs.write(fh, off, piece).await.unwrap(),
         };
@@ -789,17 +789,13 @@ async fn writes_stream_as_appendable_objects() {
         "most writes go straight into the piece: {at_once} of 40"
     );
     assert_eq!(fs.getattr(a.ino).await.unwrap().size, body.len() as u64);
-    // Not at the end: not streamed.
-    assert_eq!(
-        fs.write(fh, 3, b"x").await.unwrap_err().errno(),
-        libc::EOPNOTSUPP
-    );
+    assert_eq!(fs.write_stats().fallbacks.load(Ordering::Relaxed), 0);
     // A read through the write handle sees its own writes.
     let got = fs.read(fh, (4 << 20) + 5, 1000).await.unwrap();
     assert_eq!(got.as_slice(), &body[(4 << 20) + 5..(4 << 20) + 1005]);
     fs.flush(fh, true).await.expect("close");
     if let Some(w) = fs.release(fh) {
-        Fs::finish_write(w).await;
+        fs.finish_write(w).await;
     }
     let info = c.stat("out/log").await.unwrap();
     assert_eq!((info.size, info.finalized), (body.len() as u64, false));
@@ -817,7 +813,7 @@ async fn writes_stream_as_appendable_objects() {
     );
     assert_eq!(after.size, body.len() as u64 + 4);
     if let Some(w) = fs.release(fh) {
-        Fs::finish_write(w).await;
+        fs.finish_write(w).await;
     }
 
     // O_TRUNC: a new generation, which the inode stands for from now on.
@@ -833,12 +829,9 @@ async fn writes_stream_as_appendable_objects() {
     assert_eq!(fs.read(rfh, 0, 10).await.unwrap().as_slice(), b"new");
     let _ = fs.release(rfh);
 
-    // Truncation to 0 by setattr; other sizes are not supported.
+    // Truncation to 0 by setattr: a new empty generation.
     assert_eq!(fs.setattr(a.ino, Some(0), None).await.unwrap().size, 0);
-    assert_eq!(
-        fs.setattr(a.ino, Some(7), None).await.unwrap_err().errno(),
-        libc::EOPNOTSUPP
-    );
+    assert_eq!(c.stat("out/log").await.unwrap().size, 0);
     // Mode and times are accepted and not kept.
     assert_eq!(fs.setattr(a.ino, None, None).await.unwrap().ino, a.ino);
 
@@ -911,38 +904,176 @@ fn pattern_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-/// Write buffers count in the mount's memory budget, shared with reads: a
-/// writer that finds it full persists what it holds and lets go of it, so
-/// its memory stays within the budget plus one piece; everything is given
-/// back when the file is closed.
+/// Write pieces are buffers of the memory layer, counted in the budget
+/// shared with reads: writers that find it full persist what they hold and
+/// wait for memory to come back, so four concurrent writers stay within the
+/// budget (no piece taken past it), and the buffers go back to the pool warm.
 #[tokio::test]
 async fn writes_stay_within_the_memory_budget() {
     let c = MemClient::new(Duration::ZERO);
-    let limit = 3 * write::PIECE as u64;
+    // Pieces are 1 MiB here (the test pool's largest buffer).
+    let limit = 4 << 20;
     let budget = Budget::new(limit);
     let fs = fs_with(c.clone(), budget.clone(), FsConfig::default());
-    let (_, fh) = fs.create(ROOT_INO, "big", false).await.unwrap();
-    let body = pattern_bytes(64 << 20);
-    let mut most = 0;
-    for (i, piece) in body.chunks(1 << 20).enumerate() {
-        let off = (i as u64) << 20;
-        if fs.write_now(fh, off, piece).is_none() {
-            fs.write(fh, off, piece).await.unwrap();
+    let body = pattern_bytes(24 << 20);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (fs, body) = (fs.clone(), body.clone());
+        writers.push(tokio::spawn(async move {
+            let name = format!("big{w}");
+            let (_, fh) = fs.create(ROOT_INO, &name, false).await.unwrap();
+            for (i, piece) in body.chunks(300 << 10).enumerate() {
+                let off = (i * (300 << 10)) as u64;
+                match fs.write_now(fh, off, piece) {
+                    Some(r) => r.map(|_| ()).unwrap(),
+                    None => fs.write(fh, off, piece).await.map(|_| ()).unwrap(),
+                }
+            }
+            fs.flush(fh, true).await.unwrap();
+            if let Some(w) = fs.release(fh) {
+                fs.finish_write(w).await;
+            }
+            name
+        }));
+    }
+    for w in writers {
+        let name = w.await.expect("writer");
+        assert_eq!(c.get(&name).expect("written").1, body.as_slice(), "{name}");
+    }
+    let pool = fs.engine.pool();
+    assert!(
+        budget.peak() <= limit,
+        "held {} bytes at most under a budget of {limit}",
+        budget.peak()
+    );
+    assert!(budget.peak() >= 2 << 20, "the pieces were counted");
+    assert_eq!(
+        fs.write_stats().over_budget.load(Ordering::Relaxed),
+        0,
+        "no piece past the budget"
+    );
+    assert_eq!(pool.in_use_bytes(), 0, "every piece given back at close");
+    assert!(pool.hot_bytes() > 0, "and kept warm for the next writer");
+}
+
+/// Writes that cannot stream go through a staged copy in `--temp-dir`,
+/// uploaded as a new generation at fsync and close: writing back, holes,
+/// rewriting a finalized object, resizing to any size; a read through the
+/// handle sees the copy; a replaced object is ESTALE; the copies stay within
+/// `--temp-dir-limit` (ENOSPC past it) and their room is given back.
+#[tokio::test]
+async fn writes_that_cannot_stream_go_through_a_staged_copy() {
+    let c = MemClient::new(Duration::ZERO);
+    let temp = std::env::temp_dir().join(format!("zonalfs-staged-test-{}", std::process::id()));
+    std::fs::create_dir_all(&temp).unwrap();
+    let cfg = FsConfig {
+        temp_dir: temp.clone(),
+        temp_limit: 8 << 20,
+        ..Default::default()
+    };
+    let fs = fs_with(c.clone(), Budget::new(16 << 20), cfg);
+    let write = |fh: u64, off: u64, data: &'static [u8]| {
+        let fs = fs.clone();
+        async move {
+            match fs.write_now(fh, off, data) {
+                Some(r) => r,
+                None => fs.write(fh, off, data).await,
+            }
         }
-        most = most.max(budget.used());
-    }
-    assert!(
-        most <= limit + write::PIECE as u64,
-        "held {most} bytes under a budget of {limit}"
+    };
+    let close = |fh: u64| {
+        let fs = fs.clone();
+        async move {
+            fs.flush(fh, true).await.expect("close");
+            if let Some(w) = fs.release(fh) {
+                fs.finish_write(w).await;
+            }
+        }
+    };
+
+    // Seeking back in a file being streamed: what was streamed is persisted,
+    // copied, changed in the copy and uploaded as a new generation.
+    let (a, fh) = fs.create(ROOT_INO, "back", false).await.unwrap();
+    write(fh, 0, b"hello world").await.unwrap();
+    let first = c.stat("back").await.unwrap().generation;
+    write(fh, 0, b"J").await.unwrap();
+    assert_eq!(
+        fs.read(fh, 0, 100).await.unwrap().as_slice(),
+        b"Jello world"
     );
-    assert!(
-        most >= write::PIECE as u64,
-        "the pieces were counted: {most}"
+    assert!(fs.staged_bytes() > 0);
+    close(fh).await;
+    let info = c.stat("back").await.unwrap();
+    assert_ne!(info.generation, first, "a new generation");
+    assert!(!info.finalized);
+    assert_eq!(&c.get("back").unwrap().1[..], b"Jello world");
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, 11);
+    let rfh = fs.open(a.ino, false).await.unwrap();
+    assert_eq!(
+        fs.read(rfh, 0, 100).await.unwrap().as_slice(),
+        b"Jello world"
     );
-    fs.flush(fh, true).await.unwrap();
-    if let Some(w) = fs.release(fh) {
-        Fs::finish_write(w).await;
-    }
-    assert_eq!(budget.used(), 0, "everything given back at close");
-    assert_eq!(c.stat("big").await.unwrap().size, body.len() as u64);
+    let _ = fs.release(rfh);
+
+    // A hole: zeros in between.
+    let (_, fh) = fs.create(ROOT_INO, "holes", false).await.unwrap();
+    write(fh, 0, b"a").await.unwrap();
+    write(fh, 4, b"b").await.unwrap();
+    close(fh).await;
+    assert_eq!(&c.get("holes").unwrap().1[..], b"a\0\0\0b");
+
+    // A finalized object rewritten in place.
+    c.put("fin", b"0123456789".to_vec(), true);
+    let f = fs.lookup(ROOT_INO, "fin").await.unwrap();
+    let fh = fs.open(f.ino, true).await.unwrap();
+    write(fh, 2, b"AB").await.unwrap();
+    fs.flush(fh, false).await.expect("fsync uploads");
+    assert_eq!(&c.get("fin").unwrap().1[..], b"01AB456789");
+    write(fh, 10, b"!").await.unwrap();
+    close(fh).await;
+    assert_eq!(&c.get("fin").unwrap().1[..], b"01AB456789!");
+    assert_eq!(fs.write_stats().staged_uploads.load(Ordering::Relaxed), 4);
+
+    // Resizing without a handle, down and up.
+    assert_eq!(fs.setattr(f.ino, Some(4), None).await.unwrap().size, 4);
+    assert_eq!(&c.get("fin").unwrap().1[..], b"01AB");
+    assert_eq!(fs.setattr(f.ino, Some(6), None).await.unwrap().size, 6);
+    assert_eq!(&c.get("fin").unwrap().1[..], b"01AB\0\0");
+    // ... and through a handle (uploaded at its close).
+    let fh = fs.open(f.ino, true).await.unwrap();
+    assert_eq!(fs.setattr(f.ino, Some(3), Some(fh)).await.unwrap().size, 3);
+    write(fh, 3, b"x").await.unwrap();
+    close(fh).await;
+    assert_eq!(&c.get("fin").unwrap().1[..], b"01Ax");
+
+    // Someone else replaced the object meanwhile: ESTALE, nothing clobbered.
+    let fh = fs.open(f.ino, true).await.unwrap();
+    write(fh, 0, b"Z").await.unwrap();
+    c.put("fin", b"theirs".to_vec(), false);
+    let e = fs.flush(fh, true).await.unwrap_err();
+    assert_eq!(e.errno(), libc::ESTALE, "{e}");
+    assert_eq!(&c.get("fin").unwrap().1[..], b"theirs");
+    let _ = fs.release(fh);
+
+    // Past --temp-dir-limit: ENOSPC.
+    c.put("big", vec![7; 6 << 20], true);
+    let b = fs.lookup(ROOT_INO, "big").await.unwrap();
+    let fh = fs.open(b.ino, true).await.unwrap();
+    write(fh, 0, b"x").await.unwrap();
+    let far = vec![1u8; 3 << 20];
+    let e = fs.write(fh, 6 << 20, &far).await.unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    close(fh).await;
+    assert_eq!(&c.get("big").unwrap().1[..2], b"x\x07");
+    assert_eq!(fs.staged_bytes(), 0, "every copy's room given back");
+    assert!(
+        fs.write_stats().fallbacks.load(Ordering::Relaxed) >= 6,
+        "fallbacks are counted"
+    );
+    assert_eq!(
+        std::fs::read_dir(&temp).unwrap().count(),
+        0,
+        "the copies are unnamed: nothing is left in --temp-dir"
+    );
+    std::fs::remove_dir(&temp).unwrap();
 }

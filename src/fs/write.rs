@@ -1,43 +1,72 @@
 //! Writes through the mount: files created (or truncated) are streamed to the
 //! bucket as new appendable objects, appends at the end of an unfinalized
-//! object take it over, and unlink, mkdir, rmdir and rename change the
-//! namespace.
+//! object take it over, every other write goes to a staged local copy that
+//! is uploaded as a new generation, and unlink, mkdir, rmdir and rename
+//! change the namespace.
 //!
-//! Data flow of a write: `write(2)`s land in the handle's [`WriteState`],
-//! gathered into pieces of [`PIECE`] bytes, each handed to the object's
-//! writer (`gcs::ObjectWrite`), which streams it in checksummed chunks and
-//! holds it until the service says it is persisted. `fsync` and `close` (the
-//! kernel's flush) push what is gathered and persist everything: another
+//! # Streaming (the fast path)
+//!
+//! `write(2)`s at the file's end are copied into the handle's current
+//! [`Piece`] (a warm buffer from the memory layer, shared with the read cache
+//! under `--memory-limit`), on the FUSE loop thread ([`Fs::write_now`]). A
+//! full piece is frozen and queued to the handle's upload task, which owns
+//! the object's writer (`gcs::ObjectWrite`): it streams the piece in
+//! checksummed chunks and holds it until the service says it is persisted,
+//! then the buffer goes back to the pool warm. The queue is [`QUEUE`] pieces
+//! deep, so a program writes on while the previous pieces travel; when the
+//! queue is full or no memory is free the write waits (in a task), first for
+//! its own pieces to be persisted, then for anyone's buffer to come back: a
+//! slow service slows writers down instead of growing memory. Only after
+//! [`MEMORY_WAIT`] without any does a writer take one piece past the budget
+//! (a writer whose peers hold all memory and write nothing must not hang).
+//!
+//! # Staging (everything else)
+//!
+//! A write anywhere but at the end (seeking back, holes), a write to a
+//! finalized object, and resizing to other than 0 or the current size move
+//! the handle to a [`Staged`] copy: an unnamed file in `--temp-dir` (nothing
+//! is left behind, even after a crash) holding the object's bytes, fetched
+//! straight from the wire into it. Writes then go to that file; `fsync` and
+//! `close` upload it whole as a new generation of the object, on condition
+//! that the generation it was copied from is still the live one (else
+//! ESTALE: someone else replaced the object). All staged copies together
+//! may take `--temp-dir-limit` bytes; past it such writes fail with ENOSPC.
+//!
+//! # Persisting
+//!
+//! `fsync` and `close` (the kernel's flush) persist what was written: another
 //! mount then sees the new size and bytes. `close` leaves the object
 //! unfinalized (appendable), as gcsfuse does on zonal buckets;
 //! `--finalize-on-close` finalizes it. The file's inode follows the writes:
-//! its size is what was written, and a truncating open or a create makes it
-//! stand for the new generation.
-//!
-//! Not done yet (EOPNOTSUPP, with the reason): writing anywhere but at the
-//! end (seeking back, holes), rewriting a finalized object in place, and
-//! resizing to other than 0 or the current size; the staged fallback will
-//! take those.
+//! its size is what was written, and a truncating open, a create or a staged
+//! upload makes it stand for the new generation.
 
-use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 
 use super::inode::Kind;
 use super::{Attr, Fs, FsError, Handle, Io};
-use crate::gcs::{GcsError, ObjectId, ObjectInfo, ObjectWrite};
-use crate::memory::Budget;
+use crate::gcs::{GcsError, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
+use crate::memory::Piece;
 use crate::read::ReadData;
 use crate::sync::lock;
 
-/// Bytes of `write(2)`s gathered before they go to the writer (which sends
-/// them as 2 MiB chunks, slices of the piece). Writes that fit in the piece
-/// being gathered are copied straight into it on the FUSE loop thread
-/// ([`Fs::write_now`]); only the write that fills a piece waits for it to go.
+/// The size of a full piece (the writer sends it as 2 MiB chunks, slices of
+/// it). Capped by the pool's largest buffer (the read block).
 pub const PIECE: usize = 8 << 20;
+/// A handle's first piece: a small file takes 1 MiB of memory, not a piece.
+const FIRST_PIECE: usize = 1 << 20;
+/// Full pieces queued to a handle's upload besides the one it is sending.
+pub const QUEUE: usize = 2;
+/// How long a writer waits for memory before it takes a piece past the
+/// budget.
+pub const MEMORY_WAIT: Duration = Duration::from_secs(2);
 
 /// What writes through the mount did, for the metrics.
 #[derive(Debug, Default)]
@@ -48,14 +77,346 @@ pub struct WriteStats {
     pub flushes: AtomicU64,
     /// Unfinalized objects taken over to append to them.
     pub takeovers: AtomicU64,
-    /// New object generations made (creates, truncations).
+    /// New object generations made (creates, truncations, staged uploads).
     pub objects_created: AtomicU64,
-    /// Writes refused as not streamable (what the staged fallback will take).
-    pub unsupported: AtomicU64,
+    /// Handles that fell back to a staged copy (writes that cannot stream).
+    pub fallbacks: AtomicU64,
+    /// Staged copies uploaded as new generations.
+    pub staged_uploads: AtomicU64,
+    /// Pieces taken past the memory budget after waiting [`MEMORY_WAIT`].
+    pub over_budget: AtomicU64,
 }
 
 fn count(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Room for staged copies: `--temp-dir` and `--temp-dir-limit`.
+#[derive(Debug)]
+pub struct TempSpace {
+    dir: PathBuf,
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl TempSpace {
+    pub fn new(dir: PathBuf, limit: u64) -> TempSpace {
+        TempSpace {
+            dir,
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes staged copies take now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: u64) -> bool {
+        let mut cur = self.used.load(Ordering::Acquire);
+        loop {
+            let Some(next) = cur.checked_add(n).filter(|v| *v <= self.limit) else {
+                return false;
+            };
+            match self
+                .used
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn give_back(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// A local failure of staging as the error a program sees (its errno kept;
+/// a full disk is ENOSPC).
+fn staging_error(what: &str, e: &std::io::Error) -> FsError {
+    FsError::Staging {
+        msg: format!("{what}: {e}"),
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// A handle's staged copy of its file.
+pub struct Staged {
+    file: std::fs::File,
+    /// The generation the copy was made from (or last uploaded as): the next
+    /// upload replaces exactly it.
+    generation: i64,
+    /// Written since the last upload.
+    dirty: bool,
+    space: Arc<TempSpace>,
+    /// Bytes of `space` this copy holds (its length).
+    held: u64,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.space.give_back(self.held);
+    }
+}
+
+impl Staged {
+    /// An empty unnamed file in `--temp-dir` (O_TMPFILE; where the file
+    /// system lacks it, a named file removed at once).
+    fn new(space: Arc<TempSpace>, generation: i64) -> Result<Staged, FsError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = &space.dir;
+        let unnamed = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir);
+        let file = match unnamed {
+            Ok(f) => f,
+            Err(_) => {
+                let path = dir.join(format!(
+                    ".zonalfs-staged-{}-{}",
+                    std::process::id(),
+                    NEXT_NAME.fetch_add(1, Ordering::Relaxed)
+                ));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| staging_error(&format!("--temp-dir {}", dir.display()), &e))?;
+                let _ = std::fs::remove_file(&path);
+                f
+            }
+        };
+        Ok(Staged {
+            file,
+            generation,
+            dirty: false,
+            space,
+            held: 0,
+        })
+    }
+
+    /// Makes the copy `len` bytes long (zeros past the old end), within
+    /// `--temp-dir-limit`.
+    fn set_len(&mut self, len: u64) -> Result<(), FsError> {
+        if len > self.held {
+            if !self.space.try_take(len - self.held) {
+                return Err(FsError::Staging {
+                    msg: format!(
+                        "--temp-dir-limit: staged copies would take more than {} bytes",
+                        self.space.limit
+                    ),
+                    errno: libc::ENOSPC,
+                });
+            }
+        } else {
+            self.space.give_back(self.held - len);
+        }
+        self.held = len;
+        self.file
+            .set_len(len)
+            .map_err(|e| staging_error("a staged copy", &e))
+    }
+
+    /// Writes `data` at `offset` (the copy grows to hold it).
+    fn write_at(&mut self, offset: u64, data: &[u8], size: &mut u64) -> Result<(), FsError> {
+        let end = offset + data.len() as u64;
+        if end > *size {
+            self.set_len(end)?;
+            *size = end;
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| staging_error("a staged copy", &e))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset` of a copy of `size` bytes.
+    fn read_at(&self, offset: u64, len: u64, size: u64) -> Result<Vec<u8>, FsError> {
+        let n = len.min(size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0; n];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| staging_error("a staged copy", &e))?;
+        Ok(buf)
+    }
+}
+
+static NEXT_NAME: AtomicU64 = AtomicU64::new(0);
+
+/// Where object bytes fetched for a staged copy go: straight into the file,
+/// at their offset (the first local error is kept).
+struct FileSink {
+    file: std::fs::File,
+    error: std::sync::Mutex<Option<std::io::Error>>,
+}
+
+impl RangeSink for FileSink {
+    fn put(&self, at: usize, data: &[u8]) {
+        if let Err(e) = self.file.write_all_at(data, at as u64) {
+            lock(&self.error).get_or_insert(e);
+        }
+    }
+}
+
+/// What a handle's upload task is asked to do, in order.
+enum Cmd {
+    /// Append a piece.
+    Data(Bytes),
+    /// Persist everything appended; answers the persisted size.
+    Flush(oneshot::Sender<Result<u64, String>>),
+    /// Persist everything and end the upload: finalized (answers the
+    /// object) or left appendable.
+    End {
+        finalize: bool,
+        done: oneshot::Sender<Result<Option<ObjectInfo>, String>>,
+    },
+}
+
+/// A handle's upload: the task that owns the object's writer, and the
+/// piece being gathered for it.
+pub struct Stream {
+    tx: mpsc::Sender<Cmd>,
+    generation: i64,
+    /// The piece being gathered (no buffer until a byte comes).
+    piece: Option<Piece>,
+    /// Pieces queued so far.
+    sent: u64,
+    /// The upload's first failure, set by the task.
+    failed: Arc<OnceLock<String>>,
+}
+
+impl Stream {
+    /// Starts the upload task for `writer`.
+    fn spawn(name: String, writer: Box<dyn ObjectWrite>) -> Stream {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let failed = Arc::new(OnceLock::new());
+        let generation = writer.generation();
+        tokio::spawn(upload(name, writer, rx, failed.clone()));
+        Stream {
+            tx,
+            generation,
+            piece: None,
+            sent: 0,
+            failed,
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.get().cloned()
+    }
+
+    /// The size the next piece should have.
+    fn next_piece_len(&self) -> usize {
+        if self.sent == 0 {
+            FIRST_PIECE
+        } else {
+            PIECE
+        }
+    }
+
+    /// Queues the piece being gathered (if it holds anything), waiting for
+    /// room in the queue.
+    async fn send_piece(&mut self) -> Result<(), String> {
+        let Some(p) = self.piece.take() else {
+            return Ok(());
+        };
+        if p.is_empty() {
+            self.piece = Some(p);
+            return Ok(());
+        }
+        self.sent += 1;
+        self.tx
+            .send(Cmd::Data(p.freeze()))
+            .await
+            .map_err(|_| self.ended())
+    }
+
+    fn ended(&self) -> String {
+        self.failure()
+            .unwrap_or_else(|| "the upload ended".to_string())
+    }
+
+    /// Persists everything written; the persisted size.
+    async fn flush(&mut self) -> Result<u64, String> {
+        self.send_piece().await?;
+        let (done, answer) = oneshot::channel();
+        self.tx
+            .send(Cmd::Flush(done))
+            .await
+            .map_err(|_| self.ended())?;
+        answer.await.map_err(|_| self.ended())?
+    }
+
+    /// Persists everything and ends the upload (finalized: the object).
+    async fn end(mut self, finalize: bool) -> Result<Option<ObjectInfo>, String> {
+        self.send_piece().await?;
+        let (done, answer) = oneshot::channel();
+        self.tx
+            .send(Cmd::End { finalize, done })
+            .await
+            .map_err(|_| self.ended())?;
+        answer.await.map_err(|_| self.ended())?
+    }
+}
+
+/// The upload task: appends, flushes and ends in the order asked. After a
+/// failure it does nothing more (every later ask gets the failure). Pieces
+/// are let go as the writer sees them persisted, so their buffers go back to
+/// the pool.
+async fn upload(
+    name: String,
+    mut w: Box<dyn ObjectWrite>,
+    mut rx: mpsc::Receiver<Cmd>,
+    failed: Arc<OnceLock<String>>,
+) {
+    let fail = |e: &GcsError| -> String {
+        tracing::warn!(object = %name, error = %e, "a write through the mount failed");
+        let msg = format!("{name}: {e}");
+        let _ = failed.set(msg.clone());
+        msg
+    };
+    while let Some(cmd) = rx.recv().await {
+        let earlier = failed.get().cloned();
+        match cmd {
+            Cmd::Data(piece) => {
+                if earlier.is_none() {
+                    if let Err(e) = w.write(piece).await {
+                        fail(&e);
+                    }
+                }
+            }
+            Cmd::Flush(done) => {
+                let r = match earlier {
+                    Some(m) => Err(m),
+                    None => w.flush().await.map_err(|e| fail(&e)),
+                };
+                let _ = done.send(r);
+            }
+            Cmd::End { finalize, done } => {
+                let r = match earlier {
+                    Some(m) => Err(m),
+                    None if finalize => w.finalize().await.map(Some).map_err(|e| fail(&e)),
+                    None => w.close().await.map(|_| None).map_err(|e| fail(&e)),
+                };
+                let _ = done.send(r);
+                return;
+            }
+        }
+    }
+    // The handle went without ending the upload: persist and let go.
+    if failed.get().is_none() {
+        if let Err(e) = w.close().await {
+            fail(&e);
+        }
+    }
 }
 
 /// A handle open for writing.
@@ -64,137 +425,69 @@ pub struct WriteHandle {
     pub state: Arc<tokio::sync::Mutex<WriteState>>,
 }
 
-/// What a write handle knows and holds.
-pub struct WriteState {
-    name: String,
-    /// The object's writer: None until the first write of a handle opened on
-    /// an existing object (which then takes the object over), and once the
-    /// object is finalized.
-    writer: Option<Box<dyn ObjectWrite>>,
-    /// The object as the handle opened it.
-    base: ObjectInfo,
-    /// Where the next byte goes: the file's size as written here.
-    size: u64,
-    /// Bytes written and not handed to the writer yet (no buffer until the
-    /// first byte of a piece comes).
-    pending: BytesMut,
-    /// The upload failed: later writes and flushes say so.
-    failed: Option<String>,
-    /// The mount's memory budget, shared with the read cache: the piece
-    /// being gathered and the pieces the writer holds until they are
-    /// persisted count in it.
-    budget: Arc<Budget>,
-    /// Bytes of `budget` this handle holds for its piece being gathered.
-    gathering: u64,
-    /// Pieces handed to the writer and not yet known persisted: where each
-    /// ends in the object, and the bytes of `budget` it holds.
-    held: VecDeque<(u64, u64)>,
+/// How a write handle writes now.
+pub enum Mode {
+    /// Opened on an existing version, nothing written yet: a first write at
+    /// its end takes an unfinalized object over; any other write stages.
+    Opened,
+    /// Streaming to the object.
+    Stream(Stream),
+    /// Writing to a staged copy.
+    Staged(Staged),
 }
 
-impl Drop for WriteState {
-    fn drop(&mut self) {
-        let held: u64 = self.held.iter().map(|(_, n)| n).sum();
-        self.budget.release(self.gathering + held);
-    }
+/// What a write handle knows and holds.
+pub struct WriteState {
+    ino: u64,
+    name: String,
+    /// The version the handle writes (or opened).
+    base: ObjectInfo,
+    /// The file's size as written here (where an append goes).
+    size: u64,
+    mode: Mode,
+    /// A failure that ended the handle: later writes and flushes say so.
+    failed: Option<String>,
 }
 
 impl WriteState {
-    fn new(
-        base: ObjectInfo,
-        writer: Option<Box<dyn ObjectWrite>>,
-        budget: Arc<Budget>,
-    ) -> WriteState {
+    fn new(ino: u64, base: ObjectInfo, mode: Mode) -> WriteState {
         WriteState {
+            ino,
             name: base.name.clone(),
             size: base.size,
-            writer,
             base,
-            pending: BytesMut::new(),
+            mode,
             failed: None,
-            budget,
-            gathering: 0,
-            held: VecDeque::new(),
         }
     }
 
-    /// A buffer for the next piece, if the budget has room for it now.
-    fn start_piece(&mut self) -> bool {
-        if self.gathering > 0 {
-            return true;
+    fn failure(&self) -> Option<String> {
+        match (&self.failed, &self.mode) {
+            (Some(m), _) => Some(m.clone()),
+            (None, Mode::Stream(s)) => s.failure(),
+            _ => None,
         }
-        if !self.budget.try_reserve(PIECE as u64) {
-            return false;
-        }
-        self.gathering = PIECE as u64;
-        self.pending = BytesMut::with_capacity(PIECE);
-        true
-    }
-
-    /// A buffer for the next piece. When the budget is full (readers and
-    /// writers hold it all), this writer first persists what it holds and
-    /// lets go of it, then takes the piece even if that goes one piece over:
-    /// a slow service slows the writer down, and its memory stays bounded.
-    async fn ensure_piece(&mut self) -> Result<(), FsError> {
-        if self.start_piece() {
-            return Ok(());
-        }
-        if let Some(w) = self.writer.as_mut() {
-            if let Err(e) = w.flush().await {
-                return Err(self.fail(&e));
-            }
-        }
-        self.release_persisted();
-        if !self.start_piece() {
-            self.budget.take(PIECE as u64);
-            self.gathering = PIECE as u64;
-            self.pending = BytesMut::with_capacity(PIECE);
-        }
-        Ok(())
-    }
-
-    /// Gives back the budget of pieces the service has persisted.
-    fn release_persisted(&mut self) {
-        let persisted = self.writer.as_ref().map_or(u64::MAX, |w| w.persisted());
-        while let Some(&(end, n)) = self.held.front() {
-            if end > persisted {
-                break;
-            }
-            self.held.pop_front();
-            self.budget.release(n);
-        }
-    }
-
-    /// The first failure of the upload, kept: the handle is done.
-    fn fail(&mut self, e: &GcsError) -> FsError {
-        let msg = format!("{}: {e}", self.name);
-        tracing::warn!(object = %self.name, error = %e, "a write through the mount failed");
-        self.failed = Some(msg.clone());
-        FsError::WriteFailed(msg)
     }
 
     fn check(&self) -> Result<(), FsError> {
-        match &self.failed {
-            Some(m) => Err(FsError::WriteFailed(m.clone())),
+        match self.failure() {
+            Some(m) => Err(FsError::WriteFailed(m)),
             None => Ok(()),
         }
     }
 
-    /// Hands the gathered bytes to the writer.
-    async fn push(&mut self) -> Result<(), FsError> {
-        if self.pending.is_empty() {
-            return Ok(());
+    /// Keeps `msg` as the handle's failure and returns it as the error.
+    fn fail(&mut self, msg: String) -> FsError {
+        FsError::WriteFailed(self.failed.get_or_insert(msg).clone())
+    }
+
+    /// The generation the handle's bytes go to.
+    fn generation(&self) -> i64 {
+        match &self.mode {
+            Mode::Stream(s) => s.generation,
+            Mode::Staged(f) => f.generation,
+            Mode::Opened => self.base.generation,
         }
-        let piece = std::mem::take(&mut self.pending).freeze();
-        self.held
-            .push_back((self.size, std::mem::take(&mut self.gathering)));
-        let Some(w) = self.writer.as_mut() else {
-            return Err(FsError::WriteFailed(format!("{}: no upload", self.name)));
-        };
-        if let Err(e) = w.write(piece).await {
-            return Err(self.fail(&e));
-        }
-        self.release_persisted();
-        Ok(())
     }
 }
 
@@ -242,17 +535,14 @@ impl Fs {
         Ok(path)
     }
 
-    fn write_budget(&self) -> Arc<Budget> {
-        self.engine.pool().budget().clone()
-    }
-
     /// A change under directory `parent`: its cached listing is out of date.
     fn changed_dir(&self, parent: u64) {
         lock(&self.listings).remove(&parent);
     }
 
-    fn open_write_handle(&self, ino: u64, state: WriteState) -> u64 {
+    fn open_write_handle(&self, state: WriteState) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let ino = state.ino;
         let h = WriteHandle {
             state: Arc::new(tokio::sync::Mutex::new(state)),
         };
@@ -297,17 +587,14 @@ impl Fs {
             self.intern(&mut t, parent, &path, kind.clone(), true)
         };
         self.changed_dir(parent);
-        let fh = self.open_write_handle(
-            ino,
-            WriteState::new(info, Some(writer), self.write_budget()),
-        );
+        let stream = Stream::spawn(path, writer);
+        let fh = self.open_write_handle(WriteState::new(ino, info, Mode::Stream(stream)));
         Ok((self.attr_of(ino, &kind), fh))
     }
 
     /// Opens file `ino` for writing. `truncate`: a new empty generation at
     /// once (the inode stands for it from now on); otherwise the object's
-    /// current version, taken over at the first write (which must be at its
-    /// end, and the object unfinalized).
+    /// live version, taken over at a first write at its end (or staged).
     pub(super) async fn open_write(&self, ino: u64, truncate: bool) -> Result<u64, FsError> {
         self.writable()?;
         let kind = lock(&self.table)
@@ -324,12 +611,10 @@ impl Fs {
             count(&self.writes.objects_created, 1);
             let fresh = fresh_info(&info.name, writer.generation());
             self.file_now(ino, fresh.clone());
-            return Ok(self.open_write_handle(
-                ino,
-                WriteState::new(fresh, Some(writer), self.write_budget()),
-            ));
+            let stream = Stream::spawn(info.name, writer);
+            return Ok(self.open_write_handle(WriteState::new(ino, fresh, Mode::Stream(stream))));
         }
-        // Appends go at the true end of the live version.
+        // Writes go to the live version: appends at its true end.
         let live = self.client.stat(&info.name).await?;
         if live.generation != info.generation {
             self.refreshed(ino, &info, live.clone());
@@ -339,7 +624,7 @@ impl Fs {
             )));
         }
         self.file_now(ino, live.clone());
-        Ok(self.open_write_handle(ino, WriteState::new(live, None, self.write_budget())))
+        Ok(self.open_write_handle(WriteState::new(ino, live, Mode::Opened)))
     }
 
     fn write_state(&self, fh: u64) -> Result<(u64, WriteHandle), FsError> {
@@ -353,34 +638,107 @@ impl Fs {
         }
     }
 
+    /// A piece for `s` if memory is free now (idle cached blocks give way).
+    fn piece_now(&self, len: usize) -> Option<Piece> {
+        self.engine.alloc_buffer(len).map(Piece::new)
+    }
+
+    /// A piece for stream `s`, waiting for memory: first for the pieces `s`
+    /// holds to be persisted (they come back to the pool), then for anyone's
+    /// buffer, and after [`MEMORY_WAIT`] taking one past the budget.
+    async fn piece_waiting(&self, s: &mut Stream) -> Result<Piece, String> {
+        let len = s.next_piece_len();
+        if let Some(p) = self.piece_now(len) {
+            return Ok(p);
+        }
+        s.flush().await?;
+        let deadline = Instant::now() + MEMORY_WAIT;
+        let pool = self.engine.pool();
+        loop {
+            if let Some(p) = self.piece_now(len) {
+                return Ok(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                count(&self.writes.over_budget, 1);
+                return pool
+                    .alloc_past_limit(len)
+                    .map(Piece::new)
+                    .ok_or_else(|| "no memory can be mapped for a write".to_string());
+            }
+            if let Some(b) = pool
+                .wait_for_free(left, || self.engine.alloc_buffer(len))
+                .await
+            {
+                return Ok(Piece::new(b));
+            }
+        }
+    }
+
     /// A `write(2)` done at once, on the caller's thread, when it can be: the
-    /// handle is free, streaming, the write is at the end and fits in the
-    /// piece being gathered. None: it must go through [`Fs::write`].
-    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
+    /// handle is free and either streaming with the write at the end (memory
+    /// at hand, and room in the upload's queue if the write fills a piece) or
+    /// staged. None: it must go through [`Fs::write`].
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<Result<u32, FsError>> {
         let (ino, h) = self.write_state(fh).ok()?;
-        let mut st = h.state.try_lock().ok()?;
-        if st.failed.is_some()
-            || st.writer.is_none()
-            || offset != st.size
-            || st.pending.len() + data.len() >= PIECE
-            || !st.start_piece()
-        {
+        let mut guard = h.state.try_lock().ok()?;
+        let st = &mut *guard;
+        if st.failure().is_some() {
             return None;
         }
-        st.pending.extend_from_slice(data);
-        st.size += data.len() as u64;
+        match &mut st.mode {
+            Mode::Stream(s) if offset == st.size => {
+                if s.piece.is_none() {
+                    s.piece = Some(self.piece_now(s.next_piece_len())?);
+                }
+                let room = s.piece.as_ref().map_or(0, Piece::room);
+                if data.len() >= room {
+                    // This write fills the piece: it goes to the queue at
+                    // once, so there must be room there (and a next piece
+                    // for what does not fit). Only this handle's lock holder
+                    // sends, so the room checked stays.
+                    if s.tx.capacity() == 0 {
+                        return None;
+                    }
+                    let next = if data.len() > room {
+                        Some(self.piece_now(PIECE)?)
+                    } else {
+                        None
+                    };
+                    let mut full = std::mem::replace(&mut s.piece, next)?;
+                    full.push(&data[..room]);
+                    s.sent += 1;
+                    if s.tx.try_send(Cmd::Data(full.freeze())).is_err() {
+                        let msg = s.ended();
+                        return Some(Err(st.fail(msg)));
+                    }
+                    if let Some(p) = s.piece.as_mut() {
+                        p.push(&data[room..]);
+                    }
+                } else if let Some(p) = s.piece.as_mut() {
+                    p.push(data);
+                }
+                st.size += data.len() as u64;
+            }
+            Mode::Staged(f) => {
+                if let Err(e) = f.write_at(offset, data, &mut st.size) {
+                    return Some(Err(e));
+                }
+            }
+            _ => return None,
+        }
         count(&self.writes.bytes, data.len() as u64);
-        let (size, generation) = (st.size, st.writer.as_ref().map(|w| w.generation()));
-        drop(st);
+        let (size, generation) = (st.size, st.generation());
+        drop(guard);
         self.written_to(ino, size, generation);
-        Some(data.len() as u32)
+        Some(Ok(data.len() as u32))
     }
 
     /// The file's size on its inode follows what was written.
-    fn written_to(&self, ino: u64, size: u64, generation: Option<i64>) {
+    fn written_to(&self, ino: u64, size: u64, generation: i64) {
         if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
             if let Kind::File(info, _) = &mut n.kind {
-                if Some(info.generation) == generation {
+                if info.generation == generation {
                     info.size = size;
                     info.update_time = SystemTime::now();
                 }
@@ -388,96 +746,214 @@ impl Fs {
         }
     }
 
-    /// `write(2)` at `offset`: only at the file's end (the bytes stream to
-    /// the bucket in order).
+    /// `write(2)` at `offset`: streamed when it is at the end (taking an
+    /// unfinalized object over at the handle's first write), else staged.
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let (ino, h) = self.write_state(fh)?;
         let mut st = h.state.lock().await;
         st.check()?;
-        if offset != st.size {
-            count(&self.writes.unsupported, 1);
-            return Err(FsError::Unsupported(format!(
-                "{}: a write at {offset}, not at the end ({}): only appends are streamed",
-                st.name, st.size
-            )));
-        }
-        if st.writer.is_none() {
-            if st.base.finalized {
-                count(&self.writes.unsupported, 1);
-                return Err(FsError::Unsupported(format!(
-                    "{}: the object is finalized; rewriting it in place is not supported",
-                    st.name
-                )));
-            }
-            let (name, generation) = (st.name.clone(), st.base.generation);
-            match self.client.append(&name, generation).await {
-                Ok(w) => {
-                    count(&self.writes.takeovers, 1);
-                    st.writer = Some(w)
+        let at_end = offset == st.size;
+        match &st.mode {
+            Mode::Opened if at_end && !st.base.finalized => {
+                let (name, generation) = (st.name.clone(), st.base.generation);
+                match self.client.append(&name, generation).await {
+                    Ok(w) => {
+                        count(&self.writes.takeovers, 1);
+                        st.mode = Mode::Stream(Stream::spawn(name, w));
+                    }
+                    Err(e) => {
+                        tracing::warn!(object = %name, error = %e, "taking an object over to append failed");
+                        return Err(st.fail(format!("{name}: {e}")));
+                    }
                 }
-                Err(e) => return Err(st.fail(&e)),
             }
+            Mode::Opened => self.stage(&mut st, None).await?,
+            Mode::Stream(_) if !at_end => self.stage(&mut st, None).await?,
+            _ => {}
         }
-        let mut rest = data;
-        while !rest.is_empty() {
-            st.ensure_piece().await?;
-            let n = rest.len().min(PIECE - st.pending.len());
-            st.pending.extend_from_slice(&rest[..n]);
-            st.size += n as u64;
-            rest = &rest[n..];
-            if st.pending.len() >= PIECE {
-                st.push().await?;
+        let st = &mut *st;
+        match &mut st.mode {
+            Mode::Stream(s) => {
+                let mut rest = data;
+                while !rest.is_empty() {
+                    if s.piece.is_none() {
+                        match self.piece_waiting(s).await {
+                            Ok(p) => s.piece = Some(p),
+                            Err(m) => return Err(st.fail(m)),
+                        }
+                    }
+                    let Some(p) = s.piece.as_mut() else { continue };
+                    let n = p.push(rest);
+                    rest = &rest[n..];
+                    st.size += n as u64;
+                    if p.is_full() {
+                        if let Err(m) = s.send_piece().await {
+                            return Err(st.fail(m));
+                        }
+                    }
+                }
+            }
+            Mode::Staged(f) => f.write_at(offset, data, &mut st.size)?,
+            Mode::Opened => {
+                return Err(FsError::WriteFailed(format!("{}: no upload", st.name)));
             }
         }
         count(&self.writes.bytes, data.len() as u64);
-        let (size, generation) = (st.size, st.writer.as_ref().map(|w| w.generation()));
-        drop(st);
+        let (size, generation) = (st.size, st.generation());
         self.written_to(ino, size, generation);
         Ok(data.len() as u32)
     }
 
+    /// Moves handle `st` to a staged copy of its file: an upload in progress
+    /// is persisted and ended first, then the bytes of the version it wrote
+    /// (the first `keep` of them, when given) are fetched into the copy.
+    async fn stage(&self, st: &mut WriteState, keep: Option<u64>) -> Result<(), FsError> {
+        let generation = match std::mem::replace(&mut st.mode, Mode::Opened) {
+            Mode::Staged(f) => {
+                st.mode = Mode::Staged(f);
+                return Ok(());
+            }
+            Mode::Stream(s) => {
+                let generation = s.generation;
+                if let Err(m) = s.end(false).await {
+                    return Err(st.fail(m));
+                }
+                generation
+            }
+            Mode::Opened => st.base.generation,
+        };
+        count(&self.writes.fallbacks, 1);
+        tracing::debug!(object = %st.name, size = st.size, "a write that cannot stream: staging a copy");
+        let mut f = Staged::new(self.temp.clone(), generation)?;
+        let len = keep.map_or(st.size, |k| k.min(st.size));
+        f.set_len(len)?;
+        if len > 0 {
+            let sink = Arc::new(FileSink {
+                file: f
+                    .file
+                    .try_clone()
+                    .map_err(|e| staging_error("a staged copy", &e))?,
+                error: std::sync::Mutex::new(None),
+            });
+            let object = ObjectId {
+                name: st.name.clone(),
+                generation,
+            };
+            let got = self
+                .client
+                .read(&object, st.size, 0, len, sink.clone())
+                .await?;
+            if let Some(e) = lock(&sink.error).take() {
+                return Err(staging_error("a staged copy", &e));
+            }
+            if got < len {
+                return Err(FsError::Inconsistent(format!(
+                    "{}: {got} of its {len} bytes could be read to stage it",
+                    st.name
+                )));
+            }
+        }
+        st.size = len;
+        st.mode = Mode::Staged(f);
+        Ok(())
+    }
+
+    /// Uploads handle `st`'s staged copy as a new generation of its object,
+    /// replacing the one it was copied from (or last uploaded as): if that is
+    /// no longer the live one, ESTALE. `finalize`: the new generation is
+    /// finalized, else it stays appendable.
+    async fn upload_staged(&self, st: &mut WriteState, finalize: bool) -> Result<(), FsError> {
+        let Mode::Staged(f) = &st.mode else {
+            return Ok(());
+        };
+        let (name, len, replaces) = (st.name.clone(), st.size, f.generation);
+        let writer = match self.client.create(&name, Some(replaces)).await {
+            Ok(w) => w,
+            Err(GcsError::PreconditionFailed(_)) => {
+                return Err(FsError::Stale(format!(
+                    "{name}: generation {replaces} was replaced while this file was open"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        count(&self.writes.objects_created, 1);
+        let generation = writer.generation();
+        let mut s = Stream::spawn(name.clone(), writer);
+        let mut off = 0;
+        while off < len {
+            let mut piece = match self.piece_waiting(&mut s).await {
+                Ok(p) => p,
+                Err(m) => return Err(st.fail(m)),
+            };
+            let want = (piece.room() as u64).min(len - off) as usize;
+            let Mode::Staged(f) = &st.mode else {
+                return Ok(());
+            };
+            piece
+                .fill_with(|tail| f.file.read_exact_at(&mut tail[..want], off).map(|()| want))
+                .map_err(|e| staging_error("a staged copy", &e))?;
+            off += want as u64;
+            s.piece = Some(piece);
+            if let Err(m) = s.send_piece().await {
+                return Err(st.fail(m));
+            }
+        }
+        let info = match s.end(finalize).await {
+            Ok(Some(info)) => info,
+            Ok(None) => ObjectInfo {
+                size: len,
+                ..fresh_info(&name, generation)
+            },
+            Err(m) => return Err(st.fail(m)),
+        };
+        count(&self.writes.staged_uploads, 1);
+        if let Mode::Staged(f) = &mut st.mode {
+            f.generation = generation;
+            f.dirty = false;
+        }
+        st.base = info.clone();
+        self.file_now(st.ino, info);
+        Ok(())
+    }
+
     /// `fsync(2)` (`close`: false) or the kernel's flush at `close(2)`
-    /// (`close`: true): everything written is persisted; at close with
-    /// `--finalize-on-close` the object is finalized. A read handle has
-    /// nothing to flush.
+    /// (`close`: true): everything written is persisted (a staged copy
+    /// uploaded); at close with `--finalize-on-close` the object is
+    /// finalized. A read handle has nothing to flush.
     pub async fn flush(&self, fh: u64, close: bool) -> Result<(), FsError> {
         let h = match lock(&self.handles).get(&fh) {
             Some(Handle {
-                ino,
-                io: Io::Write(w),
-            }) => (*ino, w.clone()),
+                io: Io::Write(w), ..
+            }) => w.clone(),
             Some(_) => return Ok(()),
             None => return Err(FsError::BadHandle),
         };
-        let (ino, h) = h;
         let mut st = h.state.lock().await;
         st.check()?;
-        if st.writer.is_none() {
-            return Ok(());
-        }
-        st.push().await?;
-        if close && self.cfg.finalize_on_close {
-            let Some(w) = st.writer.take() else {
-                return Ok(());
-            };
-            match w.finalize().await {
-                Ok(info) => {
-                    count(&self.writes.flushes, 1);
-                    st.base = info.clone();
-                    self.file_now(ino, info);
+        let finalize = close && self.cfg.finalize_on_close;
+        match &mut st.mode {
+            Mode::Opened => return Ok(()),
+            Mode::Staged(f) if !f.dirty => return Ok(()),
+            Mode::Staged(_) => self.upload_staged(&mut st, finalize).await?,
+            Mode::Stream(_) if finalize => {
+                let Mode::Stream(s) = std::mem::replace(&mut st.mode, Mode::Opened) else {
+                    return Ok(());
+                };
+                match s.end(true).await {
+                    Ok(Some(info)) => {
+                        st.base = info.clone();
+                        self.file_now(st.ino, info);
+                    }
+                    Ok(None) => {}
+                    Err(m) => return Err(st.fail(m)),
                 }
-                Err(e) => return Err(st.fail(&e)),
             }
-            return Ok(());
+            Mode::Stream(s) => {
+                if let Err(m) = s.flush().await {
+                    return Err(st.fail(m));
+                }
+            }
         }
-        let flushed = match st.writer.as_mut() {
-            Some(w) => w.flush().await,
-            None => return Ok(()),
-        };
-        if let Err(e) = flushed {
-            return Err(st.fail(&e));
-        }
-        st.release_persisted();
         count(&self.writes.flushes, 1);
         Ok(())
     }
@@ -487,28 +963,41 @@ impl Fs {
         self.writes.clone()
     }
 
+    /// Bytes staged copies take in `--temp-dir` now.
+    pub fn staged_bytes(&self) -> u64 {
+        self.temp.used()
+    }
+
     /// The last close of a write handle: its upload ends (what was written
-    /// was persisted by the flush before; this persists anything left and
-    /// lets the stream go). Errors can reach no one here: they are logged.
-    pub async fn finish_write(h: WriteHandle) {
+    /// was persisted by the flush before; this persists anything left, a
+    /// staged copy written since included, and lets go). Errors can reach no
+    /// one here: they are logged.
+    pub async fn finish_write(&self, h: WriteHandle) {
         let mut st = h.state.lock().await;
-        if st.failed.is_some() {
+        if st.failure().is_some() {
             return;
         }
-        if st.push().await.is_err() {
-            return;
-        }
-        if let Some(w) = st.writer.take() {
-            if let Err(e) = w.close().await {
-                tracing::warn!(object = %st.name, error = %e, "closing an upload failed");
+        let r = match std::mem::replace(&mut st.mode, Mode::Opened) {
+            Mode::Stream(s) => s.end(false).await.map(|_| ()).map_err(FsError::WriteFailed),
+            Mode::Staged(f) if f.dirty => {
+                st.mode = Mode::Staged(f);
+                self.upload_staged(&mut st, self.cfg.finalize_on_close)
+                    .await
             }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(object = %st.name, error = %e, "ending an upload at close failed");
         }
+        st.mode = Mode::Opened;
     }
 
     /// `truncate(2)`/`ftruncate(2)` and the other attribute changes. Mode,
     /// owner and times are not kept by the bucket: accepted and left as the
     /// mount shows them (as gcsfuse does). A size of 0 makes a new empty
-    /// generation; the current size is no change; any other is not supported.
+    /// generation; the current size is no change; any other size stages a
+    /// copy resized to it (uploaded at once when no handle is open for
+    /// writing, else at its fsync or close).
     pub async fn setattr(
         &self,
         ino: u64,
@@ -522,31 +1011,8 @@ impl Fs {
         if let Some(Ok((_, h))) = fh.map(|fh| self.write_state(fh)) {
             let mut st = h.state.lock().await;
             st.check()?;
-            if size == st.size {
-                drop(st);
-                return self.getattr(ino).await;
-            }
-            if size != 0 {
-                count(&self.writes.unsupported, 1);
-                return Err(FsError::Unsupported(format!(
-                    "{}: resizing to {size} bytes (only to 0)",
-                    st.name
-                )));
-            }
-            // Start over: a new empty generation for this handle to write.
-            let writer = self.client.create(&st.name, None).await?;
-            count(&self.writes.objects_created, 1);
-            let fresh = fresh_info(&st.name, writer.generation());
-            if let Some(old) = st.writer.replace(writer) {
-                let _ = old.close().await;
-            }
-            st.pending.clear();
-            let held: u64 = st.held.drain(..).map(|(_, n)| n).sum();
-            st.budget.release(held);
-            st.size = 0;
-            st.base = fresh.clone();
+            self.resize(&mut st, size).await?;
             drop(st);
-            self.file_now(ino, fresh);
             return self.getattr(ino).await;
         }
         let attr = self.getattr(ino).await?;
@@ -556,22 +1022,58 @@ impl Fs {
         if size == attr.size {
             return Ok(attr);
         }
-        if size != 0 {
-            count(&self.writes.unsupported, 1);
-            return Err(FsError::Unsupported(format!(
-                "resizing a file to {size} bytes (only to 0)"
-            )));
-        }
-        let name = match lock(&self.table).nodes.get(&ino).map(|n| n.kind.clone()) {
-            Some(Kind::File(info, _)) => info.name,
+        let info = match lock(&self.table).nodes.get(&ino).map(|n| n.kind.clone()) {
+            Some(Kind::File(info, _)) => info,
             _ => return Err(FsError::Stale(format!("inode {ino}"))),
         };
-        let writer = self.client.create(&name, None).await?;
-        count(&self.writes.objects_created, 1);
-        let fresh = fresh_info(&name, writer.generation());
-        writer.close().await?;
-        self.file_now(ino, fresh);
+        if size == 0 {
+            let writer = self.client.create(&info.name, None).await?;
+            count(&self.writes.objects_created, 1);
+            let fresh = fresh_info(&info.name, writer.generation());
+            writer.close().await?;
+            self.file_now(ino, fresh);
+        } else {
+            let live = self.client.stat(&info.name).await?;
+            let mut st = WriteState::new(ino, live, Mode::Opened);
+            self.resize(&mut st, size).await?;
+            self.upload_staged(&mut st, self.cfg.finalize_on_close)
+                .await?;
+        }
         self.getattr(ino).await
+    }
+
+    /// Resizes what handle `st` writes to `size` bytes.
+    async fn resize(&self, st: &mut WriteState, size: u64) -> Result<(), FsError> {
+        if size == st.size {
+            return Ok(());
+        }
+        if size == 0 && !matches!(st.mode, Mode::Staged(_)) {
+            // Start over: a new empty generation for this handle to write.
+            let writer = self.client.create(&st.name, None).await?;
+            count(&self.writes.objects_created, 1);
+            let fresh = fresh_info(&st.name, writer.generation());
+            if let Mode::Stream(old) = std::mem::replace(
+                &mut st.mode,
+                Mode::Stream(Stream::spawn(st.name.clone(), writer)),
+            ) {
+                // The old generation is replaced: what it still had to
+                // persist no longer matters.
+                let _ = old.end(false).await;
+            }
+            st.size = 0;
+            st.base = fresh.clone();
+            self.file_now(st.ino, fresh);
+            return Ok(());
+        }
+        self.stage(st, Some(size)).await?;
+        if let Mode::Staged(f) = &mut st.mode {
+            f.set_len(size)?;
+            f.dirty = true;
+        }
+        st.size = size;
+        let (ino, generation) = (st.ino, st.generation());
+        self.written_to(ino, size, generation);
+        Ok(())
     }
 
     /// `unlink(2)`: deletes the object.
@@ -716,9 +1218,10 @@ impl Fs {
         t.negative.remove(to.trim_end_matches('/'));
     }
 
-    /// A read through a handle open for writing (`O_RDWR`): what it wrote is
-    /// persisted first, then read like any version of the object, so the
-    /// reader sees its own writes.
+    /// A read through a handle open for writing (`O_RDWR`): a streaming
+    /// handle persists what it wrote first, then reads it like any version
+    /// of the object; a staged one reads its copy. The reader sees its own
+    /// writes.
     pub(super) async fn read_written(
         &self,
         h: &WriteHandle,
@@ -727,18 +1230,17 @@ impl Fs {
     ) -> Result<ReadData, FsError> {
         let mut st = h.state.lock().await;
         st.check()?;
-        let generation = match st.writer.as_ref() {
-            Some(w) => w.generation(),
-            None => st.base.generation,
-        };
-        if st.writer.is_some() {
-            st.push().await?;
-            let flushed = match st.writer.as_mut() {
-                Some(w) => w.flush().await,
-                None => Ok(st.size),
-            };
-            if let Err(e) = flushed {
-                return Err(st.fail(&e));
+        if let Mode::Staged(f) = &st.mode {
+            return Ok(ReadData::Owned(f.read_at(
+                offset,
+                u64::from(len),
+                st.size,
+            )?));
+        }
+        let generation = st.generation();
+        if let Mode::Stream(s) = &mut st.mode {
+            if let Err(m) = s.flush().await {
+                return Err(st.fail(m));
             }
         }
         let object = ObjectId {

@@ -88,7 +88,8 @@ impl MemClient {
         crate::sync::write(&self.objects).remove(name).is_some()
     }
 
-    fn get(&self, name: &str) -> Option<(ObjectInfo, Bytes)> {
+    /// The live version of `name` and its bytes.
+    pub fn get(&self, name: &str) -> Option<(ObjectInfo, Bytes)> {
         let objects = crate::sync::read(&self.objects);
         objects.get(name).cloned()
     }
@@ -107,14 +108,16 @@ fn missing(name: &str) -> GcsError {
     GcsError::NotFound(format!("mem://{name}"))
 }
 
-/// An appendable object being written into a [`MemClient`]: bytes wait in
-/// the writer until a flush persists them (appends them to the object).
+/// An appendable object being written into a [`MemClient`]: the pieces
+/// written wait in the writer, held as given (as the real writer holds its
+/// chunks, so memory tests see the same lifetimes), until a flush persists
+/// them (appends them to the object).
 pub struct MemWriter {
     objects: Arc<RwLock<Objects>>,
     name: String,
     generation: i64,
     persisted: u64,
-    pending: Vec<u8>,
+    pending: Vec<Bytes>,
 }
 
 impl MemWriter {
@@ -132,9 +135,10 @@ impl MemWriter {
         }
         if !self.pending.is_empty() {
             let mut v = data.to_vec();
-            v.extend_from_slice(&self.pending);
+            for p in self.pending.drain(..) {
+                v.extend_from_slice(&p);
+            }
             *data = Bytes::from(v);
-            self.pending.clear();
         }
         info.size = data.len() as u64;
         info.update_time = SystemTime::now();
@@ -154,7 +158,7 @@ impl ObjectWrite for MemWriter {
     }
 
     fn written(&self) -> u64 {
-        self.persisted + self.pending.len() as u64
+        self.persisted + self.pending.iter().map(|p| p.len() as u64).sum::<u64>()
     }
 
     fn persisted(&self) -> u64 {
@@ -162,7 +166,7 @@ impl ObjectWrite for MemWriter {
     }
 
     async fn write(&mut self, data: Bytes) -> Result<(), GcsError> {
-        self.pending.extend_from_slice(&data);
+        self.pending.push(data);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The memory layer: one budget for the whole daemon and every page-aligned
-//! buffer that holds object bytes (read blocks now, write buffers next).
+//! buffer that holds object bytes: read blocks, and the pieces writes gather
+//! ([`Piece`]).
 //!
 //! # What it owns
 //!
@@ -50,7 +51,9 @@ use std::time::{Duration, Instant};
 use crate::sync::lock;
 
 pub mod memfd;
+pub mod piece;
 pub use memfd::MemFile;
+pub use piece::Piece;
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -347,6 +350,10 @@ struct Inner {
     /// Bytes in hot free slots, all classes.
     hot_bytes: AtomicU64,
     stats: PoolStats,
+    /// Tasks waiting for a buffer to be freed ([`Pool::wait_for_free`]), and
+    /// how they are woken.
+    waiting: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
 }
 
 /// Hands out page-aligned [`Buffer`]s under the budget and takes them back warm.
@@ -384,6 +391,8 @@ impl Pool {
                 arenas: Mutex::new(Vec::new()),
                 hot_bytes: AtomicU64::new(0),
                 stats: PoolStats::default(),
+                waiting: std::sync::atomic::AtomicUsize::new(0),
+                freed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -430,6 +439,39 @@ impl Pool {
     /// room from other classes' warm slots first). None when the budget is
     /// spent by buffers in use: the caller frees some and asks again.
     pub fn try_alloc(&self, len: usize) -> Option<Buffer> {
+        self.alloc(len, false)
+    }
+
+    /// A buffer of at least `len` bytes even past the budget (counted, so
+    /// others make room): memory a writer must have once it let go of
+    /// everything else it held. None only when no memory can be mapped.
+    pub fn alloc_past_limit(&self, len: usize) -> Option<Buffer> {
+        self.alloc(len, true)
+    }
+
+    /// Waits until a buffer is freed or `timeout` passes. `attempt` runs once
+    /// more after the wait is registered, so a buffer freed between the
+    /// caller's failed attempt and this wait is not missed: its result is
+    /// returned at once when it has one.
+    pub async fn wait_for_free<T>(
+        &self,
+        timeout: Duration,
+        attempt: impl FnOnce() -> Option<T>,
+    ) -> Option<T> {
+        let inner = &self.inner;
+        inner.waiting.fetch_add(1, Ordering::AcqRel);
+        let freed = inner.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let got = attempt();
+        if got.is_none() {
+            let _ = tokio::time::timeout(timeout, freed).await;
+        }
+        inner.waiting.fetch_sub(1, Ordering::AcqRel);
+        got
+    }
+
+    fn alloc(&self, len: usize, past_limit: bool) -> Option<Buffer> {
         let inner = &self.inner;
         let ci = inner.class_of(len);
         let class = &inner.classes[ci];
@@ -437,7 +479,7 @@ impl Pool {
         if inner.budget.over() {
             // The reserve grew: warm memory goes first.
             inner.release_hot(u64::MAX, |_| true);
-            if inner.budget.over() {
+            if inner.budget.over() && !past_limit {
                 return None;
             }
         }
@@ -456,7 +498,10 @@ impl Pool {
             let need = (inner.budget.used() + size).saturating_sub(inner.budget.available());
             inner.release_hot(need, |c| c != ci);
             if !inner.budget.try_reserve(size) {
-                return None;
+                if !past_limit {
+                    return None;
+                }
+                inner.budget.take(size);
             }
         }
         let slot = {
@@ -696,6 +741,9 @@ impl Drop for Buffer {
             inner
                 .hot_bytes
                 .fetch_add(class.size as u64, Ordering::Relaxed);
+        }
+        if inner.waiting.load(Ordering::Acquire) > 0 {
+            inner.freed.notify_waiters();
         }
     }
 }

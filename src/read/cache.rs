@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use super::buffer::Block;
 use super::prefetch::{Ahead, Cursors, Plan, PrefetchConfig};
 use crate::gcs::{GcsError, ObjectClient, ObjectId, ObjectInfo, VecSink};
-use crate::memory::Pool;
+use crate::memory::{Buffer, Pool};
 
 /// A sequential cursor used this recently counts toward the budget's split.
 const ACTIVE_CURSOR: std::time::Duration = std::time::Duration::from_secs(5);
@@ -512,6 +512,22 @@ impl ReadEngine {
             (None, Some(v)) => ReadData::Owned(v.take()),
             (None, None) => ReadData::Owned(Vec::new()),
         })
+    }
+
+    /// A buffer from the shared pool for someone else than the cache (a
+    /// writer's piece), evicting idle cached blocks to make room: readers and
+    /// writers share one budget, and cached bytes give way to written ones.
+    /// None when nothing more can be evicted.
+    pub fn alloc_buffer(&self, len: usize) -> Option<Buffer> {
+        self.pool.budget().refresh_reserved();
+        loop {
+            if let Some(b) = self.pool.try_alloc(len) {
+                return Some(b);
+            }
+            if !self.evict_one() {
+                return None;
+            }
+        }
     }
 
     /// Allocates a block, evicting the least recently used idle block if the
