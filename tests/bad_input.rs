@@ -31,7 +31,10 @@ fn run_isolated(args: &[String], home: &Path, metadata: &str) -> Output {
         .env_remove("ZONALFS_CONFIG")
         .env_remove("ZONALFS_LOG")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(bounded)
         .expect("run zonalfs")
 }
 
@@ -44,8 +47,24 @@ fn run(args: &[String]) -> Output {
         .env_remove("ZONALFS_CONFIG")
         .env_remove("ZONALFS_LOG")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(bounded)
         .expect("run zonalfs")
+}
+
+/// The output of `child`, which must exit within two minutes: a case that
+/// unexpectedly mounts in the foreground is killed (and fails its row)
+/// instead of hanging the suite.
+fn bounded(mut child: std::process::Child) -> Output {
+    let exited = wait_until(std::time::Duration::from_secs(120), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    child.wait_with_output().expect("zonalfs output")
 }
 
 /// The one-line error contract: stderr (trimmed) is exactly one line, it
@@ -244,6 +263,18 @@ const CASES: &[Case] = &[
         args: "mount -f test-bucket {DIR} --endpoint {EP} --anonymous",
         code: 1,
         needles: &["mountpoint {DIR}: not empty"],
+    },
+    Case {
+        name: "--temp-dir missing",
+        args: "mount -f test-bucket {MNT} --endpoint {EP} --anonymous --temp-dir {DIR}/no-such-dir",
+        code: 1,
+        needles: &["--temp-dir {DIR}/no-such-dir: No such file or directory"],
+    },
+    Case {
+        name: "--temp-dir not a directory",
+        args: "mount -f test-bucket {MNT} --endpoint {EP} --anonymous --temp-dir {DIR}/malformed.toml",
+        code: 1,
+        needles: &["--temp-dir {DIR}/malformed.toml: not a directory"],
     },
     // Endpoint, TLS, credentials, bucket (exit 1).
     Case {

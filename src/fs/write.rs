@@ -701,7 +701,13 @@ impl Fs {
                         return None;
                     }
                     let next = if data.len() > room {
-                        Some(self.piece_now(PIECE)?)
+                        let next = self.piece_now(PIECE)?;
+                        if data.len() - room > next.room() {
+                            // More than a piece holds (pieces smaller than
+                            // a write): the task's loop takes it.
+                            return None;
+                        }
+                        Some(next)
                     } else {
                         None
                     };

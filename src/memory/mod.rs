@@ -24,7 +24,8 @@
 //!                cold slot of c, or a new slot carved from a fresh arena
 //!                (first touch faults and zeroes its pages once)
 //!  drop(Buffer) ─▶ hot free list of its class (most recently freed is reused
-//!                  first), still counted in the budget
+//!                  first), still counted in the budget; tasks waiting for
+//!                  memory (writers, [`Pool::wait_for_free`]) are woken
 //!  maintain()   ─▶ hot slots idle longer than `idle_release`, or beyond the
 //!                  warm reserve, or all of them under memory pressure (PSI),
 //!                  are released: MADV_DONTNEED gives their pages back to the

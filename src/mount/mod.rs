@@ -181,6 +181,7 @@ impl Mount {
     /// On an error nothing is left mounted.
     pub async fn start(cfg: &MountConfig, objects: Objects) -> Result<Mount, MountError> {
         let mp = check_mountpoint(cfg)?;
+        check_temp_dir(cfg)?;
         let wired = wire(cfg, objects).await?;
         let mounted = fuse::mount(
             wired.fuse_fs,
@@ -285,6 +286,29 @@ impl Mount {
 }
 
 /// The mountpoint's checks; returns it absolute (as mountinfo lists it).
+/// A read-write mount needs a `--temp-dir` it can stage copies in: a
+/// directory where it may create files (checked with a file made and removed
+/// at once).
+fn check_temp_dir(cfg: &MountConfig) -> Result<(), MountError> {
+    if cfg.fs.read_only {
+        return Ok(());
+    }
+    let dir = &cfg.fs.temp_dir;
+    let bad = |e: String| MountError::Config(format!("--temp-dir {}: {e}", dir.display()));
+    let meta = std::fs::metadata(dir).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(bad("not a directory".to_string()));
+    }
+    let probe = dir.join(format!(".zonalfs-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| bad(e.to_string()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn check_mountpoint(cfg: &MountConfig) -> Result<PathBuf, MountError> {
     let mp = &cfg.mountpoint;
     let bad = MountError::Mountpoint;
