@@ -10,8 +10,9 @@
 # the pinned Python client (tests/python/requirements.txt) and matplotlib.
 # Run as root (it mounts). Finishes in about 12 minutes on 2 cores, bounded at
 # 25 (the small-file runs added about 6 of them, random order, the FUSE ceiling
-# and the run without prefetch across files about 1.5 more); leaves no mount
-# or process behind.
+# and the run without prefetch across files about 1.5 more; the writes
+# section's small files written and its 16 writers about 2.5 more); leaves no
+# mount or process behind.
 #
 #   usage: scripts/bench.sh [--quick] [--runs N] [--only SECTION[,SECTION...]]
 #     --quick   smaller objects and shorter random-read runs (a smoke run;

@@ -17,7 +17,15 @@ emulator profiles (unshaped loopback; shaped like a remote zonal bucket):
   peer opening one downloader per object, 1 and 8 in flight (peer_small.py);
   issue 13: one reader in random file order, prefetch across files as the
   daemon counts it, the second epoch against mem_mount's, and (shaped) one
-  reader with --prefetch-files 0.
+  reader with --prefetch-files 0;
+- writes, to an emulator of its own over a tmpfs: `zonalfs cp` of the sequential
+  object's bytes, `zonalfs cat` of it back, `dd conv=fsync` into the mount and
+  the official Python writer (peer_write.py); a local tree of 2,000 small files
+  (4-256 KiB; the shaped profile the first 500) written into the mount by 1
+  and 8 writer processes
+  (small_write.py) and by the peer as one appendable object a file, 1 and 8 in
+  flight (peer_small_write.py); peak RSS of the daemon with 16 `dd` writers
+  under --memory-limit.
 
 Each figure is the median of RUNS runs; every mount is fresh (cold page cache) and
 is unmounted even when a step fails. Writes docs/benchmarks.md (the suite's
@@ -34,6 +42,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -185,6 +194,14 @@ def timed(argv: list[str], **kw) -> float:
     return time.monotonic() - t0
 
 
+def output_line(argv: list[str], timeout: float = 600) -> str:
+    """The stdout of a helper script; its stderr in the error if it fails."""
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+    return p.stdout
+
+
 def fio(args: list[str]) -> dict:
     out = subprocess.run(["fio", "--output-format=json", *args], check=True,
                          capture_output=True, text=True, timeout=600).stdout
@@ -226,6 +243,14 @@ class Suite:
         self.small_dirs, self.small_per_dir = (10, 100) if a.quick else (100, 100)
         self.small_dirs_in = {"unshaped": self.small_dirs,
                               "shaped": max(1, self.small_dirs // 10)}
+        # The small-file tree the writes section writes: dirs × files_per_dir
+        # local files (the same in --quick: the count is what is measured); the
+        # shaped profile writes the first quarter of the directories (each file
+        # costs round trips at 2 ms).
+        self.wsmall_dirs, self.wsmall_per_dir = 20, 100
+        self.wsmall_dirs_in = {"unshaped": self.wsmall_dirs,
+                               "shaped": max(1, self.wsmall_dirs // 4)}
+        self.wsmall = self.work / "small-write-src"
         self.rand_secs = 2 if a.quick else 4
         self.runs = a.runs
         self.results: dict = {"profiles": {}}
@@ -280,6 +305,28 @@ class Suite:
             for e in sorted(os.scandir(dd), key=lambda e: e.name):
                 out.append((f"small/d{d:03}/{e.name}", e.stat().st_size))
         return out
+
+    def small_write_tree(self) -> None:
+        """The local tree the writes section copies in: dirs × files_per_dir
+        files, sizes log-uniform over 4-256 KiB from a fixed seed (as the
+        small-file corpus), written once."""
+        if (self.wsmall / ".complete").exists():
+            return
+        log(f"writing the local small-file tree ({self.wsmall_dirs * self.wsmall_per_dir} files)")
+        sizes = random.Random(14)
+        with open("/dev/urandom", "rb") as rnd:
+            for d in range(self.wsmall_dirs):
+                dd = self.wsmall / f"d{d:03}"
+                dd.mkdir(parents=True, exist_ok=True)
+                for f in range(self.wsmall_per_dir):
+                    (dd / f"f{f:04}.jpg").write_bytes(rnd.read(round(4096 * 64 ** sizes.random())))
+        (self.wsmall / ".complete").write_text("")
+
+    def small_write_bytes(self, dirs: int) -> tuple[int, int]:
+        """Files and bytes in the first `dirs` directories of the local tree."""
+        sizes = [e.stat().st_size for d in range(dirs)
+                 for e in os.scandir(self.wsmall / f"d{d:03}")]
+        return len(sizes), sum(sizes)
 
     def mount(self, emu: Emulator, *extra: str) -> Mount:
         port = free_port()
@@ -623,15 +670,24 @@ class Suite:
         Alternating, so all three see the same machine. The objects are
         written to an emulator of their own over a tmpfs: on the suite's disk
         the emulator's page-cache writeback, not the protocol, set the pace
-        (runs of one sitting differed 3x)."""
+        (runs of one sitting differed 3x).
+
+        Then, on the same emulator: a local tree of small files written
+        through the mount and by the peer (small_writes), and the daemon's peak
+        RSS with 16 `dd` writers under --memory-limit (rss16_writes)."""
         log("writes: zonalfs cp, zonalfs cat of it back, the official Python writer, alternating")
         src = self.root / BUCKET / BIG_OBJ
         tmp = self.work / "write-root"
         tmp.mkdir(exist_ok=True)
+        self.small_write_tree()
+        _, small_bytes = self.small_write_bytes(self.wsmall_dirs)
         # Room for every object written and a staged new generation beside
-        # each (a tmpfs near its limit slowed writes 3x).
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={6 * self.seq_size + 256 * MiB}",
-                        "zonalfs-bench-writes", str(tmp)], check=True)
+        # each (a tmpfs near its limit slowed writes 3x): the small-file runs
+        # remove their copy after each run, the 16 writers' objects (appendable,
+        # not staged) stay until all are checked; twice their size, for slack.
+        room = 6 * self.seq_size + 256 * MiB + 2 * small_bytes + 2 * 16 * self.multi_size
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}",
+                        "zonalfs-bench-writes", str(tmp)], check=True, timeout=60)
         wemu = None
         try:
             (tmp / BUCKET / "written").mkdir(parents=True)
@@ -662,11 +718,127 @@ class Suite:
                      "--source", str(src)],
                     check=True, capture_output=True, text=True, timeout=600).stdout
                 w["peer"].append(float(re.search(r"mbps=(\d+)", line).group(1)))
+            w["small"] = self.small_writes(name, wemu, tmp)
+            w["rss16w"] = self.rss16_writes(wemu, tmp)
             r["writes"] = w
         finally:
             if wemu is not None:
                 wemu.stop()
-            subprocess.run(["umount", "-l", str(tmp)], check=False)
+            subprocess.run(["umount", "-l", str(tmp)], check=False, timeout=60)
+
+    def small_writes(self, name: str, wemu: Emulator, tmp: Path) -> dict:
+        """Files/s and MB/s writing the local small-file tree: through a fresh
+        mount by 1 and 8 writer processes (small_write.py: open, write whole,
+        close; the daemon persists each file at its close), and by the peer,
+        one appendable object a file finalized at close, 1 and 8 in flight
+        (peer_small_write.py). Alternating; each run writes under a new
+        directory, which is checked in the emulator's tree (every file there,
+        with the tree's bytes, while the mount is still up) and then removed."""
+        dirs = self.wsmall_dirs_in[name]
+        files, size = self.small_write_bytes(dirs)
+        srcs = [str(self.wsmall / f"d{d:03}") for d in range(dirs)]
+        here = Path(__file__).parent
+        stored = tmp / BUCKET / "written"
+
+        def checked(line: str, dest: str, what: str) -> dict[str, float]:
+            got = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
+            have = [f.stat().st_size for f in (stored / dest).rglob("*") if f.is_file()]
+            if (got.get("files") != files or got.get("bytes") != size
+                    or len(have) != files or sum(have) != size):
+                raise RuntimeError(f"{what} wrote {line.strip()!r}; the emulator holds {len(have)} "
+                                   f"objects, {sum(have)} bytes under written/{dest}; want "
+                                   f"files={files} bytes={size}")
+            return got
+
+        def mount_write(run: int, procs: int) -> dict:
+            dest = f"small-{run}-mount{procs}"
+            try:
+                with self.mount(wemu) as m:
+                    cpu0 = m.cpu_seconds()
+                    line = output_line(
+                        [self.a.python, str(here / "small_write.py"), "--procs", str(procs),
+                         "--dest", str(self.mnt / "written" / dest), *srcs])
+                    cpu = m.cpu_seconds() - cpu0
+                    got = checked(line, dest, f"small_write.py --procs {procs}")
+            finally:
+                shutil.rmtree(stored / dest, ignore_errors=True)
+            return {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6,
+                    "cpu_us": cpu / files * 1e6, "mkdir_s": got["mkdir_seconds"]}
+
+        def peer(run: int, concurrency: int) -> dict:
+            dest = f"small-{run}-peer{concurrency}"
+            try:
+                line = output_line(
+                    [self.a.python, str(here / "peer_small_write.py"), "--endpoint", wemu.addr,
+                     "--bucket", BUCKET, "--prefix", f"written/{dest}",
+                     "--concurrency", str(concurrency), *srcs])
+                got = checked(line, dest, f"peer_small_write.py --concurrency {concurrency}")
+            finally:
+                shutil.rmtree(stored / dest, ignore_errors=True)
+            return {"files_s": files / got["seconds"], "mbps": size / got["seconds"] / 1e6}
+
+        steps = [
+            ("mount1", lambda run: mount_write(run, 1)),
+            ("mount8", lambda run: mount_write(run, 8)),
+            ("peer1", lambda run: peer(run, 1)),
+            ("peer8", lambda run: peer(run, 8)),
+        ]
+        log(f"writes: {files} small files ({size / 1e6:.0f} MB) in {dirs} directories: mount "
+            "(1 and 8 writers), peer (1 and 8 in flight), alternating")
+        runs: dict[str, list] = {k: [] for k, _ in steps}
+        secs: dict[str, float] = {}
+        for run in range(self.runs):
+            for key, step in steps:
+                t0 = time.monotonic()
+                runs[key].append(step(run))
+                secs[key] = secs.get(key, 0) + time.monotonic() - t0
+        log("writes, small files: seconds per step (all runs): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+        return {"files": files, "bytes": size, "dirs": dirs, "step_seconds": secs, **runs}
+
+    def rss16_writes(self, wemu: Emulator, tmp: Path) -> dict:
+        """The daemon's peak RSS (VmHWM) with 16 concurrent `dd bs=1M
+        conv=fsync` writers, each copying the same local file (bench/multi/
+        f00.bin of the read emulator's tree, warm in the page cache) into a new
+        file of a fresh mount under --memory-limit; one run. Each object's size
+        is checked in the emulator's tree, then the objects are removed."""
+        limit = self.a.write_memory_limit_mib
+        src = self.root / BUCKET / "multi" / "f00.bin"
+        size = src.stat().st_size
+        names = [f"w{i:02}.bin" for i in range(16)]
+        log(f"writes: peak RSS with 16 dd writers of {size // MiB} MiB, --memory-limit {limit}MiB")
+        try:
+            with self.mount(wemu, "--memory-limit", f"{limit}MiB") as m:
+                t0 = time.monotonic()
+                procs = [subprocess.Popen(["dd", f"if={src}", f"of={self.mnt / 'written' / n}",
+                                           "bs=1M", "conv=fsync"], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          text=True) for n in names]
+                try:
+                    deadline = t0 + 600
+                    for p in procs:
+                        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                finally:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                            p.wait()
+                secs = time.monotonic() - t0
+                if failed := [(n, p.stderr.read().strip()) for n, p in zip(names, procs)
+                              if p.returncode != 0]:
+                    raise RuntimeError(f"dd into the mount failed: {failed}")
+                for p in procs:
+                    p.stderr.close()
+                hwm_mib = m.hwm_kib() / 1024
+                budget_peak = m.metrics().get('zonalfs_memory_bytes{kind="peak"}', 0) / MiB
+                have = {n: (tmp / BUCKET / "written" / n).stat().st_size for n in names}
+                if wrong := {n: s for n, s in have.items() if s != size}:
+                    raise RuntimeError(f"16 writers: objects of the wrong size {wrong}; want {size}")
+        finally:
+            for n in names:
+                (tmp / BUCKET / "written" / n).unlink(missing_ok=True)
+        return {"hwm_mib": hwm_mib, "limit_mib": limit, "budget_peak_mib": budget_peak,
+                "mbps": 16 * size / secs / 1e6, "size_mib": size / MiB, "seconds": secs}
 
     def run(self) -> dict:
         self.make_data()
@@ -843,6 +1015,13 @@ def profile_report(name: str, r: dict, res: dict, pool_streams: int) -> list[str
             + ".",
             "",
         ]
+        if "small" in w:
+            lines += small_writes_table(w["small"])
+        if rss := w.get("rss16w"):
+            lines += [f"- 16 concurrent `dd bs=1M conv=fsync` writers of {rss['size_mib']:.0f} MiB "
+                      f"each (new files) with `--memory-limit {rss['limit_mib']}MiB`: peak RSS "
+                      f"{rss['hwm_mib']:.0f} MiB (VmHWM; budget peak {rss['budget_peak_mib']:.0f} "
+                      f"MiB), {rss['mbps']:.0f} MB/s total, one run.", ""]
     ratios = (sequential_ratios(name, r, res, pool_streams) + other_ratios(r)
               + small_files_ratios(name, r.get("small")) + write_ratios(r.get("writes")))
     if ratios:
@@ -922,8 +1101,56 @@ def write_ratios(w: dict | None) -> list[str]:
     if w.get("dd"):
         dd = median(w["dd"])
         rows.append(ratio_row("mount `dd conv=fsync` / `zonalfs cp`", dd / cp, "≥ 0.85", dd / cp >= 0.85))
-    return rows + [ratio_row("`zonalfs cp` / `zonalfs cat` back", cp / back),
-                   ratio_row("`zonalfs cp` / Python writer", cp / peer)]
+    rows += [ratio_row("`zonalfs cp` / `zonalfs cat` back", cp / back),
+             ratio_row("`zonalfs cp` / Python writer", cp / peer)]
+    if s := w.get("small"):
+        for n, what in ((1, "1 writer / peer 1 in flight"), (8, "8 writers / peer 8 in flight")):
+            ratio = small_median(s, f"mount{n}", "files_s") / small_median(s, f"peer{n}", "files_s")
+            rows.append(ratio_row(f"small files/s written: mount {what}", ratio, "—"))
+    if rss := w.get("rss16w"):
+        hwm, limit = rss["hwm_mib"], rss["limit_mib"]
+        rows.append(ratio_row(f"peak RSS with 16 writers, `--memory-limit {limit}MiB`, MiB", hwm,
+                              f"≤ {limit + 64} (limit + 64)", hwm <= limit + 64, ".0f"))
+    return rows
+
+
+SMALL_WRITE_ROWS = [
+    ("mount1", "mount, 1 writer (fresh mount)"),
+    ("mount8", "mount, 8 writers (fresh mount)"),
+    ("peer1", "peer: 1 object in flight"),
+    ("peer8", "peer: 8 objects in flight"),
+]
+
+
+def small_writes_table(s: dict) -> list[str]:
+    """The small files written: files/s, MB/s, the daemon's CPU per file."""
+    lines = [
+        f"| small files written ({s['files']} files of 4–256 KiB, {s['bytes'] / 1e6:.0f} MB, "
+        f"{s['dirs']} directories) | files/s | MB/s | daemon CPU µs/file | max/min | "
+        "files/s, runs |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for key, label in SMALL_WRITE_ROWS:
+        runs = s[key]
+        cpu = f"{small_median(s, key, 'cpu_us'):.0f}" if "cpu_us" in runs[0] else "–"
+        files_s = [x["files_s"] for x in runs]
+        lines.append(f"| {label} | {median(files_s):.0f} | {small_median(s, key, 'mbps'):.0f} | "
+                     f"{cpu} | {spread(files_s):.2f} | {fmt(files_s)} |")
+    lines += [
+        "",
+        f"Small files written: a local tree ({s['files']} files, sizes log-uniform from a fixed "
+        "seed) copied in. The mount's writer, `scripts/bench/small_write.py`, creates the "
+        "directories, then forks 1 or 8 processes; writer k takes files k, k+8, … of the "
+        "sorted listing and for each reads the local file, opens a new file in the mount, "
+        "writes it whole and closes it (the daemon persists at the close; the object stays "
+        "appendable, the mount's default). The peer, `scripts/bench/peer_small_write.py`, "
+        "writes each file as one `AsyncAppendableObjectWriter` object (open, one append, "
+        "`close(finalize_on_close=True)`), 1 or 8 in flight. Each run writes under a new "
+        "directory; the emulator's tree is checked to hold every file with the tree's bytes, "
+        "then the copy is removed. Runs alternate.",
+        "",
+    ]
+    return lines
 
 
 SMALL_ROWS = [
@@ -1077,6 +1304,8 @@ def main() -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--memory-limit-mib", type=int, default=512)
+    p.add_argument("--write-memory-limit-mib", type=int, default=256,
+                   help="--memory-limit of the mount the 16 writers write into")
     p.add_argument("--pool-streams", type=int, default=4)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--doc", default="docs/benchmarks.md")
