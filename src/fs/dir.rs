@@ -108,6 +108,7 @@ impl Fs {
             // Bound the table: drop nodes the kernel holds no lookup on (they
             // came from plain readdir listings; a later lookup re-creates them).
             t.nodes.retain(|&i, n| i == ROOT_INO || n.lookups > 0);
+            t.complete.clear();
             let Table { nodes, by_path, .. } = &mut *t;
             by_path.retain(|_, i| nodes.contains_key(i));
         }

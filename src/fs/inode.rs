@@ -51,6 +51,14 @@ pub(super) struct Table {
     pub(super) nodes: HashMap<u64, Node>,
     pub(super) by_path: HashMap<String, u64>,
     pub(super) negative: HashMap<String, Instant>,
+    /// Directories (prefixes, with their `/`) whose every entry this mount
+    /// knows, and since when: those it made itself (mkdir), with what it
+    /// created in them since. Within `negative_ttl` a name in one that is not
+    /// in `by_path` is missing without asking (a program creating many files
+    /// in a new directory pays no lookup round trips). Dropped when an entry
+    /// may have left `by_path` without leaving the bucket (forget, trimming)
+    /// or arrived without entering it (rename).
+    pub(super) complete: HashMap<String, Instant>,
 }
 
 impl Fs {
@@ -171,6 +179,13 @@ impl Fs {
                     return Ok(self.attr_of(ino, &kind));
                 }
             }
+            let whole = t
+                .complete
+                .get(&prefix)
+                .is_some_and(|since| since.elapsed() < self.cfg.negative_ttl);
+            if whole && !t.by_path.contains_key(&path) && !t.by_path.contains_key(&dir_path) {
+                return Err(FsError::NotFound);
+            }
         }
         // A directory wins over a file of the same name.
         let (as_dir, as_file) =
@@ -289,6 +304,9 @@ impl Fs {
         if gone {
             let mut object = None;
             if let Some(node) = t.nodes.remove(&ino) {
+                if let Some(Kind::Dir(parent)) = t.nodes.get(&node.parent).map(|p| p.kind.clone()) {
+                    t.complete.remove(&parent);
+                }
                 let key = match node.kind {
                     Kind::Dir(p) => p,
                     Kind::File(info, _) => {

@@ -1077,3 +1077,45 @@ async fn writes_that_cannot_stream_go_through_a_staged_copy() {
     );
     std::fs::remove_dir(&temp).unwrap();
 }
+
+/// A directory this mount made is known whole: within `negative_ttl` a name
+/// in it that the mount did not create is missing without asking the
+/// service (here: an object another writer put there meanwhile is not seen
+/// yet); what the mount created there is found; once the knowledge may be
+/// wrong (a rename) or is older than `negative_ttl`, the service is asked.
+#[tokio::test]
+async fn a_directory_made_here_is_known_whole() {
+    let c = MemClient::new(Duration::ZERO);
+    let fs = fs(c.clone());
+    let d = fs.mkdir(ROOT_INO, "new").await.unwrap();
+    let (_, fh) = fs.create(d.ino, "mine", false).await.unwrap();
+    let _ = fs.release(fh);
+    c.put("new/theirs", b"x".to_vec(), true);
+    assert!(fs.lookup(d.ino, "mine").await.is_ok());
+    assert!(
+        matches!(fs.lookup(d.ino, "theirs").await, Err(FsError::NotFound)),
+        "not asked: the directory is known whole"
+    );
+    fs.rename(d.ino, "mine", d.ino, "mine2", false)
+        .await
+        .unwrap();
+    assert!(
+        fs.lookup(d.ino, "theirs").await.is_ok(),
+        "after a rename the service is asked"
+    );
+
+    let quick = fs_with(
+        c.clone(),
+        Budget::new(16 << 20),
+        FsConfig {
+            negative_ttl: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let d = quick.mkdir(ROOT_INO, "other").await.unwrap();
+    c.put("other/theirs", b"x".to_vec(), true);
+    assert!(
+        quick.lookup(d.ino, "theirs").await.is_ok(),
+        "with --negative-ttl 0 nothing is assumed missing"
+    );
+}

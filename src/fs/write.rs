@@ -1108,6 +1108,8 @@ impl Fs {
         let ino = {
             let mut t = lock(&self.table);
             t.negative.remove(&path);
+            // New and empty: this mount knows all it will hold.
+            t.complete.insert(dir.clone(), Instant::now());
             self.intern(&mut t, parent, &dir, kind.clone(), true)
         };
         self.changed_dir(parent);
@@ -1133,6 +1135,7 @@ impl Fs {
         }
         let mut t = lock(&self.table);
         t.by_path.remove(&dir);
+        t.complete.remove(&dir);
         t.negative.insert(path, Instant::now());
         drop(t);
         self.changed_dir(parent);
@@ -1153,6 +1156,8 @@ impl Fs {
         self.writable()?;
         let from = self.child_path(parent, name)?;
         let to = self.child_path(newparent, newname)?;
+        // What arrives may not be in the table: no directory stays known whole.
+        lock(&self.table).complete.clear();
         let (dir_from, dir_to) = (format!("{from}/"), format!("{to}/"));
         let known_dir = {
             let t = lock(&self.table);
