@@ -52,6 +52,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::inode::Kind;
 use super::{Attr, Fs, FsError, Handle, Io};
+use crate::gcs::write::MAX_CHUNK;
 use crate::gcs::{GcsError, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
 use crate::memory::Piece;
 use crate::read::ReadData;
@@ -266,10 +267,16 @@ impl RangeSink for FileSink {
     }
 }
 
+/// A piece for a buffer: it checksums each of the writer's chunks as it
+/// copies (the bytes are checksummed while in cache, not read again).
+fn piece(buf: crate::memory::Buffer) -> Piece {
+    Piece::with_crcs(buf, MAX_CHUNK)
+}
+
 /// What a handle's upload task is asked to do, in order.
 enum Cmd {
-    /// Append a piece.
-    Data(Bytes),
+    /// Append a piece (with the CRC32C of each of its chunks).
+    Data(Bytes, Vec<u32>),
     /// Persist everything appended; answers the persisted size.
     Flush(oneshot::Sender<Result<u64, String>>),
     /// Persist everything and end the upload: finalized (answers the
@@ -333,8 +340,9 @@ impl Stream {
             return Ok(());
         }
         self.sent += 1;
+        let (bytes, crcs) = p.freeze_with_crcs();
         self.tx
-            .send(Cmd::Data(p.freeze()))
+            .send(Cmd::Data(bytes, crcs))
             .await
             .map_err(|_| self.ended())
     }
@@ -386,9 +394,9 @@ async fn upload(
     while let Some(cmd) = rx.recv().await {
         let earlier = failed.get().cloned();
         match cmd {
-            Cmd::Data(piece) => {
+            Cmd::Data(piece, crcs) => {
                 if earlier.is_none() {
-                    if let Err(e) = w.write(piece).await {
+                    if let Err(e) = w.write_with_crcs(piece, crcs).await {
                         fail(&e);
                     }
                 }
@@ -640,7 +648,7 @@ impl Fs {
 
     /// A piece for `s` if memory is free now (idle cached blocks give way).
     fn piece_now(&self, len: usize) -> Option<Piece> {
-        self.engine.alloc_buffer(len).map(Piece::new)
+        self.engine.alloc_buffer(len).map(piece)
     }
 
     /// A piece for stream `s`, waiting for memory: first for the pieces `s`
@@ -663,14 +671,14 @@ impl Fs {
                 count(&self.writes.over_budget, 1);
                 return pool
                     .alloc_past_limit(len)
-                    .map(Piece::new)
+                    .map(piece)
                     .ok_or_else(|| "no memory can be mapped for a write".to_string());
             }
             if let Some(b) = pool
                 .wait_for_free(left, || self.engine.alloc_buffer(len))
                 .await
             {
-                return Ok(Piece::new(b));
+                return Ok(piece(b));
             }
         }
     }
@@ -714,7 +722,8 @@ impl Fs {
                     let mut full = std::mem::replace(&mut s.piece, next)?;
                     full.push(&data[..room]);
                     s.sent += 1;
-                    if s.tx.try_send(Cmd::Data(full.freeze())).is_err() {
+                    let (bytes, crcs) = full.freeze_with_crcs();
+                    if s.tx.try_send(Cmd::Data(bytes, crcs)).is_err() {
                         let msg = s.ended();
                         return Some(Err(st.fail(msg)));
                     }

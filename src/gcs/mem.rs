@@ -170,6 +170,22 @@ impl ObjectWrite for MemWriter {
         Ok(())
     }
 
+    /// Checks the caller's chunk CRC32Cs as the service would.
+    async fn write_with_crcs(&mut self, data: Bytes, crcs: Vec<u32>) -> Result<(), GcsError> {
+        let chunk = crate::gcs::write::MAX_CHUNK;
+        if crcs.len() == data.len().div_ceil(chunk) {
+            for (i, (part, want)) in data.chunks(chunk).zip(&crcs).enumerate() {
+                if crc32c::crc32c(part) != *want {
+                    return Err(GcsError::DataLoss(format!(
+                        "mem://{}: chunk {i} does not match its CRC32C",
+                        self.name
+                    )));
+                }
+            }
+        }
+        self.write(data).await
+    }
+
     async fn flush(&mut self) -> Result<u64, GcsError> {
         Ok(self.persist(false)?.size)
     }

@@ -323,6 +323,16 @@ pub trait ObjectWrite: Send {
     fn persisted(&self) -> u64;
     /// Appends `data` (persisted by a later flush).
     async fn write(&mut self, data: bytes::Bytes) -> Result<(), GcsError>;
+    /// [`ObjectWrite::write`], with the CRC32C of each 2 MiB chunk of `data`
+    /// computed by the caller (the writer uses them if there is one per
+    /// chunk).
+    async fn write_with_crcs(
+        &mut self,
+        data: bytes::Bytes,
+        _crcs: Vec<u32>,
+    ) -> Result<(), GcsError> {
+        self.write(data).await
+    }
     /// Persists everything written; returns the persisted size.
     async fn flush(&mut self) -> Result<u64, GcsError>;
     /// Persists everything and ends the upload, leaving the object appendable.

@@ -70,6 +70,26 @@ pub struct WriteStats {
     pub resent: u64,
 }
 
+/// The CRC32C of A then B from those of A and B (`len`: B's length). A whole
+/// chunk's shift is one linear map, computed once: 32 conditional XORs per
+/// chunk instead of the general combine's matrix squarings (which cost about
+/// 2% of a write's CPU).
+fn combine(a: u32, b: u32, len: usize) -> u32 {
+    static CHUNK_SHIFT: std::sync::OnceLock<[u32; 32]> = std::sync::OnceLock::new();
+    if len != MAX_CHUNK {
+        return crc32c::crc32c_combine(a, b, len);
+    }
+    let cols = CHUNK_SHIFT
+        .get_or_init(|| std::array::from_fn(|i| crc32c::crc32c_combine(1 << i, 0, MAX_CHUNK)));
+    let mut shifted = 0;
+    for (i, col) in cols.iter().enumerate() {
+        if a & (1 << i) != 0 {
+            shifted ^= col;
+        }
+    }
+    shifted ^ b
+}
+
 /// A failed stream: the error, and where a redirect says to go.
 struct Failed {
     err: GcsError,
@@ -557,17 +577,30 @@ impl AppendableWriter {
 
     /// Appends `data`. It is persisted by the next flush (every
     /// `flush_every` bytes, [`AppendableWriter::flush`], `finalize` or `close`).
-    pub async fn write(&mut self, mut data: Bytes) -> Result<(), GcsError> {
+    pub async fn write(&mut self, data: Bytes) -> Result<(), GcsError> {
+        self.write_with_crcs(data, &[]).await
+    }
+
+    /// [`AppendableWriter::write`], with the CRC32C of each [`MAX_CHUNK`] of
+    /// `data` (cut from its start) already computed by the caller (who
+    /// checksummed the bytes as it copied them). Used only when there is one
+    /// per chunk; otherwise they are computed here. The service checks each
+    /// chunk against its CRC32C either way.
+    pub async fn write_with_crcs(&mut self, mut data: Bytes, crcs: &[u32]) -> Result<(), GcsError> {
+        let given = crcs.len() == data.len().div_ceil(MAX_CHUNK);
+        let mut i = 0;
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_CHUNK));
             let len = chunk.len() as u64;
-            let crc = crc32c::crc32c(&chunk);
+            let crc = match crcs.get(i) {
+                Some(c) if given => *c,
+                _ => crc32c::crc32c(&chunk),
+            };
+            i += 1;
             let offset = self.sent;
             self.held.push_back((chunk.clone(), crc));
             self.sent += len;
-            self.crc = self
-                .crc
-                .map(|c| crc32c::crc32c_combine(c, crc, len as usize));
+            self.crc = self.crc.map(|c| combine(c, crc, len as usize));
             self.since_flush += len;
             let mut step = self.send(data_request(offset, chunk, crc)).await;
             if step.is_ok() && self.since_flush >= self.opts.flush_every {
@@ -701,6 +734,10 @@ impl super::ObjectWrite for AppendableWriter {
         AppendableWriter::write(self, data).await
     }
 
+    async fn write_with_crcs(&mut self, data: Bytes, crcs: Vec<u32>) -> Result<(), GcsError> {
+        AppendableWriter::write_with_crcs(self, data, &crcs).await
+    }
+
     async fn flush(&mut self) -> Result<u64, GcsError> {
         AppendableWriter::flush(self).await
     }
@@ -711,5 +748,31 @@ impl super::ObjectWrite for AppendableWriter {
 
     async fn finalize(self: Box<Self>) -> Result<ObjectInfo, GcsError> {
         AppendableWriter::finalize(*self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{combine, MAX_CHUNK};
+
+    /// The chunk-sized combine is the general one, and combines chunk CRCs
+    /// into the whole's.
+    #[test]
+    fn chunk_combine_is_the_general_combine() {
+        let data: Vec<u8> = (0..2 * MAX_CHUNK + 5)
+            .map(|i| (i * 13 % 241) as u8)
+            .collect();
+        let parts: Vec<u32> = data.chunks(MAX_CHUNK).map(crc32c::crc32c).collect();
+        let mut whole = parts[0];
+        for (p, part) in parts.iter().zip(data.chunks(MAX_CHUNK)).skip(1) {
+            whole = combine(whole, *p, part.len());
+        }
+        assert_eq!(whole, crc32c::crc32c(&data));
+        for (a, b) in [(0, 0), (1, 2), (0xdead_beef, 0x1234_5678), (u32::MAX, 7)] {
+            assert_eq!(
+                combine(a, b, MAX_CHUNK),
+                crc32c::crc32c_combine(a, b, MAX_CHUNK)
+            );
+        }
     }
 }

@@ -8,6 +8,12 @@
 //! (the service said the bytes are persisted) the buffer goes back to its
 //! pool warm, and its budget with it: the memory a writer holds is exactly the
 //! pieces it has not seen persisted.
+//!
+//! A piece can also checksum what is pushed into it as it copies
+//! ([`Piece::with_crcs`]): the CRC32C of each `crc_every`-byte region (the
+//! writer's chunks) is computed a few KiB behind the copy, while those bytes
+//! are still in the CPU's cache, instead of in a second pass over memory when
+//! the chunk is sent.
 
 use bytes::Bytes;
 
@@ -18,7 +24,14 @@ use super::Buffer;
 pub struct Piece {
     buf: Buffer,
     len: usize,
+    /// Region size whose CRC32Cs are kept (0: none are).
+    crc_every: usize,
+    /// The CRC32C of each region so far (the last one partial).
+    crcs: Vec<u32>,
 }
+
+/// Bytes copied before the copy checksums them (in cache).
+const CRC_STEP: usize = 256 << 10;
 
 /// A full (or final) piece, shared read-only through [`Bytes`].
 struct Frozen {
@@ -37,7 +50,41 @@ impl AsRef<[u8]> for Frozen {
 
 impl Piece {
     pub fn new(buf: Buffer) -> Piece {
-        Piece { buf, len: 0 }
+        Piece {
+            buf,
+            len: 0,
+            crc_every: 0,
+            crcs: Vec::new(),
+        }
+    }
+
+    /// A piece that keeps the CRC32C of every `crc_every` bytes pushed into it
+    /// ([`Piece::freeze_with_crcs`]).
+    pub fn with_crcs(buf: Buffer, crc_every: usize) -> Piece {
+        Piece {
+            crc_every,
+            ..Piece::new(buf)
+        }
+    }
+
+    /// Folds the bytes at [from, to) into the regions' CRC32Cs.
+    fn checksum(&mut self, from: usize, to: usize) {
+        if self.crc_every == 0 {
+            return;
+        }
+        let mut at = from;
+        while at < to {
+            let region = at / self.crc_every;
+            let end = to.min((region + 1) * self.crc_every);
+            // SAFETY: [at, end) lies within the first `len` bytes, written by
+            // this piece's owner; the buffer is owned by this piece alone.
+            let bytes = unsafe { std::slice::from_raw_parts(self.buf.as_ptr().add(at), end - at) };
+            if region == self.crcs.len() {
+                self.crcs.push(0);
+            }
+            self.crcs[region] = crc32c::crc32c_append(self.crcs[region], bytes);
+            at = end;
+        }
     }
 
     /// Bytes gathered.
@@ -72,13 +119,23 @@ impl Piece {
     /// Copies as much of `data` as fits; returns how much.
     pub fn push(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.room());
-        // SAFETY: `len + n` ≤ capacity, so the destination is inside the
-        // buffer, which this piece owns alone; `data` is another allocation
-        // (a caller's slice cannot point into a buffer it does not own).
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.as_ptr().add(self.len), n);
+        let step = if self.crc_every == 0 {
+            n.max(1)
+        } else {
+            CRC_STEP
+        };
+        for part in data[..n].chunks(step) {
+            let at = self.len;
+            // SAFETY: `len + part.len()` ≤ capacity, so the destination is
+            // inside the buffer, which this piece owns alone; `data` is
+            // another allocation (a caller's slice cannot point into a buffer
+            // it does not own).
+            unsafe {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), self.buf.as_ptr().add(at), part.len());
+            }
+            self.len += part.len();
+            self.checksum(at, self.len);
         }
-        self.len += n;
         n
     }
 
@@ -94,20 +151,29 @@ impl Piece {
         // earlier bytes), so handing it out as `&mut [u8]` is sound.
         let tail = unsafe { std::slice::from_raw_parts_mut(self.buf.as_ptr().add(self.len), room) };
         let n = fill(tail)?.min(room);
+        let at = self.len;
         self.len += n;
+        self.checksum(at, self.len);
         Ok(n)
     }
 
     /// Forgets the bytes gathered (the buffer is kept for new ones).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.crcs.clear();
     }
 
     /// The gathered bytes as shared, read-only [`Bytes`]; the buffer goes
     /// back to the pool when the last of them is dropped.
     pub fn freeze(self) -> Bytes {
-        let Piece { buf, len } = self;
-        Bytes::from_owner(Frozen { buf, len })
+        self.freeze_with_crcs().0
+    }
+
+    /// [`Piece::freeze`], with the CRC32C of each `crc_every`-byte region
+    /// (empty for a piece made by [`Piece::new`]).
+    pub fn freeze_with_crcs(self) -> (Bytes, Vec<u32>) {
+        let Piece { buf, len, crcs, .. } = self;
+        (Bytes::from_owner(Frozen { buf, len }), crcs)
     }
 }
 
@@ -148,6 +214,37 @@ mod tests {
             1
         );
         drop(again);
+    }
+
+    /// The CRC32Cs kept while copying are those of the regions' bytes,
+    /// however the bytes were pushed and filled.
+    #[test]
+    fn crcs_kept_while_copying_match_the_regions() {
+        let pool = pool(4 << 20);
+        let data: Vec<u8> = (0..(1 << 20) + 777).map(|i| (i * 7 % 253) as u8).collect();
+        for cut in [1usize, 4096, 100_000, 300_001] {
+            let mut p = Piece::with_crcs(pool.try_alloc(1 << 20).expect("room"), 256 << 10);
+            let mut rest = &data[..];
+            let mut filled = false;
+            while !rest.is_empty() && !p.is_full() {
+                let n = rest.len().min(cut);
+                let took = if filled {
+                    p.push(&rest[..n])
+                } else {
+                    p.fill_with(|t| {
+                        let k = n.min(t.len());
+                        t[..k].copy_from_slice(&rest[..k]);
+                        Ok::<_, ()>(k)
+                    })
+                    .expect("fill")
+                };
+                filled = !filled;
+                rest = &rest[took..];
+            }
+            let (bytes, crcs) = p.freeze_with_crcs();
+            let want: Vec<u32> = bytes.chunks(256 << 10).map(crc32c::crc32c).collect();
+            assert_eq!(crcs, want, "cut {cut}");
+        }
     }
 
     #[test]
