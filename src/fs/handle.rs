@@ -85,7 +85,12 @@ impl Fs {
             .ok_or_else(|| FsError::Stale(format!("inode {ino}")))?;
         let info = match kind {
             Kind::Dir(_) => return Err(FsError::IsDir),
-            Kind::File(info, fetched) if fetched.elapsed() < self.cfg.metadata_ttl => info,
+            Kind::File(info, fetched)
+                if fetched.elapsed() < self.cfg.metadata_ttl
+                    || super::inode::pending_create(&info) =>
+            {
+                info
+            }
             Kind::File(info, _) => {
                 let fresh = self.client.stat(&info.name).await?;
                 if fresh.generation != info.generation {

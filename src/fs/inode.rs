@@ -61,6 +61,13 @@ pub(super) struct Table {
     pub(super) complete: HashMap<String, Instant>,
 }
 
+/// A file this mount created whose object the service has not made yet
+/// (its create was answered at once, `fs::write`): this mount knows it
+/// better than the service does, whatever the metadata TTL.
+pub(super) fn pending_create(info: &ObjectInfo) -> bool {
+    info.generation == 0
+}
+
 impl Fs {
     pub(super) fn attr_of(&self, ino: u64, kind: &Kind) -> Attr {
         match kind {
@@ -168,7 +175,9 @@ impl Fs {
                 let n = t.nodes.get(&ino)?;
                 let fresh = match &n.kind {
                     Kind::Dir(_) => true,
-                    Kind::File(_, fetched) => fetched.elapsed() < self.cfg.metadata_ttl,
+                    Kind::File(info, fetched) => {
+                        pending_create(info) || fetched.elapsed() < self.cfg.metadata_ttl
+                    }
                 };
                 fresh.then_some(ino)
             });
@@ -245,7 +254,7 @@ impl Fs {
             .map(|n| n.kind.clone())
             .ok_or_else(|| FsError::Stale(format!("inode {ino}")))?;
         if let Kind::File(info, fetched) = &kind {
-            if fetched.elapsed() >= self.cfg.metadata_ttl {
+            if fetched.elapsed() >= self.cfg.metadata_ttl && !pending_create(info) {
                 let fresh = self.client.stat(&info.name).await?;
                 let kind = self.refreshed(ino, info, fresh);
                 return Ok(self.attr_of(ino, &kind));

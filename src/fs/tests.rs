@@ -1089,7 +1089,11 @@ async fn a_directory_made_here_is_known_whole() {
     let fs = fs(c.clone());
     let d = fs.mkdir(ROOT_INO, "new").await.unwrap();
     let (_, fh) = fs.create(d.ino, "mine", false).await.unwrap();
-    let _ = fs.release(fh);
+    fs.flush(fh, true).await.unwrap();
+    if let Some(w) = fs.release(fh) {
+        fs.finish_write(w).await;
+    }
+    assert!(c.get("mine").is_none() && c.get("new/mine").is_some());
     c.put("new/theirs", b"x".to_vec(), true);
     assert!(fs.lookup(d.ino, "mine").await.is_ok());
     assert!(
@@ -1118,4 +1122,55 @@ async fn a_directory_made_here_is_known_whole() {
         quick.lookup(d.ino, "theirs").await.is_ok(),
         "with --negative-ttl 0 nothing is assumed missing"
     );
+}
+
+/// A create in a directory made here is answered before the service makes
+/// the object (generation 0 on the inode until it does): writes, fsync and
+/// reads through the handle work at once; unlink right after the create
+/// waits for it (nothing reappears); a failed create (someone else made the
+/// name meanwhile, O_EXCL) shows as EIO at the next call and replaces
+/// nothing.
+#[tokio::test]
+async fn creates_in_a_directory_made_here_are_answered_at_once() {
+    let c = MemClient::new(Duration::ZERO);
+    let fs = fs(c.clone());
+    let d = fs.mkdir(ROOT_INO, "d").await.unwrap();
+    let (a, fh) = fs.create(d.ino, "f", true).await.unwrap();
+    assert_eq!(
+        lock(&fs.table).nodes.get(&a.ino).map(|n| match &n.kind {
+            inode::Kind::File(i, _) => i.generation,
+            _ => -1,
+        }),
+        Some(0),
+        "answered before the service made it"
+    );
+    fs.write(fh, 0, b"hello").await.unwrap();
+    fs.flush(fh, false).await.unwrap();
+    let g = c.stat("d/f").await.unwrap().generation;
+    assert_eq!(object_of(&fs, a.ino).generation, g, "named once it exists");
+    assert_eq!(fs.read(fh, 0, 10).await.unwrap().as_slice(), b"hello");
+    fs.flush(fh, true).await.unwrap();
+    if let Some(w) = fs.release(fh) {
+        fs.finish_write(w).await;
+    }
+
+    // Created and unlinked while still open: gone, and it stays gone.
+    let (_, fh) = fs.create(d.ino, "tmp", false).await.unwrap();
+    fs.unlink(d.ino, "tmp")
+        .await
+        .expect("unlink waits for the create");
+    fs.flush(fh, true).await.ok();
+    if let Some(w) = fs.release(fh) {
+        fs.finish_write(w).await;
+    }
+    assert!(c.get("d/tmp").is_none(), "nothing reappears");
+
+    // Someone else made the name meanwhile: O_EXCL fails, theirs stays.
+    let (_, fh) = fs.create(d.ino, "race", true).await.unwrap();
+    c.put("d/race", b"theirs".to_vec(), false);
+    tokio::task::yield_now().await;
+    let e = fs.flush(fh, true).await.unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    let _ = fs.release(fh);
+    assert_eq!(&c.get("d/race").unwrap().1[..], b"theirs");
 }

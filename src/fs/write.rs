@@ -43,7 +43,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::inode::Kind;
 use super::{Attr, Fs, FsError, Handle, Io};
 use crate::gcs::write::MAX_CHUNK;
-use crate::gcs::{GcsError, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
+use crate::gcs::{GcsError, ObjectClient, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
 use crate::memory::Piece;
 use crate::read::ReadData;
 use crate::sync::lock;
@@ -291,7 +291,9 @@ enum Cmd {
 /// piece being gathered for it.
 pub struct Stream {
     tx: mpsc::Sender<Cmd>,
-    generation: i64,
+    /// The object's generation: 0 until the task has opened the writer (a
+    /// create answered before the service was asked).
+    generation: Arc<AtomicI64>,
     /// The piece being gathered (no buffer until a byte comes).
     piece: Option<Piece>,
     /// Pieces queued so far.
@@ -300,13 +302,55 @@ pub struct Stream {
     failed: Arc<OnceLock<String>>,
 }
 
+/// Where an upload task's writer comes from.
+enum Opening {
+    /// Already open.
+    Open(Box<dyn ObjectWrite>),
+    /// To be created by the task (`if_generation_match`: Some(0), only if
+    /// no object has the name).
+    Create {
+        client: Arc<dyn ObjectClient>,
+        if_generation_match: Option<i64>,
+    },
+}
+
 impl Stream {
     /// Starts the upload task for `writer`.
     fn spawn(name: String, writer: Box<dyn ObjectWrite>) -> Stream {
+        Self::start(name, Opening::Open(writer))
+    }
+
+    /// Starts an upload task that first creates the object: the create is
+    /// answered at once, and a failure to create shows at the handle's next
+    /// write, fsync or close.
+    fn spawn_create(
+        name: String,
+        client: Arc<dyn ObjectClient>,
+        if_generation_match: Option<i64>,
+    ) -> Stream {
+        Self::start(
+            name,
+            Opening::Create {
+                client,
+                if_generation_match,
+            },
+        )
+    }
+
+    fn start(name: String, opening: Opening) -> Stream {
         let (tx, rx) = mpsc::channel(QUEUE);
         let failed = Arc::new(OnceLock::new());
-        let generation = writer.generation();
-        tokio::spawn(upload(name, writer, rx, failed.clone()));
+        let generation = Arc::new(AtomicI64::new(match &opening {
+            Opening::Open(w) => w.generation(),
+            Opening::Create { .. } => 0,
+        }));
+        tokio::spawn(upload(
+            name,
+            opening,
+            rx,
+            failed.clone(),
+            generation.clone(),
+        ));
         Stream {
             tx,
             generation,
@@ -314,6 +358,11 @@ impl Stream {
             sent: 0,
             failed,
         }
+    }
+
+    /// The object's generation (0 while the task is still creating it).
+    fn generation(&self) -> i64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn failure(&self) -> Option<String> {
@@ -381,9 +430,10 @@ impl Stream {
 /// the pool.
 async fn upload(
     name: String,
-    mut w: Box<dyn ObjectWrite>,
+    opening: Opening,
     mut rx: mpsc::Receiver<Cmd>,
     failed: Arc<OnceLock<String>>,
+    generation: Arc<AtomicI64>,
 ) {
     let fail = |e: &GcsError| -> String {
         tracing::warn!(object = %name, error = %e, "a write through the mount failed");
@@ -391,28 +441,59 @@ async fn upload(
         let _ = failed.set(msg.clone());
         msg
     };
+    let ended = || {
+        failed
+            .get()
+            .cloned()
+            .unwrap_or_else(|| format!("{name}: the upload ended"))
+    };
+    let mut w = match opening {
+        Opening::Open(w) => Some(w),
+        Opening::Create {
+            client,
+            if_generation_match,
+        } => match client.create(&name, if_generation_match).await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                fail(&e);
+                None
+            }
+        },
+    };
+    if let Some(w) = &w {
+        generation.store(w.generation(), Ordering::Release);
+    }
     while let Some(cmd) = rx.recv().await {
-        let earlier = failed.get().cloned();
+        let live = if failed.get().is_none() {
+            w.as_mut()
+        } else {
+            None
+        };
         match cmd {
             Cmd::Data(piece, crcs) => {
-                if earlier.is_none() {
+                if let Some(w) = live {
                     if let Err(e) = w.write_with_crcs(piece, crcs).await {
                         fail(&e);
                     }
                 }
             }
             Cmd::Flush(done) => {
-                let r = match earlier {
-                    Some(m) => Err(m),
-                    None => w.flush().await.map_err(|e| fail(&e)),
+                let r = match live {
+                    Some(w) => w.flush().await.map_err(|e| fail(&e)),
+                    None => Err(ended()),
                 };
                 let _ = done.send(r);
             }
             Cmd::End { finalize, done } => {
-                let r = match earlier {
-                    Some(m) => Err(m),
-                    None if finalize => w.finalize().await.map(Some).map_err(|e| fail(&e)),
-                    None => w.close().await.map(|_| None).map_err(|e| fail(&e)),
+                let open = if failed.get().is_none() {
+                    w.take()
+                } else {
+                    None
+                };
+                let r = match open {
+                    Some(w) if finalize => w.finalize().await.map(Some).map_err(|e| fail(&e)),
+                    Some(w) => w.close().await.map(|_| None).map_err(|e| fail(&e)),
+                    None => Err(ended()),
                 };
                 let _ = done.send(r);
                 return;
@@ -420,7 +501,7 @@ async fn upload(
         }
     }
     // The handle went without ending the upload: persist and let go.
-    if failed.get().is_none() {
+    if let Some(w) = w.take().filter(|_| failed.get().is_none()) {
         if let Err(e) = w.close().await {
             fail(&e);
         }
@@ -492,7 +573,7 @@ impl WriteState {
     /// The generation the handle's bytes go to.
     fn generation(&self) -> i64 {
         match &self.mode {
-            Mode::Stream(s) => s.generation,
+            Mode::Stream(s) => s.generation(),
             Mode::Staged(f) => f.generation,
             Mode::Opened => self.base.generation,
         }
@@ -581,13 +662,30 @@ impl Fs {
     ) -> Result<(Attr, u64), FsError> {
         self.writable()?;
         let path = self.child_path(parent, name)?;
-        let writer = self
-            .client
-            .create(&path, exclusive.then_some(0))
-            .await
-            .map_err(exists_if_refused)?;
+        let precondition = exclusive.then_some(0);
+        // In a directory this mount made (known whole) the name is known to
+        // be free: answered at once, the service asked by the upload task.
+        let free = {
+            let t = lock(&self.table);
+            let prefix = &path[..path.len() - name.len()];
+            t.complete
+                .get(prefix)
+                .is_some_and(|since| since.elapsed() < self.cfg.negative_ttl)
+                && !t.by_path.contains_key(&path)
+                && !t.by_path.contains_key(&format!("{path}/"))
+        };
+        let stream = if free {
+            Stream::spawn_create(path.clone(), self.client.clone(), precondition)
+        } else {
+            let writer = self
+                .client
+                .create(&path, precondition)
+                .await
+                .map_err(exists_if_refused)?;
+            Stream::spawn(path.clone(), writer)
+        };
         count(&self.writes.objects_created, 1);
-        let info = fresh_info(&path, writer.generation());
+        let info = fresh_info(&path, stream.generation());
         let kind = Kind::File(info.clone(), Instant::now());
         let ino = {
             let mut t = lock(&self.table);
@@ -595,7 +693,6 @@ impl Fs {
             self.intern(&mut t, parent, &path, kind.clone(), true)
         };
         self.changed_dir(parent);
-        let stream = Stream::spawn(path, writer);
         let fh = self.open_write_handle(WriteState::new(ino, info, Mode::Stream(stream)));
         Ok((self.attr_of(ino, &kind), fh))
     }
@@ -615,6 +712,7 @@ impl Fs {
             Kind::File(info, _) => info,
         };
         if truncate {
+            self.settle_create(&info.name).await;
             let writer = self.client.create(&info.name, None).await?;
             count(&self.writes.objects_created, 1);
             let fresh = fresh_info(&info.name, writer.generation());
@@ -623,6 +721,7 @@ impl Fs {
             return Ok(self.open_write_handle(WriteState::new(ino, fresh, Mode::Stream(stream))));
         }
         // Writes go to the live version: appends at its true end.
+        self.settle_create(&info.name).await;
         let live = self.client.stat(&info.name).await?;
         if live.generation != info.generation {
             self.refreshed(ino, &info, live.clone());
@@ -753,7 +852,10 @@ impl Fs {
     fn written_to(&self, ino: u64, size: u64, generation: i64) {
         if let Some(n) = lock(&self.table).nodes.get_mut(&ino) {
             if let Kind::File(info, _) = &mut n.kind {
-                if info.generation == generation {
+                // Generation 0: a create answered before the service made
+                // the object; the first write after it did names it.
+                if info.generation == generation || info.generation == 0 {
+                    info.generation = generation;
                     info.size = size;
                     info.update_time = SystemTime::now();
                 }
@@ -829,11 +931,11 @@ impl Fs {
                 return Ok(());
             }
             Mode::Stream(s) => {
-                let generation = s.generation;
+                let generation = s.generation.clone();
                 if let Err(m) = s.end(false).await {
                     return Err(st.fail(m));
                 }
-                generation
+                generation.load(Ordering::Acquire)
             }
             Mode::Opened => st.base.generation,
         };
@@ -967,6 +1069,8 @@ impl Fs {
                 if let Err(m) = s.flush().await {
                     return Err(st.fail(m));
                 }
+                let (ino, size, generation) = (st.ino, st.size, st.generation());
+                self.written_to(ino, size, generation);
             }
         }
         count(&self.writes.flushes, 1);
@@ -1091,10 +1195,43 @@ impl Fs {
         Ok(())
     }
 
+    /// Waits until the object at `path` exists in the service if a create of
+    /// it was answered before the service made it (its inode's generation
+    /// is still 0): the handles writing it flush, which waits for the create.
+    async fn settle_create(&self, path: &str) {
+        let handles: Vec<WriteHandle> = {
+            let t = lock(&self.table);
+            let pending = t.by_path.get(path).filter(|ino| {
+                matches!(t.nodes.get(ino).map(|n| &n.kind), Some(Kind::File(i, _)) if i.generation == 0)
+            });
+            let Some(&ino) = pending else {
+                return;
+            };
+            drop(t);
+            lock(&self.handles)
+                .values()
+                .filter(|h| h.ino == ino)
+                .filter_map(|h| match &h.io {
+                    Io::Write(w) => Some(w.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        for h in handles {
+            let mut st = h.state.lock().await;
+            if let Mode::Stream(s) = &mut st.mode {
+                if s.generation() == 0 {
+                    let _ = s.flush().await;
+                }
+            }
+        }
+    }
+
     /// `unlink(2)`: deletes the object.
     pub async fn unlink(&self, parent: u64, name: &str) -> Result<(), FsError> {
         self.writable()?;
         let path = self.child_path(parent, name)?;
+        self.settle_create(&path).await;
         self.client.delete(&path, None).await?;
         let mut t = lock(&self.table);
         t.by_path.remove(&path);
@@ -1167,6 +1304,8 @@ impl Fs {
         let to = self.child_path(newparent, newname)?;
         // What arrives may not be in the table: no directory stays known whole.
         lock(&self.table).complete.clear();
+        self.settle_create(&from).await;
+        self.settle_create(&to).await;
         let (dir_from, dir_to) = (format!("{from}/"), format!("{to}/"));
         let known_dir = {
             let t = lock(&self.table);
@@ -1257,12 +1396,12 @@ impl Fs {
                 st.size,
             )?));
         }
-        let generation = st.generation();
         if let Mode::Stream(s) = &mut st.mode {
             if let Err(m) = s.flush().await {
                 return Err(st.fail(m));
             }
         }
+        let generation = st.generation();
         let object = ObjectId {
             name: st.name.clone(),
             generation,
