@@ -25,6 +25,19 @@ fn sh(cmd: &str) {
     );
 }
 
+/// Runs a Python program, which must succeed (`what` names it on failure).
+fn python(program: &str, what: &str) {
+    let out = Command::new("python3")
+        .args(["-c", program])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn appendable(tree: &Tree, object: &str) -> bool {
     tree.root()
         .join(zonalfs::emulator::store::APPENDABLE_DIR)
@@ -134,15 +147,7 @@ fn programs_write_through_the_mount() {
          \x20   assert f.read() == b'abc' * 1000\n\
          \x20   f.write(b'end')\n"
     );
-    let out = Command::new("python3")
-        .args(["-c", &py])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(&py, "python");
     let mut want = b"abc".repeat(1000);
     want.extend_from_slice(b"end");
     assert_eq!(std::fs::read(tree.path("py.bin")).unwrap(), want);
@@ -303,15 +308,7 @@ fn rsync_and_the_checkpoint_pattern() {
          \x20       assert f.read() == bytes([step]) * (1 << 20), step\n",
         r = root.display()
     );
-    let out = Command::new("python3")
-        .args(["-c", &py])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(&py, "python");
     assert_eq!(
         std::fs::read(tree.path("ckpt")).unwrap(),
         vec![2u8; 1 << 20]
@@ -475,15 +472,7 @@ fn programs_that_write_in_place() {
          \x20   assert len(got) == 10004, len(got)\n",
         r = r
     );
-    let out = Command::new("python3")
-        .args(["-c", &py])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(&py, "python");
     let mut rec = b"HEADER!!".to_vec();
     rec.extend(b"body".repeat(1000));
     rec.resize(10000, 0);
@@ -504,15 +493,7 @@ fn programs_that_write_in_place() {
          db.close()\n",
         r = r
     );
-    let out = Command::new("python3")
-        .args(["-c", &py])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "sqlite: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(&py, "sqlite");
     let copy = temp.path().join("copy.db");
     std::fs::copy(tree.path("app.db"), &copy).unwrap();
     let check = format!(
@@ -524,15 +505,7 @@ fn programs_that_write_in_place() {
          db.close()\n",
         copy.display()
     );
-    let out = Command::new("python3")
-        .args(["-c", &check])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "the bucket's database: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(&check, "the bucket's database");
     std::fs::remove_file(&copy).unwrap();
     assert!(
         !tree.path("app.db-journal").exists(),

@@ -58,13 +58,19 @@ def read_all(paths: list[str]) -> tuple[int, int]:
 
 def fork_reader(paths: list[str]) -> tuple[int, int]:
     """Starts one reader process; returns its pid and the pipe it reports on."""
+    return fork_worker(read_all, paths)
+
+
+def fork_worker(work, items: list) -> tuple[int, int]:
+    """Starts one process running work(items), which returns (files, bytes);
+    returns its pid and the pipe it reports them on (see collect)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         code = 1
         try:
-            files, nbytes = read_all(paths)
+            files, nbytes = work(items)
             os.write(w, f"{files} {nbytes}".encode())
             code = 0
         except BaseException:

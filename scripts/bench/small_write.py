@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 
-from small_read import collect, listing
+from small_read import collect, fork_worker, listing
 
 
 def write_all(pairs: list[tuple[str, str]]) -> tuple[int, int]:
@@ -48,25 +48,6 @@ def write_all(pairs: list[tuple[str, str]]) -> tuple[int, int]:
     return len(pairs), total
 
 
-def fork_writer(pairs: list[tuple[str, str]]) -> tuple[int, int]:
-    """Starts one writer process; returns its pid and the pipe it reports on."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 1
-        try:
-            files, nbytes = write_all(pairs)
-            os.write(w, f"{files} {nbytes}".encode())
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(w)
-    return pid, r
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--procs", type=int, default=1)
@@ -80,7 +61,7 @@ def main() -> int:
     for d in sorted({os.path.dirname(dst) for _, dst in pairs}):
         os.makedirs(d, exist_ok=True)
     t1 = time.monotonic()
-    writers = [fork_writer(pairs[k :: a.procs]) for k in range(a.procs)]
+    writers = [fork_worker(write_all, pairs[k :: a.procs]) for k in range(a.procs)]
     counts = [collect(pid, r) for pid, r in writers]
     secs = time.monotonic() - t0
     if None in counts:
