@@ -78,19 +78,25 @@ impl Fs {
                 passthrough: None,
             });
         }
-        let kind = lock(&self.table)
-            .nodes
-            .get(&ino)
-            .map(|n| n.kind.clone())
-            .ok_or_else(|| FsError::Stale(format!("inode {ino}")))?;
+        let kind_now = || {
+            lock(&self.table)
+                .nodes
+                .get(&ino)
+                .map(|n| n.kind.clone())
+                .ok_or_else(|| FsError::Stale(format!("inode {ino}")))
+        };
+        let mut kind = kind_now()?;
+        if let Kind::File(info, _) = &kind {
+            if super::inode::pending_create(info) {
+                // Created here, not made by the service yet: wait for it,
+                // then read the version it made.
+                self.settle_create(&info.name).await;
+                kind = kind_now()?;
+            }
+        }
         let info = match kind {
             Kind::Dir(_) => return Err(FsError::IsDir),
-            Kind::File(info, fetched)
-                if fetched.elapsed() < self.cfg.metadata_ttl
-                    || super::inode::pending_create(&info) =>
-            {
-                info
-            }
+            Kind::File(info, fetched) if fetched.elapsed() < self.cfg.metadata_ttl => info,
             Kind::File(info, _) => {
                 let fresh = self.client.stat(&info.name).await?;
                 if fresh.generation != info.generation {

@@ -1154,6 +1154,22 @@ async fn creates_in_a_directory_made_here_are_answered_at_once() {
         fs.finish_write(w).await;
     }
 
+    // Opened for reading by another program before the writer's first
+    // fsync: the open waits for the create and reads what is persisted.
+    let (b, wfh) = fs.create(d.ino, "early", false).await.unwrap();
+    fs.write(wfh, 0, b"abc").await.unwrap();
+    let rfh = fs
+        .open(b.ino, false)
+        .await
+        .expect("open waits for the create");
+    assert_eq!(fs.read(rfh, 0, 10).await.unwrap().as_slice(), b"abc");
+    assert_ne!(object_of(&fs, b.ino).generation, 0);
+    let _ = fs.release(rfh);
+    fs.flush(wfh, true).await.unwrap();
+    if let Some(w) = fs.release(wfh) {
+        fs.finish_write(w).await;
+    }
+
     // Created and unlinked while still open: gone, and it stays gone.
     let (_, fh) = fs.create(d.ino, "tmp", false).await.unwrap();
     fs.unlink(d.ino, "tmp")

@@ -1198,7 +1198,7 @@ impl Fs {
     /// Waits until the object at `path` exists in the service if a create of
     /// it was answered before the service made it (its inode's generation
     /// is still 0): the handles writing it flush, which waits for the create.
-    async fn settle_create(&self, path: &str) {
+    pub(super) async fn settle_create(&self, path: &str) {
         let handles: Vec<WriteHandle> = {
             let t = lock(&self.table);
             let pending = t.by_path.get(path).filter(|ino| {
@@ -1218,10 +1218,12 @@ impl Fs {
                 .collect()
         };
         for h in handles {
-            let mut st = h.state.lock().await;
+            let mut guard = h.state.lock().await;
+            let st = &mut *guard;
             if let Mode::Stream(s) = &mut st.mode {
-                if s.generation() == 0 {
-                    let _ = s.flush().await;
+                if s.generation() == 0 && s.flush().await.is_ok() {
+                    let (ino, size, generation) = (st.ino, st.size, s.generation());
+                    self.written_to(ino, size, generation);
                 }
             }
         }
