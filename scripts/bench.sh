@@ -8,7 +8,7 @@
 #
 # It installs what it needs: fio (Debian package) and a venv under target/ with
 # the pinned Python client (tests/python/requirements.txt) and matplotlib.
-# Run as root (it mounts). Finishes in about 12 minutes on 2 cores, bounded at
+# Run as root (it mounts). Finishes in about 17 minutes on 2 cores, bounded at
 # 25 (the small-file runs added about 6 of them, random order, the FUSE ceiling
 # and the run without prefetch across files about 1.5 more; the writes
 # section's small files written and its 16 writers about 2.5 more); leaves no
