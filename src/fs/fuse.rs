@@ -107,6 +107,30 @@ impl FuseFs {
         }
     }
 
+    /// fsync (`close`: false) and the flush at each close(2) (`close`:
+    /// true): what a write handle wrote is persisted. A read handle has
+    /// nothing to persist and is answered on the loop thread.
+    fn persist(
+        &self,
+        op: &'static str,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        close: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
+        let id = req.unique().0;
+        self.now_or_spawn(traced(op, id, ino.0, async move {
+            let r = fs.flush(fh.0, close).await;
+            Self::done(&stats, op, id, t, r.as_ref().err());
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        }));
+    }
+
     /// unlink, rmdir and rename: a name in a directory, an empty reply.
     fn namespace_op<F>(
         &self,
@@ -446,16 +470,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
-        let id = req.unique().0;
-        self.rt.spawn(traced("fsync", id, ino.0, async move {
-            let r = fs.flush(fh.0, false).await;
-            Self::done(&stats, "fsync", id, t, r.as_ref().err());
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        }));
+        self.persist("fsync", req, ino, fh, false, reply);
     }
 
     fn setattr(
@@ -658,18 +673,8 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Each close(2): what a write handle wrote is persisted (a read
-        // handle has nothing to flush, answered on the loop thread).
-        let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
-        let id = req.unique().0;
-        self.now_or_spawn(traced("flush", id, ino.0, async move {
-            let r = fs.flush(fh.0, true).await;
-            Self::done(&stats, "flush", id, t, r.as_ref().err());
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        }));
+        // Each close(2): what a write handle wrote is persisted.
+        self.persist("flush", req, ino, fh, true, reply);
     }
 
     fn getxattr(

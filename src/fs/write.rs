@@ -580,21 +580,6 @@ impl WriteState {
     }
 }
 
-/// An object that was just created, as the inode table keeps it.
-fn fresh_info(name: &str, generation: i64) -> ObjectInfo {
-    let now = SystemTime::now();
-    ObjectInfo {
-        name: name.to_string(),
-        size: 0,
-        generation,
-        metageneration: 1,
-        finalized: false,
-        update_time: now,
-        create_time: now,
-        crc32c: None,
-    }
-}
-
 /// A refusal to replace (a precondition) is EEXIST.
 fn exists_if_refused(e: GcsError) -> FsError {
     match e {
@@ -685,7 +670,7 @@ impl Fs {
             Stream::spawn(path.clone(), writer)
         };
         count(&self.writes.objects_created, 1);
-        let info = fresh_info(&path, stream.generation());
+        let info = ObjectInfo::created(&path, stream.generation());
         let kind = Kind::File(info.clone(), Instant::now());
         let ino = {
             let mut t = lock(&self.table);
@@ -715,7 +700,7 @@ impl Fs {
             self.settle_create(&info.name).await;
             let writer = self.client.create(&info.name, None).await?;
             count(&self.writes.objects_created, 1);
-            let fresh = fresh_info(&info.name, writer.generation());
+            let fresh = ObjectInfo::created(&info.name, writer.generation());
             self.file_now(ino, fresh.clone());
             let stream = Stream::spawn(info.name, writer);
             return Ok(self.open_write_handle(WriteState::new(ino, fresh, Mode::Stream(stream))));
@@ -1019,7 +1004,7 @@ impl Fs {
             Ok(Some(info)) => info,
             Ok(None) => ObjectInfo {
                 size: len,
-                ..fresh_info(&name, generation)
+                ..ObjectInfo::created(&name, generation)
             },
             Err(m) => return Err(st.fail(m)),
         };
@@ -1148,7 +1133,7 @@ impl Fs {
         if size == 0 {
             let writer = self.client.create(&info.name, None).await?;
             count(&self.writes.objects_created, 1);
-            let fresh = fresh_info(&info.name, writer.generation());
+            let fresh = ObjectInfo::created(&info.name, writer.generation());
             writer.close().await?;
             self.file_now(ino, fresh);
         } else {
@@ -1170,7 +1155,7 @@ impl Fs {
             // Start over: a new empty generation for this handle to write.
             let writer = self.client.create(&st.name, None).await?;
             count(&self.writes.objects_created, 1);
-            let fresh = fresh_info(&st.name, writer.generation());
+            let fresh = ObjectInfo::created(&st.name, writer.generation());
             if let Mode::Stream(old) = std::mem::replace(
                 &mut st.mode,
                 Mode::Stream(Stream::spawn(st.name.clone(), writer)),

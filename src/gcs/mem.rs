@@ -283,17 +283,7 @@ impl ObjectClient for MemClient {
                 "mem://{name}: if_generation_match"
             )));
         }
-        let now = SystemTime::now();
-        let info = ObjectInfo {
-            name: name.to_string(),
-            size: 0,
-            generation,
-            metageneration: 1,
-            finalized: false,
-            update_time: now,
-            create_time: now,
-            crc32c: None,
-        };
+        let info = ObjectInfo::created(name, generation);
         objects.insert(name.to_string(), (info, Bytes::new()));
         Ok(Box::new(MemWriter {
             objects: self.objects.clone(),

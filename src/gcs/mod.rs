@@ -178,6 +178,23 @@ pub struct ObjectInfo {
     pub crc32c: Option<u32>,
 }
 
+impl ObjectInfo {
+    /// A new, empty appendable object of `generation`, made now.
+    pub fn created(name: &str, generation: i64) -> ObjectInfo {
+        let now = SystemTime::now();
+        ObjectInfo {
+            name: name.to_string(),
+            size: 0,
+            generation,
+            metageneration: 1,
+            finalized: false,
+            update_time: now,
+            create_time: now,
+            crc32c: None,
+        }
+    }
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, Default)]
 pub struct ListPage {
