@@ -769,22 +769,81 @@ pub fn verify_serving(mountpoint: &Path) -> io::Result<MountEntry> {
     }
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs with a valid NUL-terminated path and a pointer to a
-    // statfs we own.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("does not answer: {e}")));
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
-    if st.f_type as i64 != FUSE_SUPER_MAGIC {
+    let f_type =
+        statfs_apart(&c).map_err(|e| io::Error::new(e.kind(), format!("does not answer: {e}")))?;
+    if f_type != FUSE_SUPER_MAGIC {
         return Err(io::Error::other(format!(
-            "statfs reports a filesystem of type {:#x}, not FUSE",
-            st.f_type
+            "statfs reports a filesystem of type {f_type:#x}, not FUSE"
         )));
     }
     Ok(entry)
+}
+
+/// The statfs type of `path`, asked by a child process. The daemon never
+/// waits on its own mount in its own process: killed while such a request is
+/// with its FUSE threads, one of its threads would wait, unkillable, for an
+/// answer only the dead threads could give, so the process could never exit
+/// and close `/dev/fuse` (a test that SIGKILLs a daemon just after its mount
+/// caught this). A child stuck so is freed when the daemon dies.
+fn statfs_apart(path: &std::ffi::CStr) -> io::Result<i64> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    // SAFETY: the child only calls async-signal-safe functions (statfs,
+    // write, _exit) on memory prepared before the fork, then exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: an all-zero statfs is a valid value of this plain C
+        // struct; statfs gets a valid NUL-terminated path; write sends the
+        // eight bytes of a local; _exit ends the child without unwinding.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
+            let answer: i64 = if libc::statfs(path.as_ptr(), &mut st) == 0 {
+                st.f_type as i64
+            } else {
+                -i64::from(*libc::__errno_location())
+            };
+            libc::write(wr, (&answer as *const i64).cast(), 8);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end, a descriptor we own.
+    unsafe { libc::close(wr) };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: closing the read end, a descriptor we own.
+        unsafe { libc::close(rd) };
+        return Err(e);
+    }
+    let mut answer = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        // SAFETY: read into the rest of our 8-byte buffer.
+        let n = unsafe { libc::read(rd, answer[got..].as_mut_ptr().cast(), 8 - got) };
+        if n <= 0 {
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        got += n as usize;
+    }
+    // SAFETY: closing the read end and reaping our own child.
+    unsafe {
+        libc::close(rd);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    if got < 8 {
+        return Err(io::Error::other("the statfs helper process gave no answer"));
+    }
+    match i64::from_ne_bytes(answer) {
+        v if v < 0 => Err(io::Error::from_raw_os_error(-v as i32)),
+        v => Ok(v),
+    }
 }
 
 /// Resolves once the mount `ours` is gone from mountinfo (someone ran
