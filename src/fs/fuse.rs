@@ -784,7 +784,8 @@ pub fn verify_serving(mountpoint: &Path) -> io::Result<MountEntry> {
 /// with its FUSE threads, one of its threads would wait, unkillable, for an
 /// answer only the dead threads could give, so the process could never exit
 /// and close `/dev/fuse` (a test that SIGKILLs a daemon just after its mount
-/// caught this). A child stuck so is freed when the daemon dies.
+/// caught this). The child keeps no descriptor of the daemon's, so a child
+/// stuck so is freed when the daemon dies.
 fn statfs_apart(path: &std::ffi::CStr) -> io::Result<i64> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
@@ -796,10 +797,21 @@ fn statfs_apart(path: &std::ffi::CStr) -> io::Result<i64> {
     // write, _exit) on memory prepared before the fork, then exits.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: an all-zero statfs is a valid value of this plain C
-        // struct; statfs gets a valid NUL-terminated path; write sends the
-        // eight bytes of a local; _exit ends the child without unwinding.
+        // SAFETY: close_range closes the child's copies of every descriptor
+        // but the pipe's write end (above all, `/dev/fuse`: held here, it
+        // would keep the connection alive after the daemon dies, and this
+        // child waiting on it); an all-zero statfs is a valid value of this
+        // plain C struct; statfs gets a valid NUL-terminated path; write
+        // sends the eight bytes of a local; _exit ends the child without
+        // unwinding.
         unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                (wr as u32).saturating_sub(1),
+                0u32,
+            );
+            libc::syscall(libc::SYS_close_range, wr as u32 + 1, u32::MAX, 0u32);
             let mut st: libc::statfs = std::mem::zeroed();
             #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
             let answer: i64 = if libc::statfs(path.as_ptr(), &mut st) == 0 {
