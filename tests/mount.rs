@@ -705,6 +705,38 @@ fn ls_l_uses_readdirplus() {
     assert!(d.m.stop().success());
 }
 
+/// Closing a file opened for reading sends the daemon no FLUSH (it has
+/// nothing to persist: FOPEN_NOFLUSH); closing one opened for writing does.
+#[test]
+fn a_read_only_close_sends_no_flush() {
+    let mut d = DirMount::new(10);
+    let flushes = || {
+        metric(
+            &scrape(&d.metrics_addr),
+            "zonalfs_fuse_op_seconds_count{op=\"flush\"}",
+        )
+    };
+    let opens = || {
+        metric(
+            &scrape(&d.metrics_addr),
+            "zonalfs_fuse_op_seconds_count{op=\"open\"}",
+        )
+    };
+    for i in 0..10 {
+        let body = std::fs::read(d.mnt.path().join("d").join(format!("f{i}"))).expect("read");
+        assert_eq!(body, i.to_string().as_bytes());
+    }
+    assert!(opens() >= 10.0, "the reads opened no files");
+    assert_eq!(flushes(), 0.0, "closing read-only files sent FLUSH");
+    std::fs::write(d.mnt.path().join("d").join("new"), b"written").expect("write");
+    assert!(flushes() >= 1.0, "closing a written file sent no FLUSH");
+    assert_eq!(
+        std::fs::read(d.mnt.path().join("d").join("new")).expect("read back"),
+        b"written"
+    );
+    assert!(d.m.stop().success());
+}
+
 /// After a directory is listed, looking up its files asks the service
 /// nothing (the listing's metadata answers), and a name that is not there
 /// is asked about once (a listing and a stat at once, then whether it is an

@@ -89,13 +89,11 @@ impl FuseFs {
         r
     }
 
-    /// Records one operation's outcome and latency; failed operations (other
-    /// than a plain ENOENT) and slow ones are logged with the kernel's request
-    /// id, so a user's report can be matched to the log.
     /// Runs `work` right here on the loop thread when it finishes without
     /// waiting (a read whose bytes are already in a loaded block: the common
-    /// case of a sequential reader behind its prefetch), else hands it, as far
-    /// as it got, to the runtime. Saves a task and a cross-thread wake-up per
+    /// case of a sequential reader behind its prefetch; a lookup, getattr or
+    /// open answered from the inode table), else hands it, as far as it got,
+    /// to the runtime. Saves a task and a cross-thread wake-up per
     /// request; a read that must wait for the network never blocks the loop.
     fn now_or_spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
         let _runtime = self.rt.enter();
@@ -165,6 +163,9 @@ impl FuseFs {
         }));
     }
 
+    /// Records one operation's outcome and latency; failed operations (other
+    /// than a plain ENOENT) and slow ones are logged with the kernel's request
+    /// id, so a user's report can be matched to the log.
     fn done(stats: &FuseStats, op: &str, req: u64, start: Instant, err: Option<&FsError>) {
         let took = start.elapsed();
         if let Some(s) = stats.op(op) {
@@ -262,7 +263,7 @@ impl Filesystem for FuseFs {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let ttl = self.ttl;
         let id = req.unique().0;
-        self.rt.spawn(traced("lookup", id, parent.0, async move {
+        self.now_or_spawn(traced("lookup", id, parent.0, async move {
             let r = fs.lookup(parent.0, &name).await;
             Self::done(&stats, "lookup", id, t, r.as_ref().err());
             match r {
@@ -280,7 +281,7 @@ impl Filesystem for FuseFs {
         let (fs, stats, t) = (self.fs.clone(), self.stats.clone(), Instant::now());
         let ttl = self.ttl;
         let id = req.unique().0;
-        self.rt.spawn(traced("getattr", id, ino.0, async move {
+        self.now_or_spawn(traced("getattr", id, ino.0, async move {
             let r = fs.getattr(ino.0).await;
             Self::done(&stats, "getattr", id, t, r.as_ref().err());
             match r {
@@ -298,7 +299,7 @@ impl Filesystem for FuseFs {
         let (stats, t) = (self.stats.clone(), Instant::now());
         let id = req.unique().0;
         let backings = self.backings.clone();
-        self.rt.spawn(traced("open", id, ino.0, async move {
+        self.now_or_spawn(traced("open", id, ino.0, async move {
             let r = fs.open_file(ino.0, write, truncate).await;
             Self::done(&stats, "open", id, t, r.as_ref().err());
             let opened = match r {
@@ -312,7 +313,7 @@ impl Filesystem for FuseFs {
                     Ok(id) => {
                         // No FOPEN_KEEP_CACHE: the kernel refuses it with
                         // passthrough (it reads the memory file's own cache).
-                        reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+                        reply.opened_passthrough(fh, FopenFlags::FOPEN_NOFLUSH, &id);
                         lock(&backings).insert(opened.fh, id);
                         stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                         return;
@@ -326,15 +327,21 @@ impl Filesystem for FuseFs {
             // Keep the page cache across opens: the handle pins a generation,
             // and a new generation of the object gets an inode of its own.
             // An open for writing keeps none (its inode may stand for a new
-            // generation from now on).
+            // generation from now on). A read handle has nothing to persist,
+            // so its close(2) sends no FLUSH (FOPEN_NOFLUSH): one request,
+            // and the reader's wait for it, fewer per file.
             reply.opened(
                 fh,
-                if direct {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else if write {
-                    FopenFlags::empty()
+                if write {
+                    if direct {
+                        FopenFlags::FOPEN_DIRECT_IO
+                    } else {
+                        FopenFlags::empty()
+                    }
+                } else if direct {
+                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH
                 } else {
-                    FopenFlags::FOPEN_KEEP_CACHE
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
                 },
             )
         }));
