@@ -8,7 +8,10 @@
 //!            random 4 KiB reads, one at a time), skip (read 64 MiB, skip 16 MiB),
 //!            rtt (2000 raw 4 KiB range reads through the pool: the round trip),
 //!            head (the first 4 MiB in 1 MiB reads, one at a time: a small file
-//!            read cold; repeated over 20 objects' worth of offsets)
+//!            read cold; repeated over 20 objects' worth of offsets),
+//!            small (OBJECT is a prefix: every object below it read whole
+//!            through the pool, 8 in flight, the bytes checked and dropped;
+//!            also prints this process's CPU per object)
 //!   POLICY:  hybrid (default) | immediate | after2
 //! ```
 //! Prints one line: `pattern=.. policy=.. mbps=.. delivered=.. fetched=..
@@ -48,6 +51,9 @@ async fn run(
     cfg.credentials = CredentialsSource::Anonymous;
     let client = GcsClient::connect(cfg).await?;
     let pool = Arc::new(MrdPool::new(client, PoolConfig::default()));
+    if pattern == "small" {
+        return small(&pool, object).await;
+    }
     let info = pool.open(object).await?;
     let id = ObjectId {
         name: object.to_string(),
@@ -156,15 +162,112 @@ async fn run(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// This process's CPU time (user + system) so far.
+fn cpu_time() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is valid.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Where the "small" pattern's bytes go: checked to arrive whole, then
+/// dropped (the client's cost alone, no buffer to fill).
+struct CountSink(std::sync::atomic::AtomicU64);
+
+impl zonalfs::gcs::RangeSink for CountSink {
+    fn put(&self, _at: usize, data: &[u8]) {
+        self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Every object under `prefix` read whole, 8 in flight.
+async fn small(pool: &Arc<MrdPool>, prefix: &str) -> Result<(), Error> {
+    let client = pool.client();
+    let (mut objects, mut dirs) = (Vec::new(), vec![prefix.to_string()]);
+    while let Some(dir) = dirs.pop() {
+        let mut token = None;
+        loop {
+            let page = client.list(&dir, token).await?;
+            objects.extend(page.objects);
+            dirs.extend(page.prefixes);
+            match page.next_page_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+    }
+    objects.sort_by(|a, b| a.name.cmp(&b.name));
+    let (t0, c0) = (Instant::now(), cpu_time());
+    let mut reads = futures::stream::iter(objects.iter())
+        .map(|o| {
+            let pool = pool.clone();
+            async move {
+                let id = ObjectId {
+                    name: o.name.clone(),
+                    generation: o.generation,
+                };
+                let sink = Arc::new(CountSink(Default::default()));
+                let n = pool.read(&id, o.size, 0, o.size, sink.clone()).await?;
+                if n != o.size || sink.0.load(Ordering::Relaxed) != o.size {
+                    return Err(format!("{}: {n} bytes of {}", o.name, o.size).into());
+                }
+                Ok::<u64, Error>(n)
+            }
+        })
+        .buffer_unordered(8);
+    let mut delivered = 0;
+    while let Some(n) = reads.next().await {
+        delivered += n?;
+    }
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_time() - c0);
+    let files = objects.len().max(1);
+    println!(
+        "pattern=small files={} delivered={delivered} files_s={:.0} cpu_us_per_file={:.1}",
+        objects.len(),
+        files as f64 / secs,
+        cpu.as_secs_f64() * 1e6 / files as f64
+    );
+    Ok(())
+}
+
+/// `ENGINE_BENCH_WORKERS=N`: the runtime's worker threads (0: one thread,
+/// the current-thread scheduler); default: tokio's (one per core).
+fn main() -> ExitCode {
+    let workers = std::env::var("ENGINE_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let rt = match workers {
+        Some(0) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("engine_bench: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = match a.as_slice() {
-        [ep, b, o, p] => run(ep, b, o, p, "hybrid").await,
-        [ep, b, o, p, pol] => run(ep, b, o, p, pol).await,
-        _ => Err("usage: engine_bench ENDPOINT BUCKET OBJECT PATTERN [POLICY]".into()),
-    };
+    let r = rt.block_on(async {
+        match a.as_slice() {
+            [ep, b, o, p] => run(ep, b, o, p, "hybrid").await,
+            [ep, b, o, p, pol] => run(ep, b, o, p, pol).await,
+            _ => Err("usage: engine_bench ENDPOINT BUCKET OBJECT PATTERN [POLICY]".into()),
+        }
+    });
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
