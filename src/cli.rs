@@ -59,6 +59,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Parses a thread count: a whole number from 1 to 256.
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=256) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a thread count (a whole number from 1 to 256)"
+        )),
+    }
+}
+
+/// Threads for the runtime that drives the network, unless the user set
+/// them: half the CPUs this process may use, at least 1. The FUSE loop
+/// threads do the kernel's copies to and from programs; more runtime
+/// workers than the other half of the CPUs mostly wake one another (a task
+/// woken on one worker wakes a parked one to steal it): CPU spent on
+/// futexes and context switches, not on data (see docs/architecture.md).
+pub fn network_threads(set: Option<usize>) -> usize {
+    set.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .max(1)
+    })
+}
+
 /// Checks a bucket name the way GCS does (3–63 characters, or up to 222 with
 /// dots, of `a-z 0-9 - _ .`, starting and ending with a letter or digit), so a
 /// typo such as `gs://bucket` or `My_Bucket` is refused before any network call.
@@ -393,6 +417,12 @@ pub struct MountArgs {
     /// FUSE loop threads.
     #[arg(long, default_value_t = 4, env = "ZONALFS_FUSE_THREADS")]
     pub fuse_threads: usize,
+    /// Threads that drive the network (read and write streams, checksums,
+    /// copies into the cache). Default: half the CPUs this process may use,
+    /// at least 1 (the FUSE loop threads do the other half of the work: the
+    /// kernel's copies to and from programs).
+    #[arg(long, value_parser = parse_threads, env = "ZONALFS_NETWORK_THREADS")]
+    pub network_threads: Option<usize>,
     /// Mount over a directory that is not empty (hiding what is in it).
     #[arg(long, env = "ZONALFS_NONEMPTY")]
     pub nonempty: bool,
@@ -767,6 +797,24 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn network_threads_are_a_positive_count_and_default_to_half_the_cpus() {
+        assert_eq!(parse_threads("3"), Ok(3));
+        for bad in ["0", "-1", "two", "257", ""] {
+            assert!(parse_threads(bad).is_err(), "{bad:?} was taken");
+        }
+        assert_eq!(network_threads(Some(5)), 5);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(network_threads(None), (cpus / 2).max(1));
+        let cli =
+            Cli::try_parse_from(["zonalfs", "mount", "b-1", "/mnt", "--network-threads", "2"])
+                .unwrap();
+        let Command::Mount(a) = cli.command else {
+            panic!("not the mount command");
+        };
+        assert_eq!(a.network_threads, Some(2));
     }
 
     #[test]

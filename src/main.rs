@@ -8,7 +8,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use zonalfs::cli::{CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, MountArgs, StatArgs};
+use zonalfs::cli::{
+    network_threads, CatArgs, Cli, ClientArgs, Command, EmulatorArgs, LsArgs, MountArgs, StatArgs,
+};
 use zonalfs::emulator;
 use zonalfs::fs::mountinfo::MountEntry;
 use zonalfs::gcs::write::WriteOptions;
@@ -139,9 +141,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Emulator(args) => run_emulator(args),
-        Command::Mount(args) if args.foreground => {
-            run_tool(&mount_log(&args), || mount(args, None))
-        }
+        Command::Mount(args) if args.foreground => run_tool(
+            &mount_log(&args),
+            Some(network_threads(args.network_threads)),
+            || mount(args, None),
+        ),
         Command::Mount(args) => daemonize(args),
         Command::InstallHelper(args) => install_helper(&args.dir),
         Command::Unmount(args) => match zonalfs::fs::fuse::unmount_path(&args.mountpoint) {
@@ -152,10 +156,10 @@ fn main() -> ExitCode {
             )),
             Err(e) => failure(&format!("unmount {}: {e}", args.mountpoint.display())),
         },
-        Command::Cat(args) => run_tool(&LogSpec::plain(&args.log_level), || cat(args)),
-        Command::Ls(args) => run_tool(&LogSpec::plain(&args.log_level), || ls(args)),
-        Command::Stat(args) => run_tool(&LogSpec::plain(&args.log_level), || stat(args)),
-        Command::Cp(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+        Command::Cat(args) => run_tool(&LogSpec::plain(&args.log_level), None, || cat(args)),
+        Command::Ls(args) => run_tool(&LogSpec::plain(&args.log_level), None, || ls(args)),
+        Command::Stat(args) => run_tool(&LogSpec::plain(&args.log_level), None, || stat(args)),
+        Command::Cp(args) => run_tool(&LogSpec::plain(&args.log_level), None, || async move {
             let opts = tools::write::UploadOptions {
                 finalize: !args.no_finalize,
                 no_clobber: args.no_clobber,
@@ -169,7 +173,7 @@ fn main() -> ExitCode {
             eprintln!("{}", line.await?);
             Ok::<_, GcsError>(())
         }),
-        Command::Append(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+        Command::Append(args) => run_tool(&LogSpec::plain(&args.log_level), None, || async move {
             let opts = WriteOptions {
                 flush_every: args.flush_every,
             };
@@ -179,14 +183,14 @@ fn main() -> ExitCode {
             eprintln!("{}", line.await?);
             Ok::<_, GcsError>(())
         }),
-        Command::Rm(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+        Command::Rm(args) => run_tool(&LogSpec::plain(&args.log_level), None, || async move {
             let connect = |b: &str| args.client.client_config(b);
             for line in tools::write::remove_command(&connect, &args.urls).await? {
                 eprintln!("{line}");
             }
             Ok::<_, GcsError>(())
         }),
-        Command::Mv(args) => run_tool(&LogSpec::plain(&args.log_level), || async move {
+        Command::Mv(args) => run_tool(&LogSpec::plain(&args.log_level), None, || async move {
             let connect = |b: &str| args.client.client_config(b);
             eprintln!(
                 "{}",
@@ -237,8 +241,10 @@ fn one_line(msg: &str) -> String {
         .replace('\r', "\\r")
 }
 
-/// Runs a client tool on a fresh runtime; errors become one line and exit 1.
-fn run_tool<F, Fut, E>(log: &LogSpec, f: F) -> ExitCode
+/// Runs a client tool (or the mount) on a fresh runtime of `threads`
+/// workers (None: one per CPU, for the tools, which have no FUSE threads);
+/// errors become one line and exit 1.
+fn run_tool<F, Fut, E>(log: &LogSpec, threads: Option<usize>, f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
@@ -247,10 +253,11 @@ where
     if let Err(e) = init_logging(log) {
         return usage_failure(&e);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return failure(&format!("cannot start the runtime: {e}")),
     };
@@ -372,7 +379,8 @@ fn daemonize(args: MountArgs) -> ExitCode {
             };
         }
     });
-    let code = run_tool(&log, || mount(args, Some(tx)));
+    let threads = network_threads(args.network_threads);
+    let code = run_tool(&log, Some(threads), || mount(args, Some(tx)));
     // An error is sent just before the mount returns: the process must not
     // exit (ending the reporter thread) before it reached the parent. The
     // sender is gone by now, so the thread ends either way.

@@ -172,6 +172,12 @@ const CASES: &[Case] = &[
         needles: &["--memory-limit", "unknown unit 'Q'"],
     },
     Case {
+        name: "no network threads",
+        args: "mount test-bucket {MNT} --network-threads 0",
+        code: 2,
+        needles: &["--network-threads", "'0' is not a thread count"],
+    },
+    Case {
         name: "bad duration",
         args: "mount test-bucket {MNT} --retry-deadline 5y",
         code: 2,
