@@ -33,9 +33,13 @@ use crate::sync::lock;
 /// Operations slower than this are logged.
 const SLOW_OP: Duration = Duration::from_secs(1);
 
-/// How long the kernel may cache attributes and entries: at most this, and
-/// no longer than `--metadata-ttl` (0 there: the kernel asks every time, so
-/// a growing object's new size is seen at once, as gcsfuse does).
+/// How long the kernel may cache the attributes and entries of directories
+/// and appendable objects: at most this, and no longer than
+/// `--metadata-ttl` (0 there: the kernel asks every time, so a growing
+/// object's new size is seen at once, as gcsfuse does). A finalized object's
+/// generation never changes: the kernel caches it as long as this mount
+/// trusts its metadata ([`Attr::fresh_until`]), so a loader reading a
+/// listed directory for longer than this costs no lookup per file.
 pub const KERNEL_TTL: Duration = Duration::from_secs(1);
 
 /// The fuser filesystem over [`Fs`].
@@ -44,7 +48,8 @@ pub struct FuseFs {
     rt: tokio::runtime::Handle,
     direct_io: bool,
     stats: Arc<FuseStats>,
-    /// What the kernel may cache attributes and entries for.
+    /// What the kernel may cache attributes and entries of directories and
+    /// appendable objects for (see [`FuseFs::ttl_of`]).
     ttl: Duration,
     /// Asynchronous requests the kernel may have in flight.
     pub max_background: u16,
@@ -73,6 +78,15 @@ impl FuseFs {
             max_background: 64,
             passthrough: false,
             backings: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// How long the kernel may cache `a`: a finalized object's until this
+    /// mount's metadata of it expires, anything else [`KERNEL_TTL`] at most.
+    fn ttl_of(ttl: Duration, a: &Attr) -> Duration {
+        match a.fresh_until {
+            Some(until) => until.saturating_duration_since(Instant::now()),
+            None => ttl,
         }
     }
 
@@ -267,7 +281,7 @@ impl Filesystem for FuseFs {
             let r = fs.lookup(parent.0, &name).await;
             Self::done(&stats, "lookup", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&Self::ttl_of(ttl, &a), &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -285,7 +299,7 @@ impl Filesystem for FuseFs {
             let r = fs.getattr(ino.0).await;
             Self::done(&stats, "getattr", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Ok(a) => reply.attr(&Self::ttl_of(ttl, &a), &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -418,7 +432,7 @@ impl Filesystem for FuseFs {
                 Ok((a, fh)) => {
                     stats.handle_opened(false);
                     reply.created(
-                        &ttl,
+                        &Self::ttl_of(ttl, &a),
                         &file_attr(&a),
                         Generation(0),
                         FileHandle(fh),
@@ -505,7 +519,7 @@ impl Filesystem for FuseFs {
             let r = fs.setattr(ino.0, size, fh.map(|f| f.0)).await;
             Self::done(&stats, "setattr", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Ok(a) => reply.attr(&Self::ttl_of(ttl, &a), &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -530,7 +544,7 @@ impl Filesystem for FuseFs {
             let r = fs.mkdir(parent.0, &name).await;
             Self::done(&stats, "mkdir", id, t, r.as_ref().err());
             match r {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&Self::ttl_of(ttl, &a), &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
         }));
@@ -642,7 +656,7 @@ impl Filesystem for FuseFs {
                         INodeNo(e.ino),
                         next,
                         &e.name,
-                        &self.ttl,
+                        &Self::ttl_of(self.ttl, &attr),
                         &file_attr(&attr),
                         Generation(0),
                     ) {

@@ -29,6 +29,11 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub nlink: u32,
+    /// For a finalized object (whose generation never changes): until when
+    /// this mount trusts its metadata (fetched + `--metadata-ttl`), so the
+    /// kernel may cache the entry and attributes that long. None for
+    /// directories and appendable objects (they change under one name).
+    pub fresh_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,8 +86,9 @@ impl Fs {
                 uid: self.cfg.uid,
                 gid: self.cfg.gid,
                 nlink: 2,
+                fresh_until: None,
             },
-            Kind::File(info, _) => Attr {
+            Kind::File(info, fetched) => Attr {
                 ino,
                 is_dir: false,
                 size: info.size,
@@ -92,6 +98,8 @@ impl Fs {
                 uid: self.cfg.uid,
                 gid: self.cfg.gid,
                 nlink: 1,
+                fresh_until: (info.finalized && !pending_create(info))
+                    .then(|| *fetched + self.cfg.metadata_ttl),
             },
         }
     }

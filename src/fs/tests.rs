@@ -549,6 +549,32 @@ async fn reads_past_the_known_end_of_an_appendable_object_refresh_its_size() {
     assert_eq!(err.errno(), libc::ESTALE, "{err:?}");
 }
 
+/// The kernel may cache a finalized object's entry and attributes as long
+/// as this mount trusts its metadata; an appendable object's, a directory's
+/// and a file being created here only briefly (they change under one name).
+#[tokio::test]
+async fn only_finalized_objects_are_cached_by_the_kernel_for_the_metadata_ttl() {
+    let c = MemClient::new(Duration::ZERO);
+    c.put("d/done", b"12345".to_vec(), true);
+    c.put("d/log", b"12345".to_vec(), false);
+    let fs = fs(c.clone()); // default metadata TTL: 60 s
+    let ttl = fs.config().metadata_ttl;
+    let before = std::time::Instant::now();
+    let dir = fs.lookup(ROOT_INO, "d").await.unwrap();
+    let done = fs.lookup(dir.ino, "done").await.unwrap();
+    let log = fs.lookup(dir.ino, "log").await.unwrap();
+    let until = done.fresh_until.expect("a finalized object is cached");
+    assert!(
+        until >= before + ttl && until <= std::time::Instant::now() + ttl,
+        "cached for the metadata TTL from its fetch"
+    );
+    assert_eq!(fs.getattr(done.ino).await.unwrap().fresh_until, Some(until));
+    assert_eq!(log.fresh_until, None, "an appendable object grows");
+    assert_eq!(dir.fresh_until, None, "a directory changes");
+    let (created, _fh) = fs.create(dir.ino, "new", false).await.unwrap();
+    assert_eq!(created.fresh_until, None, "a file being written changes");
+}
+
 #[tokio::test]
 async fn namespace_and_reads() {
     let c = MemClient::new(Duration::ZERO);
