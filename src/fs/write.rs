@@ -164,36 +164,10 @@ impl Drop for Staged {
 }
 
 impl Staged {
-    /// An empty unnamed file in `--temp-dir` (O_TMPFILE; where the file
-    /// system lacks it, a named file removed at once).
+    /// An empty unnamed file in `--temp-dir` ([`crate::fileio::scratch_file`]).
     fn new(space: Arc<TempSpace>, generation: i64) -> Result<Staged, FsError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = &space.dir;
-        let unnamed = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE)
-            .open(dir);
-        let file = match unnamed {
-            Ok(f) => f,
-            Err(_) => {
-                let path = dir.join(format!(
-                    ".zonalfs-staged-{}-{}",
-                    std::process::id(),
-                    NEXT_NAME.fetch_add(1, Ordering::Relaxed)
-                ));
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| staging_error(&format!("--temp-dir {}", dir.display()), &e))?;
-                let _ = std::fs::remove_file(&path);
-                f
-            }
-        };
+        let file = crate::fileio::scratch_file(&space.dir)
+            .map_err(|e| staging_error(&format!("--temp-dir {}", space.dir.display()), &e))?;
         Ok(Staged {
             file,
             generation,
@@ -249,8 +223,6 @@ impl Staged {
         Ok(buf)
     }
 }
-
-static NEXT_NAME: AtomicU64 = AtomicU64::new(0);
 
 /// Where object bytes fetched for a staged copy go: straight into the file,
 /// at their offset (the first local error is kept).

@@ -299,13 +299,10 @@ fn check_temp_dir(cfg: &MountConfig) -> Result<(), MountError> {
     if !meta.is_dir() {
         return Err(bad("not a directory".to_string()));
     }
-    let probe = dir.join(format!(".zonalfs-probe-{}", std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .map_err(|e| bad(e.to_string()))?;
-    let _ = std::fs::remove_file(&probe);
+    // The file staged writes would make, made and dropped: no name, so
+    // two mounts checking at once (or a probe a crashed daemon left) never
+    // collide.
+    crate::fileio::scratch_file(dir).map_err(|e| bad(e.to_string()))?;
     Ok(())
 }
 
