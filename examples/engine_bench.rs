@@ -54,6 +54,9 @@ async fn run(
     if pattern == "small" {
         return small(&pool, object).await;
     }
+    if pattern == "calls" {
+        return calls(&pool, object).await;
+    }
     let info = pool.open(object).await?;
     let id = ObjectId {
         name: object.to_string(),
@@ -184,7 +187,44 @@ impl zonalfs::gcs::RangeSink for CountSink {
     }
 }
 
-/// Every object under `prefix` read whole, 8 in flight.
+/// The latency of the calls a cold file's first read makes, one at a time
+/// (200 each, p50 and p90): a stat (GetObject), a listing, and a read
+/// stream's open to its first response.
+async fn calls(pool: &Arc<MrdPool>, object: &str) -> Result<(), Error> {
+    let client = pool.client();
+    let pick = |mut v: Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2].as_micros(), v[v.len() * 9 / 10].as_micros())
+    };
+    let (mut stats, mut lists, mut opens) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let t = Instant::now();
+        let info = client.stat(object).await?;
+        stats.push(t.elapsed());
+        let t = Instant::now();
+        client.list(&format!("{object}/"), None).await?;
+        lists.push(t.elapsed());
+        let t = Instant::now();
+        let s = zonalfs::gcs::mrd::MrdStream::open(
+            client,
+            object,
+            info.generation,
+            None,
+            Arc::new(Default::default()),
+        )
+        .await?;
+        opens.push(t.elapsed());
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ((s50, s90), (l50, l90), (o50, o90)) = (pick(stats), pick(lists), pick(opens));
+    println!(
+        "pattern=calls stat_p50_us={s50} stat_p90_us={s90} list_p50_us={l50} list_p90_us={l90} open_p50_us={o50} open_p90_us={o90}"
+    );
+    Ok(())
+}
+
+/// Every object below `prefix` read whole, 8 in flight.
 async fn small(pool: &Arc<MrdPool>, prefix: &str) -> Result<(), Error> {
     let client = pool.client();
     let (mut objects, mut dirs) = (Vec::new(), vec![prefix.to_string()]);
