@@ -344,20 +344,19 @@ impl Filesystem for FuseFs {
             // generation from now on). A read handle has nothing to persist,
             // so its close(2) sends no FLUSH (FOPEN_NOFLUSH): one request,
             // and the reader's wait for it, fewer per file.
-            reply.opened(
-                fh,
-                if write {
-                    if direct {
-                        FopenFlags::FOPEN_DIRECT_IO
-                    } else {
-                        FopenFlags::empty()
-                    }
-                } else if direct {
-                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH
-                } else {
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
-                },
-            )
+            let cache = if direct {
+                FopenFlags::FOPEN_DIRECT_IO
+            } else if write {
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_KEEP_CACHE
+            };
+            let flush = if write {
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_NOFLUSH
+            };
+            reply.opened(fh, cache | flush)
         }));
     }
 
