@@ -161,6 +161,11 @@ pub fn render(s: &Sources) -> String {
         load(&e.direct_reads),
     );
     counter(
+        "zonalfs_reads_behind_total",
+        "Reads that came after their reader had moved on, served from cached blocks.",
+        load(&e.behind_reads),
+    );
+    counter(
         "zonalfs_cache_evictions_total",
         "Blocks evicted under the memory budget.",
         load(&e.evictions),

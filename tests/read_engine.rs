@@ -188,6 +188,64 @@ async fn consumed_blocks_are_released_and_reused_when_asked() {
     }
 }
 
+/// The kernel may answer a sequential reader's request late, after the
+/// reader moved on by more than the cursor's backward tolerance. Such a read
+/// is served from the blocks still cached: nothing is fetched again, and it
+/// starts no cursor of its own (which would count as a reader and hold
+/// blocks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_read_behind_its_reader_is_served_from_cached_blocks() {
+    let client = MemClient::new(Duration::from_micros(200));
+    let bs = 256 * KIB;
+    let size = 16 * bs;
+    let truth = data(size as usize, 5);
+    let info = client.put("late", truth.clone(), true);
+    let id = ObjectId {
+        name: "late".into(),
+        generation: info.generation,
+    };
+    let e = engine(client.clone(), bs as usize, 64 << 20, 4 * bs);
+    // Read the first six blocks and a bit of the seventh.
+    let mut off = 0;
+    while off < 6 * bs + 64 * KIB {
+        let d = e.read(&id, size, true, off, 64 * KIB).await.expect("read");
+        assert_eq!(d.as_slice(), &truth[off as usize..off as usize + d.len()]);
+        off += d.len() as u64;
+    }
+    let cached: Vec<u64> = e.blocks_of(&id).iter().map(|(o, _)| *o).collect();
+    assert!(
+        cached.contains(&(5 * bs)),
+        "the block behind the reader is kept: {cached:?}"
+    );
+    let fetched = client.fetched.load(Ordering::Relaxed);
+    // The end of block 5: more than the backward tolerance (bs / 4) behind.
+    let late = 6 * bs - 64 * KIB;
+    let d = e
+        .read(&id, size, true, late, 64 * KIB)
+        .await
+        .expect("late read");
+    assert_eq!(
+        d.as_slice(),
+        &truth[late as usize..(late + 64 * KIB) as usize]
+    );
+    assert_eq!(
+        client.fetched.load(Ordering::Relaxed),
+        fetched,
+        "fetched again"
+    );
+    assert_eq!(e.stats.behind_reads.load(Ordering::Relaxed), 1);
+    assert_eq!(e.stats.direct_reads.load(Ordering::Relaxed), 0);
+    // The reader goes on as before, to the exact end.
+    let mut rest = truth[..off as usize].to_vec();
+    while off < size {
+        let d = e.read(&id, size, true, off, 64 * KIB).await.expect("read");
+        rest.extend_from_slice(d.as_slice());
+        off += d.len() as u64;
+    }
+    assert_eq!(rest, truth);
+    assert_eq!(e.windows().0, 1, "one sequential reader");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_4k_reads_fetch_little_more_than_delivered() {
     let client = MemClient::new(Duration::from_micros(200));

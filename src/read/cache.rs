@@ -146,6 +146,8 @@ pub struct ReadStats {
     /// Consumed blocks handed back to the pool early (`release_consumed`).
     pub released: AtomicU64,
     pub budget_fallbacks: AtomicU64,
+    /// Reads behind every cursor served from cached blocks.
+    pub behind_reads: AtomicU64,
     /// Small files whose block started loading at open.
     pub opens_prefetched: AtomicU64,
     /// Files fetched ahead by prefetch across files, then read, and dropped
@@ -248,6 +250,14 @@ impl ReadEngine {
             *cached = (std::time::Instant::now(), n);
         }
         cached.1.max(1)
+    }
+
+    /// Makes the next [`Self::active_readers`] count again.
+    fn recount_readers(&self) {
+        let mut cached = lock(&self.readers);
+        if let Some(past) = cached.0.checked_sub(std::time::Duration::from_secs(1)) {
+            cached.0 = past;
+        }
     }
 
     fn tick(&self) -> u64 {
@@ -435,9 +445,27 @@ impl ReadEngine {
                         .blocks
                         .get(&last)
                         .is_none_or(|s| s.block.filled() == 0 && !s.block.is_done()),
-                floor: 2 * self.client.parallelism(size) as u64,
+                floor: stream_floor(self.client.parallelism(size), sequential_total),
             };
-            let (plan, dropped) = entry.cursors.plan(&self.cfg, off, len, size, cap, ahead);
+            // A read no cursor takes whose bytes are cached already (the
+            // kernel answered late for a request a sequential reader passed):
+            // served from the blocks, and no cursor of its own, which would
+            // count as a reader and hold blocks back from the pool.
+            let (plan, dropped) = if !entry.cursors.continued_by(&self.cfg, off)
+                && cached_span(&entry.blocks, off, off + len, bs)
+            {
+                self.stats.behind_reads.fetch_add(1, Ordering::Relaxed);
+                (Plan::Blocks { ahead_to: 0 }, Vec::new())
+            } else {
+                let before = entry.cursors.sequential(ACTIVE_CURSOR);
+                let planned = entry.cursors.plan(&self.cfg, off, len, size, cap, ahead);
+                if entry.cursors.sequential(ACTIVE_CURSOR) > before {
+                    // A new reader: the others' share shrinks from the next
+                    // read on, not 100 ms later.
+                    self.recount_readers();
+                }
+                planned
+            };
             for c in dropped {
                 // Cancel that cursor's prefetch that nobody reads.
                 let lo = c.end / self.cfg.block_size * self.cfg.block_size;
@@ -680,16 +708,18 @@ impl ReadEngine {
         }
     }
 
-    /// Drops the version's consumed, complete, idle blocks beyond the few most
-    /// recently used (two per cursor), so their memory goes back to the pool's
-    /// free list warm. Only with [`PrefetchConfig::release_consumed`].
+    /// Drops the version's consumed, complete, idle blocks beyond the most
+    /// recently used one per sequential reader (for the kernel's late
+    /// requests behind it; the block a reader is in is held, not idle), so
+    /// their memory goes back to the pool's free list warm. Only with
+    /// [`PrefetchConfig::release_consumed`].
     fn release_consumed(&self, object: &ObjectId) {
         let keep = {
             let objects = lock(&self.objects);
             let Some(entry) = objects.get(object) else {
                 return;
             };
-            2 * entry.cursors.list.len().max(1)
+            entry.cursors.sequential(ACTIVE_CURSOR).max(1)
         };
         self.drop_consumed(object, keep);
     }
@@ -838,6 +868,33 @@ fn window_cap(available: u64, readahead_max: u64, block_size: u64, readers: usiz
     share.saturating_sub(1).max(1)
 }
 
+/// The least window (in blocks) of a sequential reader of an object the
+/// client carries on `streams` streams while `readers` read at once: two
+/// blocks per stream (one arriving, one queued behind it, so a stream never
+/// idles for a round trip between blocks) for one reader; readers together
+/// keep that many in flight, not each of them (their streams share the same
+/// connections and CPUs, and each block held is memory), at least one each.
+fn stream_floor(streams: usize, readers: usize) -> u64 {
+    ((2 * streams.max(1)) as u64)
+        .div_ceil(readers.max(1) as u64)
+        .max(1)
+}
+
+/// Whether every block covering `[off, end)` is cached (loaded or loading,
+/// not failed) and holds the bytes up to `end`.
+fn cached_span(blocks: &BTreeMap<u64, Arc<Slot>>, off: u64, end: u64, bs: u64) -> bool {
+    let mut b = off / bs * bs;
+    while b < end {
+        match blocks.get(&b) {
+            Some(s)
+                if s.offset + s.want >= end.min(b + bs) && !matches!(s.loaded(), Some(Err(_))) => {}
+            _ => return false,
+        }
+        b += bs;
+    }
+    true
+}
+
 /// Writes a range's verified chunks into a slot's block, for as long as the
 /// slot is cached (a dropped slot's late chunks go nowhere).
 struct SlotSink(std::sync::Weak<Slot>, Arc<ReadStats>);
@@ -855,7 +912,20 @@ impl crate::gcs::RangeSink for SlotSink {
 
 #[cfg(test)]
 mod tests {
-    use super::window_cap;
+    use super::{stream_floor, window_cap};
+
+    #[test]
+    fn readers_share_the_streams_floor() {
+        // One reader keeps two blocks per stream.
+        assert_eq!(stream_floor(2, 1), 4);
+        assert_eq!(stream_floor(4, 1), 8);
+        // Readers together keep that many, rounded up, at least one each.
+        assert_eq!(stream_floor(2, 2), 2);
+        assert_eq!(stream_floor(4, 3), 3);
+        assert_eq!(stream_floor(2, 4), 1);
+        assert_eq!(stream_floor(1, 100), 1);
+        assert_eq!(stream_floor(0, 0), 2);
+    }
 
     #[test]
     fn readers_share_one_window_of_memory() {

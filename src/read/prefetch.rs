@@ -28,7 +28,10 @@
 //! `initial_blocks`, never below a floor the cache passes: two blocks per
 //! stream the client carries the object on, one arriving and one queued
 //! behind it (the client sends the queued one as the first nears its end, so
-//! a stream never idles for a round trip between blocks). It doubles when the
+//! a stream never idles for a round trip between blocks), shared by the
+//! sequential readers of the moment (four readers keep that many blocks in
+//! flight together, not each: their streams share the connections and the
+//! CPUs, and every block held is memory, fresh on a fresh mount). It doubles when the
 //! reader enters a block that has no bytes yet (the reader caught up with its
 //! prefetch before the data even started: the window is short for the
 //! latency), at most once per window's worth of blocks, up to the window cap
@@ -140,6 +143,21 @@ pub struct Cursor {
     pub last_used: Instant,
 }
 
+impl Cursor {
+    /// Whether a read at `off` belongs to this cursor: a sequential cursor
+    /// takes reads within its tolerances (the kernel reorders and skips async
+    /// readahead); a cursor not yet sequential only an exact continuation (a
+    /// random reader rarely lands exactly there).
+    fn takes(&self, cfg: &PrefetchConfig, off: u64) -> bool {
+        if self.sequential {
+            off <= self.end.saturating_add(cfg.forward_tolerance)
+                && off.saturating_add(cfg.backward_tolerance) >= self.end
+        } else {
+            off == self.end
+        }
+    }
+}
+
 /// What the cache should do for one read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -192,17 +210,7 @@ impl Cursors {
         let now = Instant::now();
         let end = off.saturating_add(len);
         let bs = cfg.block_size.max(1);
-        // A sequential cursor takes reads within its tolerances (the kernel
-        // reorders and skips async readahead); a cursor not yet sequential only
-        // an exact continuation (a random reader rarely lands exactly there).
-        let found = self.list.iter().position(|c| {
-            if c.sequential {
-                off <= c.end.saturating_add(cfg.forward_tolerance)
-                    && off.saturating_add(cfg.backward_tolerance) >= c.end
-            } else {
-                off == c.end
-            }
-        });
+        let found = self.list.iter().position(|c| c.takes(cfg, off));
         let mut dropped = Vec::new();
         let idx = match found {
             Some(i) => {
@@ -279,6 +287,12 @@ impl Cursors {
         let ahead_to = ((block + 1 + c.window) * bs).min(size.div_ceil(bs) * bs);
         c.frontier = c.frontier.max(ahead_to);
         (Plan::Blocks { ahead_to }, dropped)
+    }
+
+    /// Whether a read at `off` continues one of the cursors (else it would
+    /// start a cursor of its own).
+    pub fn continued_by(&self, cfg: &PrefetchConfig, off: u64) -> bool {
+        self.list.iter().any(|c| c.takes(cfg, off))
     }
 
     /// Forgets every cursor (a new generation).
