@@ -276,7 +276,9 @@ fn errno_of(r: &std::io::Result<impl Sized>) -> Option<i32> {
 fn service_gone_past_the_deadline_gives_eio_then_reads_recover() {
     let tree = Tree::new();
     let a = tree.put("a", &pattern(2 << 20, 1));
-    let b = tree.put("b", &pattern((6 << 20) + 9, 2));
+    // b is larger than what an open fetches ahead (its first block), so the
+    // read at 16 MiB below needs the service.
+    let b = tree.put("b", &pattern((20 << 20) + 9, 2));
     let c = tree.put("c", &pattern((5 << 20) + 3, 3));
     let d = tree.put("d", &pattern(300_000, 4));
     let mut emu = EmuChild::spawn(tree.root(), &[]);
@@ -303,7 +305,7 @@ fn service_gone_past_the_deadline_gives_eio_then_reads_recover() {
     let r = bounded(
         "read with the service gone",
         Duration::from_secs(40),
-        move || pread(&fb2, 1 << 20, 64 << 10),
+        move || pread(&fb2, 16 << 20, 64 << 10),
     );
     let took = t.elapsed();
     assert_eq!(errno_of(&r), Some(libc::EIO), "EIO, not wrong bytes: {r:?}");
@@ -325,7 +327,7 @@ fn service_gone_past_the_deadline_gives_eio_then_reads_recover() {
         "reads after the service came back",
         Duration::from_secs(40),
         move || {
-            let b = pread(&fb2, 0, (6 << 20) + 100).expect("b through the handle that failed");
+            let b = pread(&fb2, 0, (20 << 20) + 100).expect("b through the handle that failed");
             let mut c = Vec::new();
             (&fc).read_to_end(&mut c).expect("read c");
             let d = std::fs::read(pc.join("d")).expect("read d");
@@ -523,7 +525,9 @@ fn signal(emu: &EmuChild, sig: i32) {
 fn frozen_service_gives_eio_not_a_hang_then_recovers() {
     let tree = Tree::new();
     let a = tree.put("a", &pattern(1 << 20, 31));
-    let b = tree.put("b", &pattern((4 << 20) + 5, 32));
+    // b is larger than what an open fetches ahead (its first block), so the
+    // read at 16 MiB below needs the service.
+    let b = tree.put("b", &pattern((20 << 20) + 5, 32));
     let c = tree.put("c", &pattern(100_000, 33));
     let emu = EmuChild::spawn(tree.root(), &[]);
     let mnt = tempfile::tempdir().expect("mountpoint");
@@ -550,7 +554,7 @@ fn frozen_service_gives_eio_not_a_hang_then_recovers() {
     let r = bounded(
         "read from a frozen service",
         Duration::from_secs(40),
-        move || pread(&fb2, 2 << 20, 64 << 10),
+        move || pread(&fb2, 16 << 20, 64 << 10),
     );
     println!(
         "frozen service: read {:?} after {:?}",
@@ -574,7 +578,7 @@ fn frozen_service_gives_eio_not_a_hang_then_recovers() {
     signal(&emu, libc::SIGCONT);
     let (fb2, pc) = (fb.clone(), p.join("c"));
     let got = bounded("reads after the thaw", Duration::from_secs(40), move || {
-        let b = pread(&fb2, 0, (4 << 20) + 100).expect("b after the thaw");
+        let b = pread(&fb2, 0, (20 << 20) + 100).expect("b after the thaw");
         let c = std::fs::read(pc).expect("c after the thaw");
         (b, c)
     });
