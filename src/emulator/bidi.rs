@@ -378,7 +378,7 @@ impl Engine {
             if earliest > now {
                 tokio::select! {
                     m = inbound.next(), if open => open = self.take(m)?,
-                    _ = tokio::time::sleep_until(earliest) => {}
+                    _ = super::faults::sleep_until(earliest) => {}
                     _ = self.tx.closed() => return Err(Stop::Gone),
                 }
                 continue;
@@ -593,7 +593,7 @@ pub async fn read_object(
     tokio::spawn(async move {
         let shaping = emu.faults.shaping.clone();
         let chunk = shaping.chunk_size.clamp(1, super::faults::MAX_CHUNK) as u64;
-        tokio::time::sleep(shaping.latency).await;
+        super::faults::sleep(shaping.latency).await;
         let whole = start == 0 && end == size;
         let mut first = Some(ReadObjectResponse {
             checksummed_data: None,

@@ -18,7 +18,9 @@ pub const MAX_CHUNK: usize = 2 << 20;
 /// Shaping and fault settings (the emulator's command-line flags).
 #[derive(Debug, Clone)]
 pub struct Shaping {
-    /// Delay before the first byte of every range.
+    /// Delay before the first byte of every range (and before every answer
+    /// of a write stream), kept to within tens of microseconds
+    /// ([`sleep_until`]).
     pub latency: Duration,
     /// Bandwidth cap per stream, bytes per second.
     pub stream_bytes_per_sec: Option<f64>,
@@ -54,6 +56,34 @@ impl Default for Shaping {
             chunk_size: MAX_CHUNK,
         }
     }
+}
+
+/// Tokio's timer fires on whole-millisecond ticks: a sleep ends up to a tick
+/// late. Waits shorter than this are finished on a blocking thread.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// Waits until `deadline` to within a few tens of microseconds, where tokio's
+/// timer alone would end the wait anywhere up to a millisecond late (a 2 ms
+/// latency would have been 2–3 ms): the timer sleeps to a tick before the
+/// deadline, a blocking thread's `nanosleep` does the rest. Shaping's
+/// latency is what the benchmarks measure against, so it must be the latency
+/// asked for.
+pub async fn sleep_until(deadline: tokio::time::Instant) {
+    if let Some(coarse) = deadline.checked_sub(TIMER_TICK) {
+        if coarse > tokio::time::Instant::now() {
+            tokio::time::sleep_until(coarse).await;
+        }
+    }
+    let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !rest.is_zero() {
+        // A failed join (the runtime shutting down) only ends the wait early.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
+}
+
+/// [`sleep_until`] `d` from now.
+pub async fn sleep(d: Duration) {
+    sleep_until(tokio::time::Instant::now() + d).await;
 }
 
 /// What the emulator did, for the shutdown report and for tests.
@@ -205,6 +235,24 @@ impl Faults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The latency wait never ends before its deadline, whether it needs the
+    /// timer, only the blocking thread's sleep, or nothing at all.
+    #[tokio::test]
+    async fn a_latency_wait_never_ends_early() {
+        for us in [0, 150, 900, 1_000, 1_700, 2_000, 3_300] {
+            let start = tokio::time::Instant::now();
+            sleep(Duration::from_micros(us)).await;
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_micros(us),
+                "{us} µs asked, {took:?} waited"
+            );
+        }
+        let past = tokio::time::Instant::now();
+        sleep_until(past).await;
+        assert!(tokio::time::Instant::now() >= past);
+    }
 
     #[test]
     fn same_seed_same_decisions() {

@@ -352,7 +352,7 @@ impl Session {
     async fn answer(&self, response: BidiWriteObjectResponse) -> Result<(), Stop> {
         let latency = self.emu.faults.shaping.latency;
         if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+            super::faults::sleep(latency).await;
         }
         self.tx.send(Ok(response)).await.map_err(|_| Stop::Gone)
     }
