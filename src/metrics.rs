@@ -166,6 +166,16 @@ pub fn render(s: &Sources) -> String {
         load(&e.behind_reads),
     );
     counter(
+        "zonalfs_lookup_heads_total",
+        "Lookups of names not listed that fetched the file's first bytes with its metadata.",
+        load(&e.heads_fetched),
+    );
+    counter(
+        "zonalfs_lookup_head_reads_total",
+        "Reads served from the first bytes fetched with a lookup.",
+        load(&e.head_reads),
+    );
+    counter(
         "zonalfs_cache_evictions_total",
         "Blocks evicted under the memory budget.",
         load(&e.evictions),

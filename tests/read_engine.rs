@@ -450,6 +450,89 @@ async fn engine_over_grpc_and_the_emulator() {
     }
 }
 
+/// The lookup of a name not listed brings the file's head with its
+/// metadata, over one stream whose open carries the range: the first read
+/// within the head is served from it with exact bytes and waits for no
+/// other stream (the emulator saw one stream open when it returned). An
+/// empty object and a missing one answer as a stat would; without memory
+/// for a head the lookup is a plain stat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_brings_the_head_and_the_first_read_is_served_from_it() {
+    use zonalfs::emulator::Config;
+    use zonalfs::gcs::auth::CredentialsSource;
+    use zonalfs::gcs::client::ClientConfig;
+    use zonalfs::gcs::{GcsClient, GcsError, MrdPool, PoolConfig};
+    let tree = common::Tree::new();
+    let truth = tree.put("obj", &data(3 << 20, 21));
+    tree.put("empty", b"");
+    let emu = common::start(&tree, Config::default()).await;
+    let mut cfg = ClientConfig::new(common::BUCKET);
+    cfg.endpoint = Some(emu.endpoint());
+    cfg.credentials = CredentialsSource::Anonymous;
+    let client = GcsClient::connect(cfg).await.expect("connect");
+    let pool = Arc::new(MrdPool::new(client, PoolConfig::default()));
+    let e = ReadEngine::new(
+        pool.clone(),
+        Pool::new(Budget::new(64 << 20), MemoryConfig::new(4 << 20)),
+        PrefetchConfig::default(),
+    );
+    let head = e.config().lookup_head;
+    assert!(head >= 4096);
+    let streams =
+        |emu: &zonalfs::emulator::Running| emu.emu.counters.streams_opened.load(Ordering::Relaxed);
+
+    let info = e.stat_with_head("obj").await.expect("lookup");
+    assert_eq!(info.size, truth.len() as u64);
+    assert_eq!(streams(&emu), 1, "one stream: metadata and head together");
+    let id = ObjectId {
+        name: "obj".into(),
+        generation: info.generation,
+    };
+    let d = e
+        .read(&id, info.size, true, 0, 4096)
+        .await
+        .expect("first read");
+    assert_eq!(d.as_slice(), &truth[..4096]);
+    let d = e
+        .read(&id, info.size, true, head - 100, 100)
+        .await
+        .expect("head's end");
+    assert_eq!(d.as_slice(), &truth[(head - 100) as usize..head as usize]);
+    assert_eq!(e.stats.heads_fetched.load(Ordering::Relaxed), 1);
+    assert_eq!(e.stats.head_reads.load(Ordering::Relaxed), 2);
+    // Past the head: the blocks, to the exact end.
+    let got = read_all(&e, &id, info.size, 1 << 20).await;
+    assert!(got == truth, "whole object");
+
+    let empty = e.stat_with_head("empty").await.expect("empty object");
+    assert_eq!(empty.size, 0);
+    let id = ObjectId {
+        name: "empty".into(),
+        generation: empty.generation,
+    };
+    assert!(e
+        .read(&id, 0, true, 0, 4096)
+        .await
+        .expect("read")
+        .is_empty());
+    assert!(matches!(
+        e.stat_with_head("missing").await,
+        Err(GcsError::NotFound(_))
+    ));
+
+    // No memory for a head: a plain stat, no stream.
+    let tight = ReadEngine::new(
+        pool,
+        Pool::new(Budget::new(0), MemoryConfig::new(4 << 20)),
+        PrefetchConfig::default(),
+    );
+    let before = streams(&emu);
+    let info = tight.stat_with_head("obj").await.expect("plain stat");
+    assert_eq!(info.size, truth.len() as u64);
+    assert_eq!(streams(&emu), before);
+    assert_eq!(tight.stats.heads_fetched.load(Ordering::Relaxed), 0);
+}
+
 /// The engine over a client that fails every Nth read (the failure-injecting
 /// client): a read returns the object's true bytes or an error that keeps
 /// its kind (UNAVAILABLE, retryable), never wrong or partial bytes; a failed

@@ -204,9 +204,13 @@ impl Fs {
                 return Err(FsError::NotFound);
             }
         }
-        // A directory wins over a file of the same name.
-        let (as_dir, as_file) =
-            tokio::join!(self.client.list(&dir_path, None), self.client.stat(&path));
+        // A directory wins over a file of the same name. A file's first
+        // bytes come with its metadata (one round trip), for the read that
+        // usually follows the lookup of a name not listed.
+        let (as_dir, as_file) = tokio::join!(
+            self.client.list(&dir_path, None),
+            self.engine.stat_with_head(&path)
+        );
         let is_dir = match as_dir {
             // Only names inside count (a misbehaving server's others do not);
             // the folder's own placeholder object `dir/` does.

@@ -243,11 +243,30 @@ pub struct ObjectId {
     pub generation: i64,
 }
 
+/// The rest of a [`ObjectClient::stat_with_head`]: the head's load, ending
+/// with the bytes delivered or the error.
+pub type HeadLoad =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, GcsError>> + Send>>;
+
 /// What the read engine and the filesystem use to reach objects.
 #[tonic::async_trait]
 pub trait ObjectClient: Send + Sync + 'static {
     /// Metadata of the live version of an object.
     async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError>;
+    /// Metadata of the live version of an object, as [`ObjectClient::stat`],
+    /// with its first `head` bytes on the way into `sink`: a client that can
+    /// ask for both in one round trip (a read stream's open carries a range
+    /// and is answered with the metadata first) returns once the metadata is
+    /// in, with the head's load still under way (it ends with the bytes
+    /// delivered, or the error). Others stat and load nothing (None).
+    async fn stat_with_head(
+        &self,
+        name: &str,
+        _head: u64,
+        _sink: Arc<dyn RangeSink>,
+    ) -> Result<(ObjectInfo, Option<HeadLoad>), GcsError> {
+        Ok((self.stat(name).await?, None))
+    }
     /// One page of objects and `/`-prefixes under `prefix`.
     async fn list(&self, prefix: &str, page_token: Option<String>) -> Result<ListPage, GcsError>;
     /// Reads `len` bytes at `offset` of the object version into `sink`; returns the

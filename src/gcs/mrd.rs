@@ -241,6 +241,12 @@ impl MrdStream {
                     continue_after(&mut backoff, &driver, &driver.redirected()).await?
                 }
                 Err(Failure::Retry(e)) => continue_after(&mut backoff, &driver, &e).await?,
+                // A missing object is an answer (a lookup asks this way),
+                // not a failure worth a warning.
+                Err(Failure::Fatal(e @ GcsError::NotFound(_))) => {
+                    tracing::debug!(object = %driver.what, error = %e, "no such object");
+                    return Err(e);
+                }
                 Err(Failure::Fatal(e)) => {
                     tracing::warn!(object = %driver.what, error = %e, "cannot open a read stream");
                     return Err(e);

@@ -31,7 +31,9 @@ use tokio::time::Instant;
 use super::client::GcsClient;
 use super::mrd::{FirstRead, MrdStream, PendingRead, StreamStats, SEND_AHEAD};
 use super::write::{AppendableWriter, WriteOptions};
-use super::{GcsError, ListPage, ObjectClient, ObjectId, ObjectInfo, ObjectWrite, RangeSink};
+use super::{
+    GcsError, HeadLoad, ListPage, ObjectClient, ObjectId, ObjectInfo, ObjectWrite, RangeSink,
+};
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -385,6 +387,44 @@ impl MrdPool {
         }
     }
 
+    /// The live version's metadata and its first `head` bytes in one round
+    /// trip: a stream of its own (under a permit) opened on the latest
+    /// generation, its open carrying the range, answered with the metadata
+    /// first. Returns once the metadata is in; the head's load goes on (the
+    /// stream half-closes when it is done).
+    pub async fn stat_with_head(
+        &self,
+        name: &str,
+        head: u64,
+        sink: Arc<dyn RangeSink>,
+    ) -> Result<(ObjectInfo, Option<HeadLoad>), GcsError> {
+        let permit = self.permit().await;
+        let first = FirstRead {
+            offset: 0,
+            len: head,
+            head: 0,
+            sink,
+        };
+        let (stream, pending) = MrdStream::open_reading(
+            &self.inner.client,
+            name,
+            0,
+            None,
+            self.inner.stats.clone(),
+            Some(first),
+        )
+        .await?;
+        let info = stream.info().clone();
+        drop(stream);
+        let load: Option<HeadLoad> = pending.map(|p| -> HeadLoad {
+            Box::pin(async move {
+                let _permit = permit;
+                p.wait().await
+            })
+        });
+        Ok((info, load))
+    }
+
     /// Reads a range of an object version through the pool.
     pub async fn read(
         &self,
@@ -508,6 +548,15 @@ impl ObjectClient for MrdPool {
 
     async fn stat(&self, name: &str) -> Result<ObjectInfo, GcsError> {
         self.inner.client.stat(name).await
+    }
+
+    async fn stat_with_head(
+        &self,
+        name: &str,
+        head: u64,
+        sink: Arc<dyn RangeSink>,
+    ) -> Result<(ObjectInfo, Option<HeadLoad>), GcsError> {
+        MrdPool::stat_with_head(self, name, head, sink).await
     }
 
     async fn list(&self, prefix: &str, page_token: Option<String>) -> Result<ListPage, GcsError> {

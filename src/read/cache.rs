@@ -148,6 +148,9 @@ pub struct ReadStats {
     pub budget_fallbacks: AtomicU64,
     /// Reads behind every cursor served from cached blocks.
     pub behind_reads: AtomicU64,
+    /// Heads fetched with lookups, and reads they served.
+    pub heads_fetched: AtomicU64,
+    pub head_reads: AtomicU64,
     /// Small files whose block started loading at open.
     pub opens_prefetched: AtomicU64,
     /// Files fetched ahead by prefetch across files, then read, and dropped
@@ -187,8 +190,15 @@ pub struct ReadEngine {
     clock: AtomicU64,
     /// See [`ReadEngine::set_whole_files`].
     whole_files: std::sync::atomic::AtomicBool,
+    /// Heads fetched with lookups ([`ReadEngine::stat_with_head`]), with
+    /// when they came; at most [`MAX_HEADS`].
+    heads: Mutex<HashMap<ObjectId, (u64, Arc<Slot>)>>,
     pub stats: Arc<ReadStats>,
 }
+
+/// Heads of looked-up files kept at most (the oldest go first): they serve
+/// the first reads of a file opened right after its lookup.
+const MAX_HEADS: usize = 64;
 
 impl ReadEngine {
     pub fn new(
@@ -210,6 +220,7 @@ impl ReadEngine {
             )),
             clock: AtomicU64::new(0),
             whole_files: std::sync::atomic::AtomicBool::new(false),
+            heads: Mutex::new(HashMap::new()),
             stats: Arc::new(ReadStats::default()),
         })
     }
@@ -270,6 +281,95 @@ impl ReadEngine {
     pub fn forget(&self, object: &ObjectId) {
         let gone = lock(&self.objects).remove(object);
         drop(gone);
+        let head = lock(&self.heads).remove(object);
+        drop(head);
+    }
+
+    /// The live version's metadata, for the lookup of a name not listed;
+    /// the object's first `lookup_head` bytes come in the same round trip
+    /// where the client can (a read stream's open carries the range and is
+    /// answered with the metadata first), into a buffer the first reads of
+    /// the file are then served from ([`Self::read`]). Without memory for
+    /// the head, or if that open fails for another reason than the object
+    /// not being there, a plain stat.
+    pub async fn stat_with_head(&self, name: &str) -> Result<ObjectInfo, GcsError> {
+        let len = self.cfg.lookup_head;
+        let block = (len > 0)
+            .then(|| Block::alloc(&self.pool, len as usize))
+            .flatten();
+        let Some(block) = block else {
+            return self.client.stat(name).await;
+        };
+        let slot = Arc::new(Slot {
+            offset: 0,
+            generation: 0,
+            block,
+            want: len,
+            speculative: std::sync::atomic::AtomicBool::new(true),
+            stats: self.stats.clone(),
+            result: Mutex::new(None),
+            last_used: AtomicU64::new(self.tick()),
+            consumed: std::sync::atomic::AtomicBool::new(false),
+            task: Mutex::new(None),
+        });
+        let sink: Arc<dyn crate::gcs::RangeSink> =
+            Arc::new(SlotSink(Arc::downgrade(&slot), self.stats.clone()));
+        let (info, load) = match self.client.stat_with_head(name, len, sink).await {
+            Ok(got) => got,
+            Err(e @ GcsError::NotFound(_)) => return Err(e),
+            Err(e) => {
+                tracing::debug!(object = name, error = %e, "lookup with the head failed; stat");
+                return self.client.stat(name).await;
+            }
+        };
+        let Some(load) = load else {
+            return Ok(info);
+        };
+        self.stats.heads_fetched.fetch_add(1, Ordering::Relaxed);
+        let id = ObjectId {
+            name: name.to_string(),
+            generation: info.generation,
+        };
+        {
+            let mut heads = lock(&self.heads);
+            if heads.len() >= MAX_HEADS {
+                let oldest = heads
+                    .iter()
+                    .min_by_key(|(_, (t, _))| *t)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    heads.remove(&k);
+                }
+            }
+            heads.insert(id, (self.tick(), slot.clone()));
+        }
+        tokio::spawn(async move {
+            let r = load.await;
+            *lock(&slot.result) = Some(r.map_err(ReadError::from));
+            slot.block.finish();
+        });
+        Ok(info)
+    }
+
+    /// The head fetched with the lookup of `object`, if it holds (or is
+    /// loading) the bytes up to `end` and the object's first block is not
+    /// complete yet (then the block serves, and the head goes).
+    fn head_covering(&self, object: &ObjectId, end: u64) -> Option<Arc<Slot>> {
+        let mut heads = lock(&self.heads);
+        let head = heads.get(object).map(|(_, h)| h.clone())?;
+        if matches!(head.loaded(), Some(Err(_))) {
+            heads.remove(object);
+            return None;
+        }
+        let first_done = lock(&self.objects)
+            .get(object)
+            .and_then(|e| e.blocks.get(&0))
+            .is_some_and(|s| matches!(s.loaded(), Some(Ok(_))));
+        if first_done {
+            heads.remove(object);
+            return None;
+        }
+        (end <= head.want).then_some(head)
     }
 
     /// A file was opened: if the object fits in one block (a small file, which
@@ -481,6 +581,22 @@ impl ReadEngine {
             }
             plan
         };
+        // The first bytes of a file its lookup fetched: served from there
+        // (the blocks the plan wants still start loading).
+        if let Some(head) = self.head_covering(object, off + len) {
+            if let Plan::Blocks { ahead_to } = plan {
+                drop(self.start_blocks(object, size, off, len, ahead_to));
+            }
+            let end = off + len;
+            if head.block.wait_for(end as usize).await as u64 >= end {
+                self.stats.head_reads.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes_delivered.fetch_add(len, Ordering::Relaxed);
+                return Ok(ReadData::Block {
+                    slot: head,
+                    range: off as usize..end as usize,
+                });
+            }
+        }
         let result = match plan {
             Plan::Direct => self.direct(object, size, off, len).await,
             Plan::Blocks { ahead_to } => {
@@ -755,34 +871,27 @@ impl ReadEngine {
         gone.len()
     }
 
-    async fn through_blocks(
+    /// Starts loading the blocks covering `[off, off + len)` and the window
+    /// ahead up to `ahead_to` (as far as memory allows); returns the blocks
+    /// the read needs, or None when there is no memory for one of them.
+    fn start_blocks(
         &self,
         object: &ObjectId,
         size: u64,
         off: u64,
         len: u64,
         ahead_to: u64,
-    ) -> Result<ReadData, ReadError> {
+    ) -> Option<Vec<Arc<Slot>>> {
         let bs = self.cfg.block_size;
         let end = off + len;
-        let first = off / bs * bs;
         // The blocks this read needs, first.
         let mut needed = Vec::new();
-        let mut b = first;
+        let mut b = off / bs * bs;
         while b < end {
-            match self.slot(object, size, b) {
-                Some(s) => needed.push(s),
-                None => {
-                    // No memory for a block: one unit of progress, fetched directly.
-                    self.stats.budget_fallbacks.fetch_add(1, Ordering::Relaxed);
-                    drop(needed);
-                    return self.direct(object, size, off, len).await;
-                }
-            }
+            needed.push(self.slot(object, size, b)?);
             b += bs;
         }
-        // Then the window ahead (the blocks not cached yet), as far as memory
-        // allows.
+        // Then the window ahead (the blocks not cached yet).
         let missing: Vec<u64> = {
             let objects = lock(&self.objects);
             let have = objects.get(object).map(|i| &i.blocks);
@@ -796,6 +905,23 @@ impl ReadEngine {
                 break;
             }
         }
+        Some(needed)
+    }
+
+    async fn through_blocks(
+        &self,
+        object: &ObjectId,
+        size: u64,
+        off: u64,
+        len: u64,
+        ahead_to: u64,
+    ) -> Result<ReadData, ReadError> {
+        let end = off + len;
+        let Some(mut needed) = self.start_blocks(object, size, off, len, ahead_to) else {
+            // No memory for a block: one unit of progress, fetched directly.
+            self.stats.budget_fallbacks.fetch_add(1, Ordering::Relaxed);
+            return self.direct(object, size, off, len).await;
+        };
         // Wait for just the bytes needed from each block.
         for s in &needed {
             let lo = off.max(s.offset) - s.offset;

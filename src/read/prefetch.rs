@@ -101,6 +101,9 @@ pub struct PrefetchConfig {
     /// without `--direct-io`); the engine then keeps only a few consumed blocks
     /// per reader for reads that arrive slightly out of order.
     pub release_consumed: bool,
+    /// Bytes of a file's head fetched with the lookup of a name the mount
+    /// had not listed (one round trip for both; 0: lookups only stat).
+    pub lookup_head: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -114,6 +117,7 @@ impl Default for PrefetchConfig {
             start: StartPolicy::Hybrid,
             max_cursors: 8,
             release_consumed: false,
+            lookup_head: 16 << 10,
         }
     }
 }
