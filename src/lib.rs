@@ -19,6 +19,7 @@ pub mod emulator;
 pub mod fileio;
 pub mod fs;
 pub mod gcs;
+pub mod logsink;
 pub mod memory;
 pub mod metrics;
 pub mod mount;

@@ -47,7 +47,9 @@ fn init_logging(spec: &LogSpec) -> Result<(), String> {
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
-            let w = std::sync::Mutex::new(f);
+            let w = zonalfs::logsink::LogSink::spawn(Box::new(f), zonalfs::logsink::QUEUE_LINES)
+                .map_err(|e| format!("cannot start the log writer: {e}"))?;
+            zonalfs::logsink::install(&w);
             let b = builder.with_writer(w).with_ansi(false);
             if spec.json {
                 b.json().init();
@@ -56,7 +58,13 @@ fn init_logging(spec: &LogSpec) -> Result<(), String> {
             }
         }
         None => {
-            let b = builder.with_writer(std::io::stderr);
+            let w = zonalfs::logsink::LogSink::spawn(
+                Box::new(std::io::stderr()),
+                zonalfs::logsink::QUEUE_LINES,
+            )
+            .map_err(|e| format!("cannot start the log writer: {e}"))?;
+            zonalfs::logsink::install(&w);
+            let b = builder.with_writer(w);
             if spec.json {
                 b.json().init();
             } else {
@@ -68,6 +76,13 @@ fn init_logging(spec: &LogSpec) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    let code = run();
+    // Log lines still queued are written before the process ends.
+    zonalfs::logsink::flush();
+    code
+}
+
+fn run() -> ExitCode {
     tune_malloc();
     let argv: Vec<String> = std::env::args().collect();
     let invoked_as = argv
@@ -223,12 +238,14 @@ fn install_helper(dir: &std::path::Path) -> ExitCode {
 /// A bad command line, config file or option (or an emulator that cannot
 /// serve): one line, exit 2.
 fn usage_failure(msg: &str) -> ExitCode {
+    zonalfs::logsink::flush();
     eprintln!("zonalfs: error: {}", one_line(msg));
     ExitCode::from(2)
 }
 
 /// Anything that failed after the command line was accepted: one line, exit 1.
 fn failure(msg: &str) -> ExitCode {
+    zonalfs::logsink::flush();
     eprintln!("zonalfs: error: {}", one_line(msg));
     ExitCode::FAILURE
 }
