@@ -582,8 +582,12 @@ impl ReadEngine {
             plan
         };
         // The first bytes of a file its lookup fetched: served from there
-        // (the blocks the plan wants still start loading).
-        if let Some(head) = self.head_covering(object, off + len) {
+        // (the blocks the plan wants still start loading). Reads past the
+        // head's length never take the heads' lock.
+        let head = (off + len <= self.cfg.lookup_head)
+            .then(|| self.head_covering(object, off + len))
+            .flatten();
+        if let Some(head) = head {
             if let Plan::Blocks { ahead_to } = plan {
                 drop(self.start_blocks(object, size, off, len, ahead_to));
             }
